@@ -1,0 +1,221 @@
+//! The request body: read the few top-level fields routing needs, and rewrite `model` in place,
+//! byte for byte leaving every other field exactly as the client sent it.
+
+use crate::error::GatewayError;
+use serde::Deserialize;
+use std::borrow::Cow;
+
+/// What the gateway reads from a chat-completions body.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// Parses the body once (the whole document is validated, unknown fields are skipped, not built).
+pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(GatewayError::InvalidBody { reason: "the body is empty; send a JSON object".into() });
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(GatewayError::InvalidBody { reason: "the body must be a JSON object".into() });
+    }
+    let peek: Peek = serde_json::from_slice(body).map_err(|e| GatewayError::InvalidBody {
+        reason: format!("not valid JSON for a chat completion ({e})"),
+    })?;
+    let model = peek.model.map(|m| m.into_owned()).filter(|m| !m.is_empty());
+    Ok(ChatRequest { model, stream: peek.stream.unwrap_or(false) })
+}
+
+/// Returns the body with the top-level `model` set to `model`, or `None` if it already is.
+pub fn with_model(body: &[u8], current: Option<&str>, model: &str) -> Option<Vec<u8>> {
+    if current == Some(model) {
+        return None;
+    }
+    let encoded = serde_json::to_string(model).ok()?;
+    let mut out = Vec::with_capacity(body.len() + encoded.len() + 10);
+    match find_top_level(body, "model") {
+        Some((start, end)) => {
+            out.extend_from_slice(body.get(..start)?);
+            out.extend_from_slice(encoded.as_bytes());
+            out.extend_from_slice(body.get(end..)?);
+        }
+        None => {
+            let open = body.iter().position(|&b| b == b'{')?;
+            let rest = body.get(open + 1..)?;
+            let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+            out.extend_from_slice(body.get(..=open)?);
+            out.extend_from_slice(b"\"model\":");
+            out.extend_from_slice(encoded.as_bytes());
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(rest);
+        }
+    }
+    Some(out)
+}
+
+/// Byte span of the value of top-level key `key` in a JSON object that is already known to be valid.
+fn find_top_level(body: &[u8], key: &str) -> Option<(usize, usize)> {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(body, i);
+        match body.get(i)? {
+            b'}' => return None,
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = skip_string(body, i)?;
+        let raw_key = body.get(i..key_end)?;
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_ws(body, i + 1);
+        let value_end = skip_value(body, value_start)?;
+        if key_matches(raw_key, key) {
+            return Some((value_start, value_end));
+        }
+        i = value_end;
+    }
+}
+
+fn key_matches(raw: &[u8], key: &str) -> bool {
+    let inner = raw.get(1..raw.len().saturating_sub(1)).unwrap_or_default();
+    if !inner.contains(&b'\\') {
+        return inner == key.as_bytes();
+    }
+    serde_json::from_slice::<String>(raw).map(|k| k == key).unwrap_or(false)
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// `i` at an opening quote; returns the index just past the closing quote.
+fn skip_string(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match b.get(j)? {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+}
+
+/// `i` at the first byte of a value; returns the index just past it.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match b.get(j)? {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while let Some(c) = b.get(j) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
+                }
+                j += 1;
+            }
+            Some(j)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspects_fields() {
+        let r = inspect(br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#)
+            .unwrap();
+        assert_eq!(r, ChatRequest { model: Some("gpt-4o".into()), stream: true });
+        let r = inspect(br#" {"messages":[]} "#).unwrap();
+        assert_eq!(r, ChatRequest { model: None, stream: false });
+        assert_eq!(inspect(b"").unwrap_err().status(), 400);
+        assert_eq!(inspect(b"[1]").unwrap_err().status(), 400);
+        assert_eq!(inspect(b"{\"model\":").unwrap_err().status(), 400);
+        assert_eq!(inspect(br#"{"model":5}"#).unwrap_err().status(), 400);
+        assert_eq!(inspect(br#"{"model":"a","model":"b"}"#).unwrap_err().status(), 400);
+        assert_eq!(inspect(br#"{"model":"a\u00e9"}"#).unwrap().model.as_deref(), Some("aé"));
+    }
+
+    #[test]
+    fn rewrites_only_the_model() {
+        let body = br#"{ "messages": [{"content":"say \"model\": {x}"}], "model" : "gpt-4o", "temperature": 1.50e0 }"#;
+        let out = with_model(body, Some("gpt-4o"), "llama3").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{ "messages": [{"content":"say \"model\": {x}"}], "model" : "llama3", "temperature": 1.50e0 }"#
+        );
+        assert!(with_model(body, Some("gpt-4o"), "gpt-4o").is_none());
+    }
+
+    #[test]
+    fn inserts_model_when_absent() {
+        let out = with_model(br#"{"messages":[]}"#, None, "m\"x").unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"m\"x","messages":[]}"#);
+        let out = with_model(b"{ }", None, "m").unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"m" }"#);
+    }
+
+    #[test]
+    fn handles_escaped_keys_and_nested_models() {
+        let body = br#"{"metadata":{"model":"inner"},"mod\u0065l":"outer","n":[1,{"model":2}]}"#;
+        let out = with_model(body, Some("outer"), "new").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"metadata":{"model":"inner"},"mod\u0065l":"new","n":[1,{"model":2}]}"#
+        );
+    }
+
+    #[test]
+    fn never_panics_on_garbage() {
+        for junk in [&b"{"[..], b"{\"", b"{\"a\"", b"{\"a\":", b"{\"a\":[", b"}", b"{\"a\":\"\\"] {
+            let _ = find_top_level(junk, "model");
+            let _ = with_model(junk, None, "x");
+        }
+    }
+}

@@ -1,0 +1,769 @@
+//! Gateway configuration: the YAML/JSON a user writes (`RawConfig`), validated and compiled once at
+//! configure time into an immutable [`Plan`] that each request only reads.
+//!
+//! The same provider/config model is used by the sidecar (issue 3): it stores registrations and configs
+//! and hands the filter an already flattened [`Identity`] per gateway key.
+
+use crate::url::BaseUrl;
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::rc::Rc;
+
+/// Default request body limit (bytes): generous enough for multi-image chat requests.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Envoy cluster used for plain-http providers (dynamic forward proxy).
+pub const DEFAULT_HTTP_CLUSTER: &str = "llm_gateway_dfp_http";
+/// Envoy cluster used for https providers (dynamic forward proxy with TLS, SNI, cert validation).
+pub const DEFAULT_HTTPS_CLUSTER: &str = "llm_gateway_dfp_https";
+/// Id of the built-in default configuration.
+pub const DEFAULT_CONFIG_ID: &str = "default";
+/// Custom configurations may be stacked at most this many levels above the default config.
+pub const MAX_INHERITANCE_DEPTH: usize = 3;
+
+// ----------------------------------------------------------------------------------------------
+// What the user writes.
+// ----------------------------------------------------------------------------------------------
+
+/// Top-level gateway configuration (the filter's `configuration` in Envoy, as JSON or YAML-as-Struct).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawConfig {
+    /// Largest accepted request body in bytes (413 above it).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// A gateway key (plain text) used for requests that carry no key at all.
+    #[serde(default)]
+    pub fallback_key: Option<String>,
+    /// Organization id reported for static keys.
+    #[serde(default)]
+    pub org_id: Option<String>,
+    /// Organization-level settings (lowest priority).
+    #[serde(default)]
+    pub settings: Settings,
+    /// Envoy cluster names for providers not pinned to a cluster.
+    #[serde(default)]
+    pub upstream_clusters: Option<UpstreamClusters>,
+    /// Provider registrations (a provider type may be registered many times under different names).
+    #[serde(default)]
+    pub providers: Vec<ProviderSpec>,
+    /// Custom configurations; `default` exists implicitly (all providers, all models).
+    #[serde(default)]
+    pub configs: Vec<ConfigSpec>,
+    /// Gateway API keys, stored as SHA-256 digests.
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamClusters {
+    pub http: String,
+    pub https: String,
+}
+
+/// Routing preferences; used at org level and per API key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// Provider (registration name) to route to when the request names none.
+    #[serde(default, alias = "providerName", skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Model to use when the request names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// A model entry: either a plain name, or a public name mapped to the name the provider expects.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ModelSpec {
+    Name(String),
+    Mapped {
+        name: String,
+        #[serde(alias = "upstream_name", rename = "upstreamName")]
+        upstream_name: String,
+    },
+}
+
+impl ModelSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            ModelSpec::Name(n) => n,
+            ModelSpec::Mapped { name, .. } => name,
+        }
+    }
+    fn to_model(&self) -> Model {
+        match self {
+            ModelSpec::Name(n) => Model { name: n.clone(), upstream: n.clone() },
+            ModelSpec::Mapped { name, upstream_name } => {
+                Model { name: name.clone(), upstream: upstream_name.clone() }
+            }
+        }
+    }
+}
+
+/// A provider registration, with the field names of `POST /v1/llm/providers`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProviderSpec {
+    pub name: String,
+    #[serde(alias = "type")]
+    pub supported_provider: String,
+    /// Base URL (`api_base`); defaults to the provider's public endpoint.
+    #[serde(default, alias = "api_base", alias = "apiBase", skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub models: Vec<ModelSpec>,
+    #[serde(default)]
+    pub is_hosted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Name of an environment variable of the Envoy process holding the key (exposed to the VM
+    /// through `vm_config.environment_variables.host_env_keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Pin the provider to a named Envoy cluster instead of the dynamic forward proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// For hosted providers: the Kubernetes cluster they run in (token scopes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// Providers to fall back to, in order, when this (hosted) provider fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
+}
+
+/// A custom configuration: which providers and models a key may use, with optional overrides.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigSpec {
+    #[serde(alias = "config_id", alias = "configId")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Parent config id (`default` or another config).
+    #[serde(default, alias = "parent", alias = "inherits_from", skip_serializing_if = "Option::is_none")]
+    pub inherits: Option<String>,
+    /// Providers of this config. Empty: everything from the parent.
+    #[serde(default)]
+    pub providers: Vec<ConfigProviderSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigProviderSpec {
+    /// Provider registration name.
+    pub name: String,
+    /// Allowed models; absent: the parent's list (or all the provider's models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, alias = "api_key", skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(default, alias = "api_base", skip_serializing_if = "Option::is_none")]
+    pub api_base: Option<String>,
+}
+
+/// A gateway API key (only its SHA-256 digest is stored).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySpec {
+    pub id: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    #[serde(alias = "config_id", alias = "configId")]
+    pub config: String,
+    #[serde(default)]
+    pub settings: Settings,
+    /// Cluster id for cluster-scoped keys; absent: organization scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+}
+
+// ----------------------------------------------------------------------------------------------
+// What requests read.
+// ----------------------------------------------------------------------------------------------
+
+/// Provider API flavours the gateway can shape requests for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProviderKind {
+    #[serde(rename = "OPENAI")]
+    OpenAi,
+    #[serde(rename = "AZURE")]
+    Azure,
+    #[serde(rename = "GEMINI")]
+    Gemini,
+    #[serde(rename = "VERTEXAIGEMINI")]
+    VertexAiGemini,
+    #[serde(rename = "MISTRAL")]
+    Mistral,
+    #[serde(rename = "GROQ")]
+    Groq,
+    #[serde(rename = "ANTHROPIC")]
+    Anthropic,
+    /// Any OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) at a user-given URL.
+    #[serde(rename = "OPENAI_COMPATIBLE")]
+    OpenAiCompatible,
+}
+
+impl ProviderKind {
+    pub fn parse(s: &str) -> Option<ProviderKind> {
+        let up = s.trim().to_ascii_uppercase().replace(['-', ' '], "_");
+        Some(match up.as_str() {
+            "OPENAI" => ProviderKind::OpenAi,
+            "AZURE" | "AZURE_OPENAI" | "AZUREOPENAI" => ProviderKind::Azure,
+            "GEMINI" | "GOOGLE" => ProviderKind::Gemini,
+            "VERTEXAIGEMINI" | "VERTEX_AI_GEMINI" | "VERTEXAI" | "VERTEX" => {
+                ProviderKind::VertexAiGemini
+            }
+            "MISTRAL" => ProviderKind::Mistral,
+            "GROQ" => ProviderKind::Groq,
+            "ANTHROPIC" => ProviderKind::Anthropic,
+            "OPENAI_COMPATIBLE" | "CUSTOM" | "VLLM" | "OLLAMA" | "LLAMACPP" | "LLAMA_CPP"
+            | "HOSTED" => ProviderKind::OpenAiCompatible,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "OPENAI",
+            ProviderKind::Azure => "AZURE",
+            ProviderKind::Gemini => "GEMINI",
+            ProviderKind::VertexAiGemini => "VERTEXAIGEMINI",
+            ProviderKind::Mistral => "MISTRAL",
+            ProviderKind::Groq => "GROQ",
+            ProviderKind::Anthropic => "ANTHROPIC",
+            ProviderKind::OpenAiCompatible => "OPENAI_COMPATIBLE",
+        }
+    }
+}
+
+/// A model as the client names it, and as the provider expects it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Model {
+    pub name: String,
+    pub upstream: String,
+}
+
+/// A provider as one key's configuration sees it: overrides applied, models narrowed.
+/// `Debug` is written by hand so that the key can never reach a log line.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedProvider {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base: BaseUrl,
+    #[serde(default)]
+    pub api_version: Option<String>,
+    pub models: Vec<Model>,
+    #[serde(default)]
+    pub is_hosted: bool,
+    /// The provider key. Serialized only on the sidecar→filter internal channel; never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Envoy cluster the request goes to.
+    pub envoy_cluster: String,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub fallback: Vec<String>,
+}
+
+impl std::fmt::Debug for ResolvedProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedProvider")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base", &self.base)
+            .field("models", &self.models)
+            .field("is_hosted", &self.is_hosted)
+            .field("api_key", &self.key_last4().map(|l| format!("...{l}")))
+            .field("envoy_cluster", &self.envoy_cluster)
+            .finish()
+    }
+}
+
+impl ResolvedProvider {
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Last four characters of the provider key, for reports.
+    pub fn key_last4(&self) -> Option<String> {
+        self.api_key.as_deref().map(last4)
+    }
+}
+
+/// Last four characters of a secret (or fewer if it is that short).
+pub fn last4(secret: &str) -> String {
+    let n = secret.chars().count();
+    secret.chars().skip(n.saturating_sub(4)).collect()
+}
+
+/// Everything a request needs to know about its caller: produced from static config or by the sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub key_id: String,
+    pub org_id: String,
+    pub config_id: String,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub key_settings: Settings,
+    #[serde(default)]
+    pub org_settings: Settings,
+    /// The providers of the key's config, in config order.
+    pub providers: Vec<ResolvedProvider>,
+}
+
+impl Identity {
+    pub fn provider(&self, name: &str) -> Option<&ResolvedProvider> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+/// The compiled, immutable gateway configuration.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub max_body_bytes: usize,
+    /// Digest of the fallback key, if one is configured.
+    pub fallback_key_hash: Option<String>,
+    /// Identities by hex SHA-256 of the gateway key.
+    pub keys: HashMap<String, Rc<Identity>>,
+}
+
+impl Plan {
+    pub fn identity_for_hash(&self, hash: &str) -> Option<Rc<Identity>> {
+        self.keys.get(hash).cloned()
+    }
+}
+
+/// Hex SHA-256 of a gateway key.
+pub fn hash_key(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest.iter() {
+        out.push(hex_digit(b >> 4));
+        out.push(hex_digit(b & 0x0f));
+    }
+    out
+}
+
+fn hex_digit(n: u8) -> char {
+    match n {
+        0..=9 => (b'0' + n) as char,
+        _ => (b'a' + n - 10) as char,
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Compilation.
+// ----------------------------------------------------------------------------------------------
+
+/// Looks up provider keys given by reference (`apiKeyEnv`). The filter reads the VM environment.
+pub trait SecretSource {
+    fn env(&self, name: &str) -> Option<String>;
+}
+
+/// Reads secrets from the process environment (in Envoy: the variables exposed to the VM).
+pub struct ProcessEnv;
+
+impl SecretSource for ProcessEnv {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+/// Parses the filter configuration bytes (JSON; Envoy turns a YAML `google.protobuf.Struct` into JSON).
+pub fn parse(bytes: &[u8]) -> Result<RawConfig, String> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(RawConfig::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("gateway configuration is not valid: {e}"))
+}
+
+/// Validates a raw configuration and compiles it into a [`Plan`].
+pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, String> {
+    let clusters = raw.upstream_clusters.clone().unwrap_or(UpstreamClusters {
+        http: DEFAULT_HTTP_CLUSTER.to_string(),
+        https: DEFAULT_HTTPS_CLUSTER.to_string(),
+    });
+    let registry = compile_providers(&raw.providers, &clusters, secrets)?;
+    let configs = flatten_configs(&raw.providers, &raw.configs)?;
+
+    let org_id = raw.org_id.clone().unwrap_or_else(|| "default".to_string());
+    let mut keys = HashMap::new();
+    let mut ids = hashbrown::HashSet::new();
+    for k in &raw.keys {
+        if !ids.insert(k.id.as_str()) {
+            return Err(format!("key id '{}' is defined twice", k.id));
+        }
+        let hash = k.sha256.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("key '{}': sha256 must be 64 hex characters", k.id));
+        }
+        let flat = configs
+            .get(&k.config)
+            .ok_or_else(|| format!("key '{}': unknown config '{}'", k.id, k.config))?;
+        let mut providers = Vec::with_capacity(flat.len());
+        for entry in flat {
+            providers.push(resolve_entry(entry, &registry, &clusters)?);
+        }
+        let identity = Identity {
+            key_id: k.id.clone(),
+            org_id: org_id.clone(),
+            config_id: k.config.clone(),
+            cluster_id: k.cluster_id.clone(),
+            key_settings: k.settings.clone(),
+            org_settings: raw.settings.clone(),
+            providers: scope_filter(providers, k.cluster_id.as_deref()),
+        };
+        if keys.insert(hash, Rc::new(identity)).is_some() {
+            return Err(format!("key '{}' has the same sha256 as another key", k.id));
+        }
+    }
+    let fallback_key_hash = match &raw.fallback_key {
+        Some(k) => {
+            let h = hash_key(k);
+            if !keys.contains_key(&h) {
+                return Err("fallbackKey is not one of the configured keys".to_string());
+            }
+            Some(h)
+        }
+        None => None,
+    };
+    Ok(Plan {
+        max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        fallback_key_hash,
+        keys,
+    })
+}
+
+/// Cluster-scoped keys only see hosted providers of their cluster, plus the fallbacks those name.
+pub fn scope_filter(providers: Vec<ResolvedProvider>, cluster: Option<&str>) -> Vec<ResolvedProvider> {
+    let Some(cluster) = cluster else { return providers };
+    let visible: Vec<String> = providers
+        .iter()
+        .filter(|p| p.is_hosted && p.cluster_id.as_deref() == Some(cluster))
+        .map(|p| p.name.clone())
+        .collect();
+    providers.into_iter().filter(|p| visible.contains(&p.name)).collect()
+}
+
+/// A validated provider registration.
+struct Registered {
+    spec: ProviderSpec,
+    kind: ProviderKind,
+    api_key: Option<String>,
+}
+
+fn compile_providers(
+    specs: &[ProviderSpec],
+    clusters: &UpstreamClusters,
+    secrets: &dyn SecretSource,
+) -> Result<HashMap<String, Registered>, String> {
+    let mut out = HashMap::new();
+    for p in specs {
+        if p.name.trim().is_empty() {
+            return Err("a provider has an empty name".to_string());
+        }
+        let kind = ProviderKind::parse(&p.supported_provider).ok_or_else(|| {
+            format!("provider '{}': unknown supportedProvider '{}'", p.name, p.supported_provider)
+        })?;
+        if p.models.is_empty() {
+            return Err(format!("provider '{}': models must not be empty", p.name));
+        }
+        let mut seen = hashbrown::HashSet::new();
+        for m in &p.models {
+            if m.name().is_empty() || !seen.insert(m.name()) {
+                return Err(format!("provider '{}': empty or duplicate model '{}'", p.name, m.name()));
+            }
+        }
+        let api_key = match (&p.api_key, &p.api_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(format!("provider '{}': set apiKey or apiKeyEnv, not both", p.name))
+            }
+            (Some(k), None) => Some(k.clone()),
+            (None, Some(var)) => Some(secrets.env(var).ok_or_else(|| {
+                format!("provider '{}': environment variable {var} (apiKeyEnv) is not set", p.name)
+            })?),
+            (None, None) => None,
+        };
+        for f in &p.fallback {
+            if f == &p.name || !specs.iter().any(|s| &s.name == f) {
+                return Err(format!("provider '{}': fallback '{f}' is not another provider", p.name));
+            }
+        }
+        let reg = Registered { spec: p.clone(), kind, api_key };
+        // Validate the URL now so that requests never meet a bad one.
+        base_url(&reg, None, clusters)?;
+        if out.insert(p.name.clone(), reg).is_some() {
+            return Err(format!("provider name '{}' is registered twice", p.name));
+        }
+    }
+    Ok(out)
+}
+
+fn base_url(
+    reg: &Registered,
+    override_base: Option<&str>,
+    clusters: &UpstreamClusters,
+) -> Result<(BaseUrl, String), String> {
+    let raw = override_base
+        .map(str::to_string)
+        .or_else(|| reg.spec.url.clone())
+        .or_else(|| crate::providers::default_base(reg.kind).map(str::to_string))
+        .ok_or_else(|| format!("provider '{}': url is required for {}", reg.spec.name, reg.kind.as_str()))?;
+    let base = BaseUrl::parse(&raw).map_err(|e| format!("provider '{}': {e}", reg.spec.name))?;
+    let cluster = match &reg.spec.cluster {
+        Some(c) => c.clone(),
+        None if base.tls => clusters.https.clone(),
+        None => clusters.http.clone(),
+    };
+    Ok((base, cluster))
+}
+
+fn resolve_entry(
+    entry: &ConfigProviderSpec,
+    registry: &HashMap<String, Registered>,
+    clusters: &UpstreamClusters,
+) -> Result<ResolvedProvider, String> {
+    let reg = registry
+        .get(&entry.name)
+        .ok_or_else(|| format!("config refers to unknown provider '{}'", entry.name))?;
+    let (base, envoy_cluster) = base_url(reg, entry.api_base.as_deref(), clusters)?;
+    let all: Vec<Model> = reg.spec.models.iter().map(ModelSpec::to_model).collect();
+    let models = match &entry.models {
+        None => all,
+        Some(names) => {
+            let mut v = Vec::with_capacity(names.len());
+            for n in names {
+                let m = all.iter().find(|m| &m.name == n).ok_or_else(|| {
+                    format!("config allows model '{n}' which provider '{}' does not serve", entry.name)
+                })?;
+                v.push(m.clone());
+            }
+            v
+        }
+    };
+    Ok(ResolvedProvider {
+        name: reg.spec.name.clone(),
+        kind: reg.kind,
+        base,
+        api_version: reg.spec.api_version.clone(),
+        models,
+        is_hosted: reg.spec.is_hosted,
+        api_key: entry.api_key.clone().or_else(|| reg.api_key.clone()),
+        envoy_cluster,
+        cluster_id: reg.spec.cluster_id.clone(),
+        fallback: reg.spec.fallback.clone(),
+    })
+}
+
+/// Flattens every config (and the implicit `default`) into its ordered provider entries,
+/// applying inheritance. Refuses unknown parents, loops and chains deeper than
+/// [`MAX_INHERITANCE_DEPTH`].
+pub fn flatten_configs(
+    providers: &[ProviderSpec],
+    configs: &[ConfigSpec],
+) -> Result<HashMap<String, Vec<ConfigProviderSpec>>, String> {
+    let by_id: HashMap<&str, &ConfigSpec> = configs.iter().map(|c| (c.id.as_str(), c)).collect();
+    if by_id.len() != configs.len() {
+        return Err("two configs share one id".to_string());
+    }
+    let mut out = HashMap::new();
+    if !by_id.contains_key(DEFAULT_CONFIG_ID) {
+        let all = providers
+            .iter()
+            .map(|p| ConfigProviderSpec { name: p.name.clone(), ..Default::default() })
+            .collect();
+        out.insert(DEFAULT_CONFIG_ID.to_string(), all);
+    }
+    for c in configs {
+        let chain = inheritance_chain(&c.id, &by_id)?;
+        // Start from the root of the chain and apply each child's entries on top.
+        let mut flat: Vec<ConfigProviderSpec> = match chain.last().and_then(|c| c.inherits.as_deref()) {
+            Some(DEFAULT_CONFIG_ID) => out.get(DEFAULT_CONFIG_ID).cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for link in chain.iter().rev() {
+            flat = apply_layer(&flat, &link.providers);
+        }
+        for e in &flat {
+            if !providers.iter().any(|p| p.name == e.name) {
+                return Err(format!("config '{}' refers to unknown provider '{}'", c.id, e.name));
+            }
+        }
+        out.insert(c.id.clone(), flat);
+    }
+    Ok(out)
+}
+
+/// The chain `[config, parent, grandparent, ...]` up to (not including) the implicit default.
+fn inheritance_chain<'a>(
+    id: &str,
+    by_id: &HashMap<&str, &'a ConfigSpec>,
+) -> Result<Vec<&'a ConfigSpec>, String> {
+    let mut chain: Vec<&'a ConfigSpec> = Vec::new();
+    let mut cur = id;
+    loop {
+        let c = *by_id.get(cur).ok_or_else(|| format!("unknown parent config '{cur}'"))?;
+        if chain.iter().any(|x| x.id == c.id) {
+            return Err(format!("config '{id}' has an inheritance loop through '{}'", c.id));
+        }
+        chain.push(c);
+        if chain.len() > MAX_INHERITANCE_DEPTH {
+            return Err(format!(
+                "config '{id}' inherits more than {MAX_INHERITANCE_DEPTH} levels deep"
+            ));
+        }
+        match c.inherits.as_deref() {
+            None => return Ok(chain),
+            Some(DEFAULT_CONFIG_ID) if !by_id.contains_key(DEFAULT_CONFIG_ID) => return Ok(chain),
+            Some(p) => cur = p,
+        }
+    }
+}
+
+/// Child entries narrow the parent's provider list; each entry inherits unset fields from the parent's
+/// entry of the same provider. An empty child list keeps the parent's list unchanged.
+pub fn apply_layer(parent: &[ConfigProviderSpec], child: &[ConfigProviderSpec]) -> Vec<ConfigProviderSpec> {
+    if child.is_empty() {
+        return parent.to_vec();
+    }
+    child
+        .iter()
+        .map(|c| match parent.iter().find(|p| p.name == c.name) {
+            Some(p) => ConfigProviderSpec {
+                name: c.name.clone(),
+                models: c.models.clone().or_else(|| p.models.clone()),
+                api_key: c.api_key.clone().or_else(|| p.api_key.clone()),
+                api_base: c.api_base.clone().or_else(|| p.api_base.clone()),
+            },
+            None => c.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoEnv;
+    impl SecretSource for NoEnv {
+        fn env(&self, name: &str) -> Option<String> {
+            (name == "OPENAI_KEY").then(|| "sk-from-env-1234".to_string())
+        }
+    }
+
+    fn cfg(json: &str) -> Result<Plan, String> {
+        let raw = parse(json.as_bytes())?;
+        compile(&raw, &NoEnv)
+    }
+
+    const BASE: &str = r#"{
+      "providers": [
+        {"name":"oa","supportedProvider":"OPENAI","apiKeyEnv":"OPENAI_KEY","models":["gpt-4o","gpt-4o-mini"]},
+        {"name":"local","supportedProvider":"OPENAI_COMPATIBLE","url":"http://127.0.0.1:9000/v1","isHosted":true,
+         "models":[{"name":"gpt-4o","upstreamName":"llama3"}]}
+      ],
+      "configs": [
+        {"id":"a","inherits":"default","providers":[{"name":"oa","models":["gpt-4o-mini"]}]},
+        {"id":"b","inherits":"a","providers":[{"name":"oa","apiKey":"sk-override"}]}
+      ],
+      "keys": [
+        {"id":"k1","sha256":"HASH1","config":"default"},
+        {"id":"k2","sha256":"HASH2","config":"b","settings":{"provider":"oa"}}
+      ]
+    }"#;
+
+    fn base() -> String {
+        BASE.replace("HASH1", &hash_key("one")).replace("HASH2", &hash_key("two"))
+    }
+
+    #[test]
+    fn compiles_and_resolves_keys() {
+        let plan = cfg(&base()).unwrap();
+        let k1 = plan.identity_for_hash(&hash_key("one")).unwrap();
+        assert_eq!(k1.providers.len(), 2);
+        assert_eq!(k1.providers[0].api_key.as_deref(), Some("sk-from-env-1234"));
+        assert_eq!(k1.providers[0].envoy_cluster, DEFAULT_HTTPS_CLUSTER);
+        assert_eq!(k1.providers[1].envoy_cluster, DEFAULT_HTTP_CLUSTER);
+        assert_eq!(k1.providers[1].models[0].upstream, "llama3");
+        let k2 = plan.identity_for_hash(&hash_key("two")).unwrap();
+        assert_eq!(k2.providers.len(), 1);
+        // b inherits a's narrowed model list and overrides the key.
+        assert_eq!(k2.providers[0].models.len(), 1);
+        assert_eq!(k2.providers[0].models[0].name, "gpt-4o-mini");
+        assert_eq!(k2.providers[0].api_key.as_deref(), Some("sk-override"));
+        assert_eq!(k2.key_settings.provider.as_deref(), Some("oa"));
+        assert!(plan.identity_for_hash(&hash_key("three")).is_none());
+    }
+
+    #[test]
+    fn refuses_loops_depth_and_unknowns() {
+        let looped = base().replace(r#""id":"a","inherits":"default""#, r#""id":"a","inherits":"b""#);
+        assert!(cfg(&looped).unwrap_err().contains("loop"));
+        let deep = r#"{"providers":[{"name":"oa","supportedProvider":"OPENAI","models":["m"]}],
+          "configs":[{"id":"c1","inherits":"default"},{"id":"c2","inherits":"c1"},
+                     {"id":"c3","inherits":"c2"},{"id":"c4","inherits":"c3"}]}"#;
+        assert!(cfg(deep).unwrap_err().contains("levels"));
+        let three = deep.replace(r#",{"id":"c4","inherits":"c3"}"#, "");
+        assert!(cfg(&three).is_ok());
+        assert!(cfg(r#"{"providers":[{"name":"x","supportedProvider":"NOPE","models":["m"]}]}"#)
+            .unwrap_err()
+            .contains("unknown supportedProvider"));
+        assert!(cfg(r#"{"providers":[],"bogus":1}"#).unwrap_err().contains("bogus"));
+        let bad_key = base().replace(r#""config":"b""#, r#""config":"zzz""#);
+        assert!(cfg(&bad_key).unwrap_err().contains("unknown config"));
+        let no_url = r#"{"providers":[{"name":"v","supportedProvider":"AZURE","models":["m"]}]}"#;
+        assert!(cfg(no_url).unwrap_err().contains("url is required"));
+        let missing_env = base().replace("OPENAI_KEY", "NOT_SET");
+        assert!(cfg(&missing_env).unwrap_err().contains("NOT_SET"));
+    }
+
+    #[test]
+    fn fallback_key_must_exist() {
+        let with = base().replacen('{', r#"{"fallbackKey":"one","#, 1);
+        assert_eq!(cfg(&with).unwrap().fallback_key_hash, Some(hash_key("one")));
+        let without = base().replacen('{', r#"{"fallbackKey":"nope","#, 1);
+        assert!(cfg(&without).is_err());
+    }
+
+    #[test]
+    fn cluster_scope_keeps_only_hosted_of_cluster() {
+        let json = r#"{"providers":[
+            {"name":"saas","supportedProvider":"OPENAI","models":["m"]},
+            {"name":"h1","supportedProvider":"OPENAI_COMPATIBLE","url":"http://a:1","isHosted":true,"clusterId":"c1","models":["m"]},
+            {"name":"h2","supportedProvider":"OPENAI_COMPATIBLE","url":"http://b:1","isHosted":true,"clusterId":"c2","models":["m"]}],
+          "keys":[{"id":"k","sha256":"H","config":"default","clusterId":"c1"}]}"#
+            .replace("\"H\"", &format!("\"{}\"", hash_key("k")));
+        let plan = cfg(&json).unwrap();
+        let id = plan.identity_for_hash(&hash_key("k")).unwrap();
+        let names: Vec<_> = id.providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["h1"]);
+    }
+
+    #[test]
+    fn debug_never_shows_provider_keys() {
+        let plan = cfg(&base()).unwrap();
+        let k2 = plan.identity_for_hash(&hash_key("two")).unwrap();
+        let dbg = format!("{k2:?}");
+        assert!(!dbg.contains("sk-override"), "{dbg}");
+        assert!(dbg.contains("...ride"));
+    }
+
+    #[test]
+    fn hash_and_last4() {
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(last4("sk-12345678"), "5678");
+        assert_eq!(last4("ab"), "ab");
+    }
+}

@@ -1,0 +1,191 @@
+//! The one error type of the gateway, rendered once as an OpenAI-style error body.
+
+use serde_json::json;
+
+/// Everything that can go wrong while handling a request, as seen by the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    /// No key on the request and no fallback key configured.
+    MissingApiKey,
+    /// A key was sent but is not known (or revoked).
+    InvalidApiKey,
+    /// The path is under the gateway prefix but is not an endpoint we serve.
+    UnknownEndpoint { path: String },
+    /// The endpoint exists but not for this method.
+    MethodNotAllowed { method: String, allow: &'static str },
+    /// The request body exceeds the configured limit.
+    BodyTooLarge { limit: usize },
+    /// The request body is missing or is not the JSON object we expect.
+    InvalidBody { reason: String },
+    /// `X-Provider-Name` names a provider the caller may not use.
+    UnknownProvider { name: String },
+    /// The model is not allowed by the caller's configuration (or by the chosen provider).
+    ModelNotAllowed { model: String, provider: Option<String> },
+    /// The caller's configuration has no provider or model at all.
+    NoProviderConfigured,
+    /// A provider is configured in a way that cannot be used (e.g. missing URL or key).
+    ProviderMisconfigured { provider: String, reason: String },
+    /// The control plane could not be reached to authenticate an unknown key.
+    ControlPlaneUnavailable,
+    /// Anything else that is our fault.
+    Internal { reason: String },
+}
+
+impl GatewayError {
+    /// HTTP status of the error. One exhaustive match: adding a variant forces a decision here.
+    pub fn status(&self) -> u32 {
+        match self {
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => 401,
+            GatewayError::UnknownEndpoint { .. } => 404,
+            GatewayError::MethodNotAllowed { .. } => 405,
+            GatewayError::BodyTooLarge { .. } => 413,
+            GatewayError::InvalidBody { .. } | GatewayError::UnknownProvider { .. } => 400,
+            GatewayError::ModelNotAllowed { .. } => 404,
+            GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
+            GatewayError::ControlPlaneUnavailable => 503,
+            GatewayError::Internal { .. } => 500,
+        }
+    }
+
+    /// OpenAI error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "authentication_error",
+            GatewayError::UnknownEndpoint { .. }
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::InvalidBody { .. }
+            | GatewayError::UnknownProvider { .. }
+            | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
+            GatewayError::NoProviderConfigured
+            | GatewayError::ProviderMisconfigured { .. }
+            | GatewayError::Internal { .. } => "server_error",
+            GatewayError::ControlPlaneUnavailable => "service_unavailable",
+        }
+    }
+
+    /// OpenAI error `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::MissingApiKey => "missing_api_key",
+            GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::UnknownEndpoint { .. } => "unknown_url",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::BodyTooLarge { .. } => "request_too_large",
+            GatewayError::InvalidBody { .. } => "invalid_body",
+            GatewayError::UnknownProvider { .. } => "unknown_provider",
+            GatewayError::ModelNotAllowed { .. } => "model_not_found",
+            GatewayError::NoProviderConfigured => "no_provider_configured",
+            GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
+            GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
+            GatewayError::Internal { .. } => "internal_error",
+        }
+    }
+
+    /// The request field the error is about, if any.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::ModelNotAllowed { .. } => Some("model"),
+            GatewayError::UnknownProvider { .. } => Some("X-Provider-Name"),
+            _ => None,
+        }
+    }
+
+    /// Human-readable message. Never contains secrets.
+    pub fn message(&self) -> String {
+        match self {
+            GatewayError::MissingApiKey => {
+                "Missing API key: send it in the X-API-Key header or as Authorization: Bearer <key>."
+                    .to_string()
+            }
+            GatewayError::InvalidApiKey => "Invalid API key.".to_string(),
+            GatewayError::UnknownEndpoint { path } => format!(
+                "Unknown endpoint {path}. Supported: POST /openai/v1/chat/completions, GET /openai/v1/models."
+            ),
+            GatewayError::MethodNotAllowed { method, allow } => {
+                format!("Method {method} is not allowed on this endpoint; use {allow}.")
+            }
+            GatewayError::BodyTooLarge { limit } => {
+                format!("Request body is larger than the gateway limit of {limit} bytes.")
+            }
+            GatewayError::InvalidBody { reason } => format!("Invalid request body: {reason}"),
+            GatewayError::UnknownProvider { name } => format!(
+                "Provider '{name}' (from X-Provider-Name) is not one of the providers available to this API key."
+            ),
+            GatewayError::ModelNotAllowed { model, provider: Some(p) } => format!(
+                "The model '{model}' is not allowed for provider '{p}' by this API key's configuration."
+            ),
+            GatewayError::ModelNotAllowed { model, provider: None } => format!(
+                "The model '{model}' does not exist or is not allowed by this API key's configuration."
+            ),
+            GatewayError::NoProviderConfigured => {
+                "This API key's configuration has no provider with a model.".to_string()
+            }
+            GatewayError::ProviderMisconfigured { provider, reason } => {
+                format!("Provider '{provider}' is misconfigured: {reason}")
+            }
+            GatewayError::ControlPlaneUnavailable => {
+                "The gateway control plane is unavailable; try again shortly.".to_string()
+            }
+            GatewayError::Internal { reason } => format!("Internal gateway error: {reason}"),
+        }
+    }
+
+    /// Extra response headers (e.g. `Allow` for 405).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![("content-type", "application/json".to_string())];
+        match self {
+            GatewayError::MethodNotAllowed { allow, .. } => h.push(("allow", (*allow).to_string())),
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => {
+                h.push(("www-authenticate", "Bearer".to_string()))
+            }
+            GatewayError::ControlPlaneUnavailable => h.push(("retry-after", "1".to_string())),
+            _ => {}
+        }
+        h
+    }
+
+    /// The OpenAI error JSON: `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> String {
+        json!({
+            "error": {
+                "message": self.message(),
+                "type": self.kind(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        })
+        .to_string()
+    }
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message(), self.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_openai_shape() {
+        let e = GatewayError::ModelNotAllowed { model: "gpt-9".into(), provider: None };
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+        assert_eq!(e.status(), 404);
+    }
+
+    #[test]
+    fn method_not_allowed_has_allow_header() {
+        let e = GatewayError::MethodNotAllowed { method: "GET".into(), allow: "POST" };
+        assert_eq!(e.status(), 405);
+        assert!(e.headers().contains(&("allow", "POST".to_string())));
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,176 @@
+//! The request flow as plain Rust: entry → auth → selection → provider shaping. The proxy-wasm adapter
+//! (`host.rs`) only moves headers and bytes in and out of these functions.
+
+use crate::body;
+use crate::config::{Identity, ProviderKind};
+use crate::error::GatewayError;
+use crate::providers;
+use crate::select::select;
+use serde_json::json;
+
+/// Request header carrying the Envoy cluster chosen by the filter (read by the route's `cluster_header`).
+/// Always removed from client requests first, so callers cannot pick clusters themselves.
+pub const CLUSTER_HEADER: &str = "x-llm-gateway-cluster";
+/// Response headers telling the client which provider and model served the request.
+pub const PROVIDER_RESPONSE_HEADER: &str = "x-llm-gateway-provider";
+pub const MODEL_RESPONSE_HEADER: &str = "x-llm-gateway-model";
+
+/// Client headers that never go upstream: gateway credentials, routing hints and any provider
+/// credential a client might try to smuggle through.
+pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
+    "x-api-key",
+    "authorization",
+    "x-provider-name",
+    "api-key",
+    "x-goog-api-key",
+    "anthropic-api-key",
+    CLUSTER_HEADER,
+];
+
+/// Everything the adapter must apply to send a chat request upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub provider: String,
+    pub kind: ProviderKind,
+    pub is_hosted: bool,
+    /// The model name as the client (or the default) named it.
+    pub model: String,
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub auth: Option<(&'static str, String)>,
+    /// The rewritten body, when it differs from what the client sent.
+    pub body: Option<Vec<u8>>,
+    pub stream: bool,
+}
+
+/// Decides where a chat-completions request goes and how it must look.
+pub fn route_chat(
+    id: &Identity,
+    provider_header: Option<&str>,
+    raw_body: &[u8],
+) -> Result<Routed, GatewayError> {
+    let req = body::inspect(raw_body)?;
+    let sel = select(id, provider_header, req.model.as_deref())?;
+    let target = providers::chat_target(sel.provider, sel.model)?;
+    let new_body = match &target.body_model {
+        Some(m) => body::with_model(raw_body, req.model.as_deref(), m),
+        None => None,
+    };
+    Ok(Routed {
+        provider: sel.provider.name.clone(),
+        kind: sel.provider.kind,
+        is_hosted: sel.provider.is_hosted,
+        model: sel.model.name.clone(),
+        cluster: sel.provider.envoy_cluster.clone(),
+        authority: sel.provider.base.authority.clone(),
+        path: target.path,
+        auth: target.auth,
+        body: new_body,
+        stream: req.stream,
+    })
+}
+
+/// Models the caller may use, as OpenAI's `GET /v1/models` list (each name once, first provider wins).
+pub fn list_models(id: &Identity) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut data = Vec::new();
+    for p in &id.providers {
+        for m in &p.models {
+            if !seen.contains(&m.name.as_str()) {
+                seen.push(&m.name);
+                data.push(model_object(&m.name, &p.name));
+            }
+        }
+    }
+    json!({ "object": "list", "data": data }).to_string()
+}
+
+/// One model as OpenAI's `GET /v1/models/{model}`.
+pub fn get_model(id: &Identity, name: &str) -> Result<String, GatewayError> {
+    id.providers
+        .iter()
+        .find(|p| p.model(name).is_some())
+        .map(|p| model_object(name, &p.name).to_string())
+        .ok_or_else(|| GatewayError::ModelNotAllowed { model: name.to_string(), provider: None })
+}
+
+fn model_object(name: &str, owner: &str) -> serde_json::Value {
+    json!({ "id": name, "object": "model", "created": 0, "owned_by": owner })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{compile, hash_key, parse, ProcessEnv};
+
+    fn identity() -> std::rc::Rc<Identity> {
+        let json = r#"{
+          "providers":[
+            {"name":"oa","supportedProvider":"OPENAI","apiKey":"sk-oa","models":["gpt-4o","gpt-4o-mini"]},
+            {"name":"az","supportedProvider":"AZURE","url":"https://r.openai.azure.com","apiKey":"az",
+             "apiVersion":"2024-02-01","models":[{"name":"gpt-4o","upstreamName":"dep1"}]},
+            {"name":"local","supportedProvider":"OPENAI_COMPATIBLE","url":"http://127.0.0.1:9/v1","isHosted":true,
+             "models":[{"name":"small","upstreamName":"qwen2.5:0.5b"}]}],
+          "keys":[{"id":"k","sha256":"H","config":"default"}]}"#
+            .replace("\"H\"", &format!("\"{}\"", hash_key("k")));
+        let plan = compile(&parse(json.as_bytes()).unwrap(), &ProcessEnv).unwrap();
+        plan.identity_for_hash(&hash_key("k")).unwrap()
+    }
+
+    #[test]
+    fn routes_to_openai_without_rewriting_body() {
+        let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+        let r = route_chat(&identity(), None, body).unwrap();
+        assert_eq!(r.provider, "oa");
+        assert_eq!(r.authority, "api.openai.com");
+        assert_eq!(r.cluster, "llm_gateway_dfp_https");
+        assert_eq!(r.path, "/v1/chat/completions");
+        assert_eq!(r.auth, Some(("authorization", "Bearer sk-oa".into())));
+        assert_eq!(r.body, None);
+        assert!(!r.stream);
+    }
+
+    #[test]
+    fn routes_hosted_and_rewrites_model() {
+        let body = br#"{"model":"small","messages":[],"stream":true}"#;
+        let r = route_chat(&identity(), None, body).unwrap();
+        assert_eq!(r.provider, "local");
+        assert_eq!(r.cluster, "llm_gateway_dfp_http");
+        assert_eq!(r.authority, "127.0.0.1:9");
+        assert_eq!(r.auth, None);
+        assert!(r.stream);
+        assert_eq!(r.body.unwrap(), br#"{"model":"qwen2.5:0.5b","messages":[],"stream":true}"#.to_vec());
+    }
+
+    #[test]
+    fn routes_azure_by_header() {
+        let r = route_chat(&identity(), Some("az"), br#"{"model":"gpt-4o","messages":[]}"#).unwrap();
+        assert_eq!(r.path, "/openai/deployments/dep1/chat/completions?api-version=2024-02-01");
+        assert_eq!(r.auth, Some(("api-key", "az".into())));
+        assert_eq!(r.body, None);
+    }
+
+    #[test]
+    fn no_model_gets_default_inserted() {
+        let r = route_chat(&identity(), None, br#"{"messages":[]}"#).unwrap();
+        assert_eq!(r.model, "gpt-4o");
+        assert_eq!(r.body.unwrap(), br#"{"model":"gpt-4o","messages":[]}"#.to_vec());
+    }
+
+    #[test]
+    fn lists_models_once_each() {
+        let v: serde_json::Value = serde_json::from_str(&list_models(&identity())).unwrap();
+        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec!["gpt-4o", "gpt-4o-mini", "small"]);
+        assert!(get_model(&identity(), "small").unwrap().contains("\"owned_by\":\"local\""));
+        assert_eq!(get_model(&identity(), "nope").unwrap_err().status(), 404);
+    }
+
+    #[test]
+    fn stripped_headers_cover_credentials() {
+        for h in ["x-api-key", "authorization", "x-provider-name", CLUSTER_HEADER] {
+            assert!(STRIPPED_REQUEST_HEADERS.contains(&h));
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! An OpenAI-compatible LLM gateway as a proxy-wasm filter for Envoy.
+//!
+//! The modules follow a request: [`entry`] (which endpoint) → [`auth`] (who is calling) →
+//! [`select`] (which provider and model) → [`providers`] (how the upstream request must look) →
+//! [`gateway`] (the composition). [`config`] compiles the configuration once into a read-only plan.
+//! Only `host` talks to Envoy; everything else is plain Rust tested on the host.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod entry;
+pub mod error;
+pub mod gateway;
+pub mod providers;
+pub mod select;
+pub mod url;
+
+#[cfg(target_arch = "wasm32")]
+mod host;

@@ -1,0 +1,31 @@
+//! Anthropic through its OpenAI SDK compatibility endpoint: `{base}/chat/completions`, bearer key.
+//! (The native Messages API translation is a separate, later provider mode.)
+
+use super::{bearer, required_key, Target};
+use crate::config::{Model, ResolvedProvider};
+use crate::error::GatewayError;
+
+pub const DEFAULT_BASE: Option<&str> = Some("https://api.anthropic.com/v1");
+
+pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
+    Ok(Target {
+        path: p.base.join("/chat/completions"),
+        auth: bearer(required_key(p)?),
+        body_model: Some(model.upstream.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{model, provider};
+    use super::*;
+    use crate::config::ProviderKind;
+
+    #[test]
+    fn shapes_anthropic_compat() {
+        let p = provider(ProviderKind::Anthropic, DEFAULT_BASE.unwrap(), Some("sk-ant"));
+        let t = chat(&p, &model("claude", "claude-sonnet-4-5")).unwrap();
+        assert_eq!(t.path, "/v1/chat/completions");
+        assert_eq!(t.body_model.as_deref(), Some("claude-sonnet-4-5"));
+    }
+}

@@ -1,0 +1,30 @@
+//! Mistral: `POST {base}/chat/completions`, bearer key.
+
+use super::{bearer, required_key, Target};
+use crate::config::{Model, ResolvedProvider};
+use crate::error::GatewayError;
+
+pub const DEFAULT_BASE: Option<&str> = Some("https://api.mistral.ai/v1");
+
+pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
+    Ok(Target {
+        path: p.base.join("/chat/completions"),
+        auth: bearer(required_key(p)?),
+        body_model: Some(model.upstream.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{model, provider};
+    use super::*;
+    use crate::config::ProviderKind;
+
+    #[test]
+    fn shapes_mistral() {
+        let p = provider(ProviderKind::Mistral, DEFAULT_BASE.unwrap(), Some("m-key"));
+        let t = chat(&p, &model("mistral-small", "mistral-small-latest")).unwrap();
+        assert_eq!(t.path, "/v1/chat/completions");
+        assert_eq!(t.body_model.as_deref(), Some("mistral-small-latest"));
+    }
+}

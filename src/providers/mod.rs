@@ -1,0 +1,134 @@
+//! Provider shaping: one file per provider, every one with the same shape. Given the provider as the
+//! caller's config sees it and the chosen model, each returns the upstream [`Target`]: path, auth
+//! header and the model name the body must carry. Adding a provider is adding a file and a match arm.
+
+use crate::config::{Model, ProviderKind, ResolvedProvider};
+use crate::error::GatewayError;
+
+mod anthropic;
+mod azure;
+mod gemini;
+mod groq;
+mod mistral;
+mod openai;
+mod openai_compatible;
+mod vertex;
+
+/// Where and how one attempt goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Upstream `:path` (with query string if any).
+    pub path: String,
+    /// The auth header to set, if the provider has a key.
+    pub auth: Option<(&'static str, String)>,
+    /// The `model` the request body must carry; `None`: leave the body's model alone.
+    pub body_model: Option<String>,
+}
+
+/// Public base URL of a provider type; `None` where the user must give one.
+pub fn default_base(kind: ProviderKind) -> Option<&'static str> {
+    match kind {
+        ProviderKind::OpenAi => openai::DEFAULT_BASE,
+        ProviderKind::Azure => azure::DEFAULT_BASE,
+        ProviderKind::Gemini => gemini::DEFAULT_BASE,
+        ProviderKind::VertexAiGemini => vertex::DEFAULT_BASE,
+        ProviderKind::Mistral => mistral::DEFAULT_BASE,
+        ProviderKind::Groq => groq::DEFAULT_BASE,
+        ProviderKind::Anthropic => anthropic::DEFAULT_BASE,
+        ProviderKind::OpenAiCompatible => openai_compatible::DEFAULT_BASE,
+    }
+}
+
+/// Shapes a chat-completions request for `provider` and `model`.
+pub fn chat_target(provider: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
+    match provider.kind {
+        ProviderKind::OpenAi => openai::chat(provider, model),
+        ProviderKind::Azure => azure::chat(provider, model),
+        ProviderKind::Gemini => gemini::chat(provider, model),
+        ProviderKind::VertexAiGemini => vertex::chat(provider, model),
+        ProviderKind::Mistral => mistral::chat(provider, model),
+        ProviderKind::Groq => groq::chat(provider, model),
+        ProviderKind::Anthropic => anthropic::chat(provider, model),
+        ProviderKind::OpenAiCompatible => openai_compatible::chat(provider, model),
+    }
+}
+
+/// The provider's key, or a clear error for providers that cannot work without one.
+pub(crate) fn required_key(p: &ResolvedProvider) -> Result<&str, GatewayError> {
+    p.api_key.as_deref().filter(|k| !k.is_empty()).ok_or_else(|| {
+        GatewayError::ProviderMisconfigured {
+            provider: p.name.clone(),
+            reason: "no API key is configured for it".to_string(),
+        }
+    })
+}
+
+/// `Authorization: Bearer <key>`.
+pub(crate) fn bearer(key: &str) -> Option<(&'static str, String)> {
+    Some(("authorization", format!("Bearer {key}")))
+}
+
+/// Percent-encodes a path segment (RFC 3986 unreserved characters pass through).
+pub(crate) fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::config::{Model, ProviderKind, ResolvedProvider};
+    use crate::url::BaseUrl;
+
+    pub fn provider(kind: ProviderKind, url: &str, key: Option<&str>) -> ResolvedProvider {
+        ResolvedProvider {
+            name: "p".into(),
+            kind,
+            base: BaseUrl::parse(url).unwrap(),
+            api_version: None,
+            models: vec![],
+            is_hosted: false,
+            api_key: key.map(str::to_string),
+            envoy_cluster: "c".into(),
+            cluster_id: None,
+            fallback: vec![],
+        }
+    }
+
+    pub fn model(name: &str, upstream: &str) -> Model {
+        Model { name: name.into(), upstream: upstream.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_segments() {
+        assert_eq!(encode_segment("gpt-4o_mini.v1"), "gpt-4o_mini.v1");
+        assert_eq!(encode_segment("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn every_kind_without_url_needs_default_or_fails_cleanly() {
+        for kind in [ProviderKind::Azure, ProviderKind::VertexAiGemini, ProviderKind::OpenAiCompatible] {
+            assert!(default_base(kind).is_none());
+        }
+        for kind in [
+            ProviderKind::OpenAi,
+            ProviderKind::Gemini,
+            ProviderKind::Mistral,
+            ProviderKind::Groq,
+            ProviderKind::Anthropic,
+        ] {
+            assert!(default_base(kind).unwrap().starts_with("https://"));
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Selection: which provider and model serve a request.
+//!
+//! Priority: `X-Provider-Name` header (strict: must be one of the key's providers) → API-key settings →
+//! org settings. A named model is looked up in the key's config; hosted providers win over SaaS ones.
+//! No model named → the settings' default model, else the preferred provider's first model, else the
+//! first provider's first model.
+
+use crate::config::{Identity, Model, ResolvedProvider};
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Selection<'a> {
+    pub provider: &'a ResolvedProvider,
+    pub model: &'a Model,
+}
+
+pub fn select<'a>(
+    id: &'a Identity,
+    header_provider: Option<&str>,
+    requested_model: Option<&str>,
+) -> Result<Selection<'a>, GatewayError> {
+    // An explicit header is a hard constraint.
+    if let Some(name) = header_provider.map(str::trim).filter(|n| !n.is_empty()) {
+        let provider =
+            id.provider(name).ok_or_else(|| GatewayError::UnknownProvider { name: name.to_string() })?;
+        let model_name = requested_model.or_else(|| default_model(id, |m| provider.model(m).is_some()));
+        let model = match model_name {
+            Some(m) => provider.model(m).ok_or_else(|| GatewayError::ModelNotAllowed {
+                model: m.to_string(),
+                provider: Some(provider.name.clone()),
+            })?,
+            None => provider.models.first().ok_or(GatewayError::NoProviderConfigured)?,
+        };
+        return Ok(Selection { provider, model });
+    }
+
+    // Settings are preferences: a provider they name is used when it serves the model.
+    let preferred: Vec<&ResolvedProvider> = [&id.key_settings.provider, &id.org_settings.provider]
+        .into_iter()
+        .flatten()
+        .filter_map(|n| id.provider(n))
+        .collect();
+
+    let model_name = requested_model.or_else(|| default_model(id, |m| serves_anywhere(id, m)));
+    match model_name {
+        Some(m) => {
+            if let Some(sel) = preferred.iter().find_map(|p| pair(p, m)) {
+                return Ok(sel);
+            }
+            let hosted = id.providers.iter().filter(|p| p.is_hosted).find_map(|p| pair(p, m));
+            let saas = || id.providers.iter().filter(|p| !p.is_hosted).find_map(|p| pair(p, m));
+            hosted
+                .or_else(saas)
+                .ok_or_else(|| GatewayError::ModelNotAllowed { model: m.to_string(), provider: None })
+        }
+        None => preferred
+            .iter()
+            .copied()
+            .chain(id.providers.iter())
+            .find_map(|p| p.models.first().map(|model| Selection { provider: p, model }))
+            .ok_or(GatewayError::NoProviderConfigured),
+    }
+}
+
+fn pair<'a>(p: &'a ResolvedProvider, model: &str) -> Option<Selection<'a>> {
+    p.model(model).map(|m| Selection { provider: p, model: m })
+}
+
+fn serves_anywhere(id: &Identity, model: &str) -> bool {
+    id.providers.iter().any(|p| p.model(model).is_some())
+}
+
+/// The first settings default model (key, then org) that `usable` accepts.
+fn default_model<'a>(id: &'a Identity, usable: impl Fn(&str) -> bool) -> Option<&'a str> {
+    [&id.key_settings.model, &id.org_settings.model]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .find(|m| usable(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Model, ProviderKind, Settings};
+    use crate::url::BaseUrl;
+
+    fn prov(name: &str, hosted: bool, models: &[&str]) -> ResolvedProvider {
+        ResolvedProvider {
+            name: name.into(),
+            kind: ProviderKind::OpenAi,
+            base: BaseUrl::parse("https://example.com/v1").unwrap(),
+            api_version: None,
+            models: models.iter().map(|m| Model { name: m.to_string(), upstream: m.to_string() }).collect(),
+            is_hosted: hosted,
+            api_key: Some("k".into()),
+            envoy_cluster: "c".into(),
+            cluster_id: None,
+            fallback: vec![],
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            key_id: "k".into(),
+            org_id: "o".into(),
+            config_id: "c".into(),
+            cluster_id: None,
+            key_settings: Settings::default(),
+            org_settings: Settings::default(),
+            providers: vec![
+                prov("openai-a", false, &["gpt-4o", "gpt-4o-mini"]),
+                prov("openai-b", false, &["gpt-4o", "o3"]),
+                prov("hosted", true, &["gpt-4o", "llama"]),
+            ],
+        }
+    }
+
+    fn names(s: Result<Selection, GatewayError>) -> (String, String) {
+        let s = s.unwrap();
+        (s.provider.name.clone(), s.model.name.clone())
+    }
+
+    fn pair_of(p: &str, m: &str) -> (String, String) {
+        (p.to_string(), m.to_string())
+    }
+
+    #[test]
+    fn no_model_takes_first_provider_first_model() {
+        assert_eq!(names(select(&identity(), None, None)), pair_of("openai-a", "gpt-4o"));
+    }
+
+    #[test]
+    fn hosted_wins_for_named_model() {
+        assert_eq!(names(select(&identity(), None, Some("gpt-4o"))), pair_of("hosted", "gpt-4o"));
+        assert_eq!(names(select(&identity(), None, Some("o3"))), pair_of("openai-b", "o3"));
+        assert_eq!(names(select(&identity(), None, Some("gpt-4o-mini"))), pair_of("openai-a", "gpt-4o-mini"));
+    }
+
+    #[test]
+    fn unknown_model_is_refused() {
+        let e = select(&identity(), None, Some("gpt-9")).unwrap_err();
+        assert_eq!(e, GatewayError::ModelNotAllowed { model: "gpt-9".into(), provider: None });
+    }
+
+    #[test]
+    fn header_beats_key_settings_beats_org_settings() {
+        let mut id = identity();
+        id.org_settings.provider = Some("openai-b".into());
+        assert_eq!(names(select(&id, None, None)), pair_of("openai-b", "gpt-4o"));
+        assert_eq!(names(select(&id, None, Some("gpt-4o"))), pair_of("openai-b", "gpt-4o"));
+        id.key_settings.provider = Some("hosted".into());
+        assert_eq!(names(select(&id, None, None)), pair_of("hosted", "gpt-4o"));
+        assert_eq!(names(select(&id, Some("openai-a"), None)), pair_of("openai-a", "gpt-4o"));
+        assert_eq!(names(select(&id, Some("openai-a"), Some("gpt-4o"))), pair_of("openai-a", "gpt-4o"));
+        // A settings provider that does not serve the model does not block the lookup.
+        assert_eq!(names(select(&id, None, Some("o3"))), pair_of("openai-b", "o3"));
+    }
+
+    #[test]
+    fn header_is_strict() {
+        let id = identity();
+        assert_eq!(
+            select(&id, Some("nope"), None).unwrap_err(),
+            GatewayError::UnknownProvider { name: "nope".into() }
+        );
+        assert_eq!(
+            select(&id, Some("openai-a"), Some("o3")).unwrap_err(),
+            GatewayError::ModelNotAllowed { model: "o3".into(), provider: Some("openai-a".into()) }
+        );
+    }
+
+    #[test]
+    fn settings_default_model() {
+        let mut id = identity();
+        id.org_settings.model = Some("llama".into());
+        assert_eq!(names(select(&id, None, None)), pair_of("hosted", "llama"));
+        id.key_settings.model = Some("o3".into());
+        assert_eq!(names(select(&id, None, None)), pair_of("openai-b", "o3"));
+        // With a header, a default model the provider does not serve is skipped.
+        assert_eq!(names(select(&id, Some("openai-a"), None)), pair_of("openai-a", "gpt-4o"));
+        id.key_settings.model = Some("not-in-config".into());
+        assert_eq!(names(select(&id, None, None)), pair_of("hosted", "llama"));
+    }
+
+    #[test]
+    fn empty_config() {
+        let mut id = identity();
+        id.providers.clear();
+        assert_eq!(select(&id, None, None).unwrap_err(), GatewayError::NoProviderConfigured);
+    }
+}
