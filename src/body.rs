@@ -23,17 +23,24 @@ struct Peek<'a> {
 /// Parses the body once (the whole document is validated, unknown fields are skipped, not built).
 pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(GatewayError::InvalidBody { reason: "the body is empty; send a JSON object".into() });
+        return Err(GatewayError::InvalidBody {
+            reason: "the body is empty; send a JSON object".into(),
+        });
     }
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
-        return Err(GatewayError::InvalidBody { reason: "the body must be a JSON object".into() });
+        return Err(GatewayError::InvalidBody {
+            reason: "the body must be a JSON object".into(),
+        });
     }
     let peek: Peek = serde_json::from_slice(body).map_err(|e| GatewayError::InvalidBody {
         reason: format!("not valid JSON for a chat completion ({e})"),
     })?;
     let model = peek.model.map(|m| m.into_owned()).filter(|m| !m.is_empty());
-    Ok(ChatRequest { model, stream: peek.stream.unwrap_or(false) })
+    Ok(ChatRequest {
+        model,
+        stream: peek.stream.unwrap_or(false),
+    })
 }
 
 /// Returns the body with the top-level `model` set to `model`, or `None` if it already is.
@@ -103,7 +110,9 @@ fn key_matches(raw: &[u8], key: &str) -> bool {
     if !inner.contains(&b'\\') {
         return inner == key.as_bytes();
     }
-    serde_json::from_slice::<String>(raw).map(|k| k == key).unwrap_or(false)
+    serde_json::from_slice::<String>(raw)
+        .map(|k| k == key)
+        .unwrap_or(false)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -169,17 +178,39 @@ mod tests {
 
     #[test]
     fn inspects_fields() {
-        let r = inspect(br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#)
-            .unwrap();
-        assert_eq!(r, ChatRequest { model: Some("gpt-4o".into()), stream: true });
+        let r = inspect(
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            ChatRequest {
+                model: Some("gpt-4o".into()),
+                stream: true
+            }
+        );
         let r = inspect(br#" {"messages":[]} "#).unwrap();
-        assert_eq!(r, ChatRequest { model: None, stream: false });
+        assert_eq!(
+            r,
+            ChatRequest {
+                model: None,
+                stream: false
+            }
+        );
         assert_eq!(inspect(b"").unwrap_err().status(), 400);
         assert_eq!(inspect(b"[1]").unwrap_err().status(), 400);
         assert_eq!(inspect(b"{\"model\":").unwrap_err().status(), 400);
         assert_eq!(inspect(br#"{"model":5}"#).unwrap_err().status(), 400);
-        assert_eq!(inspect(br#"{"model":"a","model":"b"}"#).unwrap_err().status(), 400);
-        assert_eq!(inspect(br#"{"model":"a\u00e9"}"#).unwrap().model.as_deref(), Some("aé"));
+        assert_eq!(
+            inspect(br#"{"model":"a","model":"b"}"#)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            inspect(br#"{"model":"a\u00e9"}"#).unwrap().model.as_deref(),
+            Some("aé")
+        );
     }
 
     #[test]
@@ -196,7 +227,10 @@ mod tests {
     #[test]
     fn inserts_model_when_absent() {
         let out = with_model(br#"{"messages":[]}"#, None, "m\"x").unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"m\"x","messages":[]}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"model":"m\"x","messages":[]}"#
+        );
         let out = with_model(b"{ }", None, "m").unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"m" }"#);
     }
@@ -213,7 +247,15 @@ mod tests {
 
     #[test]
     fn never_panics_on_garbage() {
-        for junk in [&b"{"[..], b"{\"", b"{\"a\"", b"{\"a\":", b"{\"a\":[", b"}", b"{\"a\":\"\\"] {
+        for junk in [
+            &b"{"[..],
+            b"{\"",
+            b"{\"a\"",
+            b"{\"a\":",
+            b"{\"a\":[",
+            b"}",
+            b"{\"a\":\"\\",
+        ] {
             let _ = find_top_level(junk, "model");
             let _ = with_model(junk, None, "x");
         }

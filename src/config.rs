@@ -67,7 +67,11 @@ pub struct UpstreamClusters {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
     /// Provider (registration name) to route to when the request names none.
-    #[serde(default, alias = "providerName", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "providerName",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub provider: Option<String>,
     /// Model to use when the request names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -95,10 +99,17 @@ impl ModelSpec {
     }
     fn to_model(&self) -> Model {
         match self {
-            ModelSpec::Name(n) => Model { name: n.clone(), upstream: n.clone() },
-            ModelSpec::Mapped { name, upstream_name } => {
-                Model { name: name.clone(), upstream: upstream_name.clone() }
-            }
+            ModelSpec::Name(n) => Model {
+                name: n.clone(),
+                upstream: n.clone(),
+            },
+            ModelSpec::Mapped {
+                name,
+                upstream_name,
+            } => Model {
+                name: name.clone(),
+                upstream: upstream_name.clone(),
+            },
         }
     }
 }
@@ -111,7 +122,12 @@ pub struct ProviderSpec {
     #[serde(alias = "type")]
     pub supported_provider: String,
     /// Base URL (`api_base`); defaults to the provider's public endpoint.
-    #[serde(default, alias = "api_base", alias = "apiBase", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "api_base",
+        alias = "apiBase",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
@@ -145,7 +161,12 @@ pub struct ConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Parent config id (`default` or another config).
-    #[serde(default, alias = "parent", alias = "inherits_from", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "parent",
+        alias = "inherits_from",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub inherits: Option<String>,
     /// Providers of this config. Empty: everything from the parent.
     #[serde(default)]
@@ -378,12 +399,19 @@ impl SecretSource for ProcessEnv {
     }
 }
 
-/// Parses the filter configuration bytes (JSON; Envoy turns a YAML `google.protobuf.Struct` into JSON).
+/// Parses the filter configuration bytes: JSON text (a `google.protobuf.StringValue` in Envoy, or
+/// Istio's `pluginConfig`), or a binary `google.protobuf.Struct` (native YAML in the Envoy config).
 pub fn parse(bytes: &[u8]) -> Result<RawConfig, String> {
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Ok(RawConfig::default());
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let invalid = |e: String| format!("gateway configuration is not valid: {e}");
+    match first {
+        None => Ok(RawConfig::default()),
+        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string())),
+        Some(_) => {
+            let value = crate::pbstruct::struct_to_json(bytes).map_err(invalid)?;
+            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+        }
     }
-    serde_json::from_slice(bytes).map_err(|e| format!("gateway configuration is not valid: {e}"))
 }
 
 /// Validates a raw configuration and compiles it into a [`Plan`].
@@ -444,14 +472,22 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
 }
 
 /// Cluster-scoped keys only see hosted providers of their cluster, plus the fallbacks those name.
-pub fn scope_filter(providers: Vec<ResolvedProvider>, cluster: Option<&str>) -> Vec<ResolvedProvider> {
-    let Some(cluster) = cluster else { return providers };
+pub fn scope_filter(
+    providers: Vec<ResolvedProvider>,
+    cluster: Option<&str>,
+) -> Vec<ResolvedProvider> {
+    let Some(cluster) = cluster else {
+        return providers;
+    };
     let visible: Vec<String> = providers
         .iter()
         .filter(|p| p.is_hosted && p.cluster_id.as_deref() == Some(cluster))
         .map(|p| p.name.clone())
         .collect();
-    providers.into_iter().filter(|p| visible.contains(&p.name)).collect()
+    providers
+        .into_iter()
+        .filter(|p| visible.contains(&p.name))
+        .collect()
 }
 
 /// A validated provider registration.
@@ -472,7 +508,10 @@ fn compile_providers(
             return Err("a provider has an empty name".to_string());
         }
         let kind = ProviderKind::parse(&p.supported_provider).ok_or_else(|| {
-            format!("provider '{}': unknown supportedProvider '{}'", p.name, p.supported_provider)
+            format!(
+                "provider '{}': unknown supportedProvider '{}'",
+                p.name, p.supported_provider
+            )
         })?;
         if p.models.is_empty() {
             return Err(format!("provider '{}': models must not be empty", p.name));
@@ -480,25 +519,42 @@ fn compile_providers(
         let mut seen = hashbrown::HashSet::new();
         for m in &p.models {
             if m.name().is_empty() || !seen.insert(m.name()) {
-                return Err(format!("provider '{}': empty or duplicate model '{}'", p.name, m.name()));
+                return Err(format!(
+                    "provider '{}': empty or duplicate model '{}'",
+                    p.name,
+                    m.name()
+                ));
             }
         }
         let api_key = match (&p.api_key, &p.api_key_env) {
             (Some(_), Some(_)) => {
-                return Err(format!("provider '{}': set apiKey or apiKeyEnv, not both", p.name))
+                return Err(format!(
+                    "provider '{}': set apiKey or apiKeyEnv, not both",
+                    p.name
+                ))
             }
             (Some(k), None) => Some(k.clone()),
             (None, Some(var)) => Some(secrets.env(var).ok_or_else(|| {
-                format!("provider '{}': environment variable {var} (apiKeyEnv) is not set", p.name)
+                format!(
+                    "provider '{}': environment variable {var} (apiKeyEnv) is not set",
+                    p.name
+                )
             })?),
             (None, None) => None,
         };
         for f in &p.fallback {
             if f == &p.name || !specs.iter().any(|s| &s.name == f) {
-                return Err(format!("provider '{}': fallback '{f}' is not another provider", p.name));
+                return Err(format!(
+                    "provider '{}': fallback '{f}' is not another provider",
+                    p.name
+                ));
             }
         }
-        let reg = Registered { spec: p.clone(), kind, api_key };
+        let reg = Registered {
+            spec: p.clone(),
+            kind,
+            api_key,
+        };
         // Validate the URL now so that requests never meet a bad one.
         base_url(&reg, None, clusters)?;
         if out.insert(p.name.clone(), reg).is_some() {
@@ -517,7 +573,13 @@ fn base_url(
         .map(str::to_string)
         .or_else(|| reg.spec.url.clone())
         .or_else(|| crate::providers::default_base(reg.kind).map(str::to_string))
-        .ok_or_else(|| format!("provider '{}': url is required for {}", reg.spec.name, reg.kind.as_str()))?;
+        .ok_or_else(|| {
+            format!(
+                "provider '{}': url is required for {}",
+                reg.spec.name,
+                reg.kind.as_str()
+            )
+        })?;
     let base = BaseUrl::parse(&raw).map_err(|e| format!("provider '{}': {e}", reg.spec.name))?;
     let cluster = match &reg.spec.cluster {
         Some(c) => c.clone(),
@@ -543,7 +605,10 @@ fn resolve_entry(
             let mut v = Vec::with_capacity(names.len());
             for n in names {
                 let m = all.iter().find(|m| &m.name == n).ok_or_else(|| {
-                    format!("config allows model '{n}' which provider '{}' does not serve", entry.name)
+                    format!(
+                        "config allows model '{n}' which provider '{}' does not serve",
+                        entry.name
+                    )
                 })?;
                 v.push(m.clone());
             }
@@ -579,23 +644,30 @@ pub fn flatten_configs(
     if !by_id.contains_key(DEFAULT_CONFIG_ID) {
         let all = providers
             .iter()
-            .map(|p| ConfigProviderSpec { name: p.name.clone(), ..Default::default() })
+            .map(|p| ConfigProviderSpec {
+                name: p.name.clone(),
+                ..Default::default()
+            })
             .collect();
         out.insert(DEFAULT_CONFIG_ID.to_string(), all);
     }
     for c in configs {
         let chain = inheritance_chain(&c.id, &by_id)?;
         // Start from the root of the chain and apply each child's entries on top.
-        let mut flat: Vec<ConfigProviderSpec> = match chain.last().and_then(|c| c.inherits.as_deref()) {
-            Some(DEFAULT_CONFIG_ID) => out.get(DEFAULT_CONFIG_ID).cloned().unwrap_or_default(),
-            _ => Vec::new(),
-        };
+        let mut flat: Vec<ConfigProviderSpec> =
+            match chain.last().and_then(|c| c.inherits.as_deref()) {
+                Some(DEFAULT_CONFIG_ID) => out.get(DEFAULT_CONFIG_ID).cloned().unwrap_or_default(),
+                _ => Vec::new(),
+            };
         for link in chain.iter().rev() {
             flat = apply_layer(&flat, &link.providers);
         }
         for e in &flat {
             if !providers.iter().any(|p| p.name == e.name) {
-                return Err(format!("config '{}' refers to unknown provider '{}'", c.id, e.name));
+                return Err(format!(
+                    "config '{}' refers to unknown provider '{}'",
+                    c.id, e.name
+                ));
             }
         }
         out.insert(c.id.clone(), flat);
@@ -611,9 +683,14 @@ fn inheritance_chain<'a>(
     let mut chain: Vec<&'a ConfigSpec> = Vec::new();
     let mut cur = id;
     loop {
-        let c = *by_id.get(cur).ok_or_else(|| format!("unknown parent config '{cur}'"))?;
+        let c = *by_id
+            .get(cur)
+            .ok_or_else(|| format!("unknown parent config '{cur}'"))?;
         if chain.iter().any(|x| x.id == c.id) {
-            return Err(format!("config '{id}' has an inheritance loop through '{}'", c.id));
+            return Err(format!(
+                "config '{id}' has an inheritance loop through '{}'",
+                c.id
+            ));
         }
         chain.push(c);
         if chain.len() > MAX_INHERITANCE_DEPTH {
@@ -631,7 +708,10 @@ fn inheritance_chain<'a>(
 
 /// Child entries narrow the parent's provider list; each entry inherits unset fields from the parent's
 /// entry of the same provider. An empty child list keeps the parent's list unchanged.
-pub fn apply_layer(parent: &[ConfigProviderSpec], child: &[ConfigProviderSpec]) -> Vec<ConfigProviderSpec> {
+pub fn apply_layer(
+    parent: &[ConfigProviderSpec],
+    child: &[ConfigProviderSpec],
+) -> Vec<ConfigProviderSpec> {
     if child.is_empty() {
         return parent.to_vec();
     }
@@ -682,7 +762,8 @@ mod tests {
     }"#;
 
     fn base() -> String {
-        BASE.replace("HASH1", &hash_key("one")).replace("HASH2", &hash_key("two"))
+        BASE.replace("HASH1", &hash_key("one"))
+            .replace("HASH2", &hash_key("two"))
     }
 
     #[test]
@@ -706,7 +787,10 @@ mod tests {
 
     #[test]
     fn refuses_loops_depth_and_unknowns() {
-        let looped = base().replace(r#""id":"a","inherits":"default""#, r#""id":"a","inherits":"b""#);
+        let looped = base().replace(
+            r#""id":"a","inherits":"default""#,
+            r#""id":"a","inherits":"b""#,
+        );
         assert!(cfg(&looped).unwrap_err().contains("loop"));
         let deep = r#"{"providers":[{"name":"oa","supportedProvider":"OPENAI","models":["m"]}],
           "configs":[{"id":"c1","inherits":"default"},{"id":"c2","inherits":"c1"},
@@ -714,10 +798,14 @@ mod tests {
         assert!(cfg(deep).unwrap_err().contains("levels"));
         let three = deep.replace(r#",{"id":"c4","inherits":"c3"}"#, "");
         assert!(cfg(&three).is_ok());
-        assert!(cfg(r#"{"providers":[{"name":"x","supportedProvider":"NOPE","models":["m"]}]}"#)
+        assert!(
+            cfg(r#"{"providers":[{"name":"x","supportedProvider":"NOPE","models":["m"]}]}"#)
+                .unwrap_err()
+                .contains("unknown supportedProvider")
+        );
+        assert!(cfg(r#"{"providers":[],"bogus":1}"#)
             .unwrap_err()
-            .contains("unknown supportedProvider"));
-        assert!(cfg(r#"{"providers":[],"bogus":1}"#).unwrap_err().contains("bogus"));
+            .contains("bogus"));
         let bad_key = base().replace(r#""config":"b""#, r#""config":"zzz""#);
         assert!(cfg(&bad_key).unwrap_err().contains("unknown config"));
         let no_url = r#"{"providers":[{"name":"v","supportedProvider":"AZURE","models":["m"]}]}"#;

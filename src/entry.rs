@@ -19,19 +19,29 @@ pub fn classify(method: &str, path: &str) -> Option<Result<Endpoint, GatewayErro
     if !(rest.is_empty() || rest.starts_with('/')) {
         return None;
     }
-    let rest = rest.strip_prefix("/v1").filter(|r| r.is_empty() || r.starts_with('/')).unwrap_or(rest);
+    let rest = rest
+        .strip_prefix("/v1")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+        .unwrap_or(rest);
     let rest = rest.trim_end_matches('/');
     let (endpoint, allow) = match rest {
         "/chat/completions" => (Endpoint::ChatCompletions, "POST"),
         "/models" => (Endpoint::ListModels, "GET"),
         _ => match rest.strip_prefix("/models/") {
             Some(id) if !id.is_empty() => (Endpoint::GetModel(percent_decode(id)), "GET"),
-            _ => return Some(Err(GatewayError::UnknownEndpoint { path: path.to_string() })),
+            _ => {
+                return Some(Err(GatewayError::UnknownEndpoint {
+                    path: path.to_string(),
+                }))
+            }
         },
     };
     let method_ok = method == allow || (allow == "GET" && method == "HEAD");
     if !method_ok {
-        return Some(Err(GatewayError::MethodNotAllowed { method: method.to_string(), allow }));
+        return Some(Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            allow,
+        }));
     }
     Some(Ok(endpoint))
 }
@@ -42,7 +52,9 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while let Some(&c) = b.get(i) {
         if c == b'%' {
-            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
             if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;
@@ -62,17 +74,50 @@ mod tests {
     #[test]
     fn classifies_paths() {
         use Endpoint::*;
-        assert_eq!(classify("POST", "/openai/v1/chat/completions"), Some(Ok(ChatCompletions)));
-        assert_eq!(classify("POST", "/openai/chat/completions"), Some(Ok(ChatCompletions)));
-        assert_eq!(classify("POST", "/openai/v1/chat/completions?x=1"), Some(Ok(ChatCompletions)));
+        assert_eq!(
+            classify("POST", "/openai/v1/chat/completions"),
+            Some(Ok(ChatCompletions))
+        );
+        assert_eq!(
+            classify("POST", "/openai/chat/completions"),
+            Some(Ok(ChatCompletions))
+        );
+        assert_eq!(
+            classify("POST", "/openai/v1/chat/completions?x=1"),
+            Some(Ok(ChatCompletions))
+        );
         assert_eq!(classify("GET", "/openai/v1/models"), Some(Ok(ListModels)));
         assert_eq!(classify("GET", "/openai/models"), Some(Ok(ListModels)));
-        assert_eq!(classify("GET", "/openai/v1/models/llama3.1%3A8b"), Some(Ok(GetModel("llama3.1:8b".into()))));
+        assert_eq!(
+            classify("GET", "/openai/v1/models/llama3.1%3A8b"),
+            Some(Ok(GetModel("llama3.1:8b".into())))
+        );
         assert_eq!(classify("GET", "/health"), None);
         assert_eq!(classify("GET", "/openaiX/v1/models"), None);
-        assert_eq!(classify("GET", "/openai/v1/embeddings").unwrap().unwrap_err().status(), 404);
-        assert_eq!(classify("GET", "/openai").unwrap().unwrap_err().status(), 404);
-        assert_eq!(classify("GET", "/openai/v1/chat/completions").unwrap().unwrap_err().status(), 405);
-        assert_eq!(classify("DELETE", "/openai/v1/models").unwrap().unwrap_err().status(), 405);
+        assert_eq!(
+            classify("GET", "/openai/v1/embeddings")
+                .unwrap()
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            classify("GET", "/openai").unwrap().unwrap_err().status(),
+            404
+        );
+        assert_eq!(
+            classify("GET", "/openai/v1/chat/completions")
+                .unwrap()
+                .unwrap_err()
+                .status(),
+            405
+        );
+        assert_eq!(
+            classify("DELETE", "/openai/v1/models")
+                .unwrap()
+                .unwrap_err()
+                .status(),
+            405
+        );
     }
 }

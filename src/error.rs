@@ -20,7 +20,10 @@ pub enum GatewayError {
     /// `X-Provider-Name` names a provider the caller may not use.
     UnknownProvider { name: String },
     /// The model is not allowed by the caller's configuration (or by the chosen provider).
-    ModelNotAllowed { model: String, provider: Option<String> },
+    ModelNotAllowed {
+        model: String,
+        provider: Option<String>,
+    },
     /// The caller's configuration has no provider or model at all.
     NoProviderConfigured,
     /// A provider is configured in a way that cannot be used (e.g. missing URL or key).
@@ -171,7 +174,10 @@ mod tests {
 
     #[test]
     fn renders_openai_shape() {
-        let e = GatewayError::ModelNotAllowed { model: "gpt-9".into(), provider: None };
+        let e = GatewayError::ModelNotAllowed {
+            model: "gpt-9".into(),
+            provider: None,
+        };
         let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -182,7 +188,10 @@ mod tests {
 
     #[test]
     fn method_not_allowed_has_allow_header() {
-        let e = GatewayError::MethodNotAllowed { method: "GET".into(), allow: "POST" };
+        let e = GatewayError::MethodNotAllowed {
+            method: "GET".into(),
+            allow: "POST",
+        };
         assert_eq!(e.status(), 405);
         assert!(e.headers().contains(&("allow", "POST".to_string())));
         let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();

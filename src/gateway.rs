@@ -92,7 +92,10 @@ pub fn get_model(id: &Identity, name: &str) -> Result<String, GatewayError> {
         .iter()
         .find(|p| p.model(name).is_some())
         .map(|p| model_object(name, &p.name).to_string())
-        .ok_or_else(|| GatewayError::ModelNotAllowed { model: name.to_string(), provider: None })
+        .ok_or_else(|| GatewayError::ModelNotAllowed {
+            model: name.to_string(),
+            provider: None,
+        })
 }
 
 fn model_object(name: &str, owner: &str) -> serde_json::Value {
@@ -140,13 +143,24 @@ mod tests {
         assert_eq!(r.authority, "127.0.0.1:9");
         assert_eq!(r.auth, None);
         assert!(r.stream);
-        assert_eq!(r.body.unwrap(), br#"{"model":"qwen2.5:0.5b","messages":[],"stream":true}"#.to_vec());
+        assert_eq!(
+            r.body.unwrap(),
+            br#"{"model":"qwen2.5:0.5b","messages":[],"stream":true}"#.to_vec()
+        );
     }
 
     #[test]
     fn routes_azure_by_header() {
-        let r = route_chat(&identity(), Some("az"), br#"{"model":"gpt-4o","messages":[]}"#).unwrap();
-        assert_eq!(r.path, "/openai/deployments/dep1/chat/completions?api-version=2024-02-01");
+        let r = route_chat(
+            &identity(),
+            Some("az"),
+            br#"{"model":"gpt-4o","messages":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.path,
+            "/openai/deployments/dep1/chat/completions?api-version=2024-02-01"
+        );
         assert_eq!(r.auth, Some(("api-key", "az".into())));
         assert_eq!(r.body, None);
     }
@@ -155,21 +169,36 @@ mod tests {
     fn no_model_gets_default_inserted() {
         let r = route_chat(&identity(), None, br#"{"messages":[]}"#).unwrap();
         assert_eq!(r.model, "gpt-4o");
-        assert_eq!(r.body.unwrap(), br#"{"model":"gpt-4o","messages":[]}"#.to_vec());
+        assert_eq!(
+            r.body.unwrap(),
+            br#"{"model":"gpt-4o","messages":[]}"#.to_vec()
+        );
     }
 
     #[test]
     fn lists_models_once_each() {
         let v: serde_json::Value = serde_json::from_str(&list_models(&identity())).unwrap();
-        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
         assert_eq!(ids, vec!["gpt-4o", "gpt-4o-mini", "small"]);
-        assert!(get_model(&identity(), "small").unwrap().contains("\"owned_by\":\"local\""));
+        assert!(get_model(&identity(), "small")
+            .unwrap()
+            .contains("\"owned_by\":\"local\""));
         assert_eq!(get_model(&identity(), "nope").unwrap_err().status(), 404);
     }
 
     #[test]
     fn stripped_headers_cover_credentials() {
-        for h in ["x-api-key", "authorization", "x-provider-name", CLUSTER_HEADER] {
+        for h in [
+            "x-api-key",
+            "authorization",
+            "x-provider-name",
+            CLUSTER_HEADER,
+        ] {
             assert!(STRIPPED_REQUEST_HEADERS.contains(&h));
         }
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod entry;
 pub mod error;
 pub mod gateway;
+pub mod pbstruct;
 pub mod providers;
 pub mod select;
 pub mod url;

@@ -21,15 +21,24 @@ pub fn select<'a>(
 ) -> Result<Selection<'a>, GatewayError> {
     // An explicit header is a hard constraint.
     if let Some(name) = header_provider.map(str::trim).filter(|n| !n.is_empty()) {
-        let provider =
-            id.provider(name).ok_or_else(|| GatewayError::UnknownProvider { name: name.to_string() })?;
-        let model_name = requested_model.or_else(|| default_model(id, |m| provider.model(m).is_some()));
+        let provider = id
+            .provider(name)
+            .ok_or_else(|| GatewayError::UnknownProvider {
+                name: name.to_string(),
+            })?;
+        let model_name =
+            requested_model.or_else(|| default_model(id, |m| provider.model(m).is_some()));
         let model = match model_name {
-            Some(m) => provider.model(m).ok_or_else(|| GatewayError::ModelNotAllowed {
-                model: m.to_string(),
-                provider: Some(provider.name.clone()),
-            })?,
-            None => provider.models.first().ok_or(GatewayError::NoProviderConfigured)?,
+            Some(m) => provider
+                .model(m)
+                .ok_or_else(|| GatewayError::ModelNotAllowed {
+                    model: m.to_string(),
+                    provider: Some(provider.name.clone()),
+                })?,
+            None => provider
+                .models
+                .first()
+                .ok_or(GatewayError::NoProviderConfigured)?,
         };
         return Ok(Selection { provider, model });
     }
@@ -47,23 +56,42 @@ pub fn select<'a>(
             if let Some(sel) = preferred.iter().find_map(|p| pair(p, m)) {
                 return Ok(sel);
             }
-            let hosted = id.providers.iter().filter(|p| p.is_hosted).find_map(|p| pair(p, m));
-            let saas = || id.providers.iter().filter(|p| !p.is_hosted).find_map(|p| pair(p, m));
+            let hosted = id
+                .providers
+                .iter()
+                .filter(|p| p.is_hosted)
+                .find_map(|p| pair(p, m));
+            let saas = || {
+                id.providers
+                    .iter()
+                    .filter(|p| !p.is_hosted)
+                    .find_map(|p| pair(p, m))
+            };
             hosted
                 .or_else(saas)
-                .ok_or_else(|| GatewayError::ModelNotAllowed { model: m.to_string(), provider: None })
+                .ok_or_else(|| GatewayError::ModelNotAllowed {
+                    model: m.to_string(),
+                    provider: None,
+                })
         }
         None => preferred
             .iter()
             .copied()
             .chain(id.providers.iter())
-            .find_map(|p| p.models.first().map(|model| Selection { provider: p, model }))
+            .find_map(|p| {
+                p.models
+                    .first()
+                    .map(|model| Selection { provider: p, model })
+            })
             .ok_or(GatewayError::NoProviderConfigured),
     }
 }
 
 fn pair<'a>(p: &'a ResolvedProvider, model: &str) -> Option<Selection<'a>> {
-    p.model(model).map(|m| Selection { provider: p, model: m })
+    p.model(model).map(|m| Selection {
+        provider: p,
+        model: m,
+    })
 }
 
 fn serves_anywhere(id: &Identity, model: &str) -> bool {
@@ -71,7 +99,7 @@ fn serves_anywhere(id: &Identity, model: &str) -> bool {
 }
 
 /// The first settings default model (key, then org) that `usable` accepts.
-fn default_model<'a>(id: &'a Identity, usable: impl Fn(&str) -> bool) -> Option<&'a str> {
+fn default_model(id: &Identity, usable: impl Fn(&str) -> bool) -> Option<&str> {
     [&id.key_settings.model, &id.org_settings.model]
         .into_iter()
         .flatten()
@@ -91,7 +119,13 @@ mod tests {
             kind: ProviderKind::OpenAi,
             base: BaseUrl::parse("https://example.com/v1").unwrap(),
             api_version: None,
-            models: models.iter().map(|m| Model { name: m.to_string(), upstream: m.to_string() }).collect(),
+            models: models
+                .iter()
+                .map(|m| Model {
+                    name: m.to_string(),
+                    upstream: m.to_string(),
+                })
+                .collect(),
             is_hosted: hosted,
             api_key: Some("k".into()),
             envoy_cluster: "c".into(),
@@ -127,34 +161,67 @@ mod tests {
 
     #[test]
     fn no_model_takes_first_provider_first_model() {
-        assert_eq!(names(select(&identity(), None, None)), pair_of("openai-a", "gpt-4o"));
+        assert_eq!(
+            names(select(&identity(), None, None)),
+            pair_of("openai-a", "gpt-4o")
+        );
     }
 
     #[test]
     fn hosted_wins_for_named_model() {
-        assert_eq!(names(select(&identity(), None, Some("gpt-4o"))), pair_of("hosted", "gpt-4o"));
-        assert_eq!(names(select(&identity(), None, Some("o3"))), pair_of("openai-b", "o3"));
-        assert_eq!(names(select(&identity(), None, Some("gpt-4o-mini"))), pair_of("openai-a", "gpt-4o-mini"));
+        assert_eq!(
+            names(select(&identity(), None, Some("gpt-4o"))),
+            pair_of("hosted", "gpt-4o")
+        );
+        assert_eq!(
+            names(select(&identity(), None, Some("o3"))),
+            pair_of("openai-b", "o3")
+        );
+        assert_eq!(
+            names(select(&identity(), None, Some("gpt-4o-mini"))),
+            pair_of("openai-a", "gpt-4o-mini")
+        );
     }
 
     #[test]
     fn unknown_model_is_refused() {
         let e = select(&identity(), None, Some("gpt-9")).unwrap_err();
-        assert_eq!(e, GatewayError::ModelNotAllowed { model: "gpt-9".into(), provider: None });
+        assert_eq!(
+            e,
+            GatewayError::ModelNotAllowed {
+                model: "gpt-9".into(),
+                provider: None
+            }
+        );
     }
 
     #[test]
     fn header_beats_key_settings_beats_org_settings() {
         let mut id = identity();
         id.org_settings.provider = Some("openai-b".into());
-        assert_eq!(names(select(&id, None, None)), pair_of("openai-b", "gpt-4o"));
-        assert_eq!(names(select(&id, None, Some("gpt-4o"))), pair_of("openai-b", "gpt-4o"));
+        assert_eq!(
+            names(select(&id, None, None)),
+            pair_of("openai-b", "gpt-4o")
+        );
+        assert_eq!(
+            names(select(&id, None, Some("gpt-4o"))),
+            pair_of("openai-b", "gpt-4o")
+        );
         id.key_settings.provider = Some("hosted".into());
         assert_eq!(names(select(&id, None, None)), pair_of("hosted", "gpt-4o"));
-        assert_eq!(names(select(&id, Some("openai-a"), None)), pair_of("openai-a", "gpt-4o"));
-        assert_eq!(names(select(&id, Some("openai-a"), Some("gpt-4o"))), pair_of("openai-a", "gpt-4o"));
+        assert_eq!(
+            names(select(&id, Some("openai-a"), None)),
+            pair_of("openai-a", "gpt-4o")
+        );
+        assert_eq!(
+            names(select(&id, Some("openai-a"), Some("gpt-4o"))),
+            pair_of("openai-a", "gpt-4o")
+        );
         // A settings provider that does not serve the model does not block the lookup.
-        assert_eq!(names(select(&id, None, Some("o3"))), pair_of("openai-b", "o3"));
+        assert_eq!(
+            names(select(&id, None, Some("o3"))),
+            pair_of("openai-b", "o3")
+        );
     }
 
     #[test]
@@ -162,11 +229,16 @@ mod tests {
         let id = identity();
         assert_eq!(
             select(&id, Some("nope"), None).unwrap_err(),
-            GatewayError::UnknownProvider { name: "nope".into() }
+            GatewayError::UnknownProvider {
+                name: "nope".into()
+            }
         );
         assert_eq!(
             select(&id, Some("openai-a"), Some("o3")).unwrap_err(),
-            GatewayError::ModelNotAllowed { model: "o3".into(), provider: Some("openai-a".into()) }
+            GatewayError::ModelNotAllowed {
+                model: "o3".into(),
+                provider: Some("openai-a".into())
+            }
         );
     }
 
@@ -178,7 +250,10 @@ mod tests {
         id.key_settings.model = Some("o3".into());
         assert_eq!(names(select(&id, None, None)), pair_of("openai-b", "o3"));
         // With a header, a default model the provider does not serve is skipped.
-        assert_eq!(names(select(&id, Some("openai-a"), None)), pair_of("openai-a", "gpt-4o"));
+        assert_eq!(
+            names(select(&id, Some("openai-a"), None)),
+            pair_of("openai-a", "gpt-4o")
+        );
         id.key_settings.model = Some("not-in-config".into());
         assert_eq!(names(select(&id, None, None)), pair_of("hosted", "llama"));
     }
@@ -187,6 +262,9 @@ mod tests {
     fn empty_config() {
         let mut id = identity();
         id.providers.clear();
-        assert_eq!(select(&id, None, None).unwrap_err(), GatewayError::NoProviderConfigured);
+        assert_eq!(
+            select(&id, None, None).unwrap_err(),
+            GatewayError::NoProviderConfigured
+        );
     }
 }

@@ -23,7 +23,11 @@ mod tests {
 
     #[test]
     fn shapes_anthropic_compat() {
-        let p = provider(ProviderKind::Anthropic, DEFAULT_BASE.unwrap(), Some("sk-ant"));
+        let p = provider(
+            ProviderKind::Anthropic,
+            DEFAULT_BASE.unwrap(),
+            Some("sk-ant"),
+        );
         let t = chat(&p, &model("claude", "claude-sonnet-4-5")).unwrap();
         assert_eq!(t.path, "/v1/chat/completions");
         assert_eq!(t.body_model.as_deref(), Some("claude-sonnet-4-5"));

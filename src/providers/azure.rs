@@ -32,13 +32,23 @@ mod tests {
 
     #[test]
     fn shapes_azure() {
-        let mut p = provider(ProviderKind::Azure, "https://x.openai.azure.com", Some("az-key"));
+        let mut p = provider(
+            ProviderKind::Azure,
+            "https://x.openai.azure.com",
+            Some("az-key"),
+        );
         p.api_version = Some("2024-02-01".into());
         let t = chat(&p, &model("gpt-4o", "my-deploy")).unwrap();
-        assert_eq!(t.path, "/openai/deployments/my-deploy/chat/completions?api-version=2024-02-01");
+        assert_eq!(
+            t.path,
+            "/openai/deployments/my-deploy/chat/completions?api-version=2024-02-01"
+        );
         assert_eq!(t.auth, Some(("api-key", "az-key".to_string())));
         assert_eq!(t.body_model, None);
         p.api_version = None;
-        assert!(chat(&p, &model("a", "a")).unwrap().path.ends_with(DEFAULT_API_VERSION));
+        assert!(chat(&p, &model("a", "a"))
+            .unwrap()
+            .path
+            .ends_with(DEFAULT_API_VERSION));
     }
 }

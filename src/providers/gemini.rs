@@ -4,7 +4,8 @@ use super::{bearer, required_key, Target};
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
-pub const DEFAULT_BASE: Option<&str> = Some("https://generativelanguage.googleapis.com/v1beta/openai");
+pub const DEFAULT_BASE: Option<&str> =
+    Some("https://generativelanguage.googleapis.com/v1beta/openai");
 
 pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
     Ok(Target {

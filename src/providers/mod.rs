@@ -55,12 +55,13 @@ pub fn chat_target(provider: &ResolvedProvider, model: &Model) -> Result<Target,
 
 /// The provider's key, or a clear error for providers that cannot work without one.
 pub(crate) fn required_key(p: &ResolvedProvider) -> Result<&str, GatewayError> {
-    p.api_key.as_deref().filter(|k| !k.is_empty()).ok_or_else(|| {
-        GatewayError::ProviderMisconfigured {
+    p.api_key
+        .as_deref()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| GatewayError::ProviderMisconfigured {
             provider: p.name.clone(),
             reason: "no API key is configured for it".to_string(),
-        }
-    })
+        })
 }
 
 /// `Authorization: Bearer <key>`.
@@ -102,7 +103,10 @@ pub(crate) mod test_support {
     }
 
     pub fn model(name: &str, upstream: &str) -> Model {
-        Model { name: name.into(), upstream: upstream.into() }
+        Model {
+            name: name.into(),
+            upstream: upstream.into(),
+        }
     }
 }
 
@@ -118,7 +122,11 @@ mod tests {
 
     #[test]
     fn every_kind_without_url_needs_default_or_fails_cleanly() {
-        for kind in [ProviderKind::Azure, ProviderKind::VertexAiGemini, ProviderKind::OpenAiCompatible] {
+        for kind in [
+            ProviderKind::Azure,
+            ProviderKind::VertexAiGemini,
+            ProviderKind::OpenAiCompatible,
+        ] {
             assert!(default_base(kind).is_none());
         }
         for kind in [

@@ -10,7 +10,11 @@ pub const DEFAULT_BASE: Option<&str> = None;
 pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
     Ok(Target {
         path: p.base.join("/chat/completions"),
-        auth: p.api_key.as_deref().filter(|k| !k.is_empty()).and_then(bearer),
+        auth: p
+            .api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .and_then(bearer),
         body_model: Some(model.upstream.clone()),
     })
 }
@@ -23,7 +27,11 @@ mod tests {
 
     #[test]
     fn shapes_custom() {
-        let p = provider(ProviderKind::OpenAiCompatible, "http://127.0.0.1:11434/v1", None);
+        let p = provider(
+            ProviderKind::OpenAiCompatible,
+            "http://127.0.0.1:11434/v1",
+            None,
+        );
         let t = chat(&p, &model("llama", "llama3.1:8b")).unwrap();
         assert_eq!(t.path, "/v1/chat/completions");
         assert_eq!(t.auth, None);

@@ -29,12 +29,19 @@ mod tests {
 
     #[test]
     fn shapes_vertex() {
-        let url = "https://us-central1-aiplatform.googleapis.com/v1/projects/p1/locations/us-central1";
+        let url =
+            "https://us-central1-aiplatform.googleapis.com/v1/projects/p1/locations/us-central1";
         let p = provider(ProviderKind::VertexAiGemini, url, Some("ya29.token"));
         let t = chat(&p, &model("gemini-1.5-pro", "gemini-1.5-pro")).unwrap();
-        assert_eq!(t.path, "/v1/projects/p1/locations/us-central1/endpoints/openapi/chat/completions");
+        assert_eq!(
+            t.path,
+            "/v1/projects/p1/locations/us-central1/endpoints/openapi/chat/completions"
+        );
         assert_eq!(t.body_model.as_deref(), Some("google/gemini-1.5-pro"));
-        assert_eq!(t.auth, Some(("authorization", "Bearer ya29.token".to_string())));
+        assert_eq!(
+            t.auth,
+            Some(("authorization", "Bearer ya29.token".to_string()))
+        );
         let t = chat(&p, &model("x", "meta/llama")).unwrap();
         assert_eq!(t.body_model.as_deref(), Some("meta/llama"));
     }

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Runs the gateway in the foreground: the demo model server and Envoy with the llm-gateway filter.
+Environment: GATEWAY_PORT (10000), ADMIN_PORT (9901), DEMO_MODEL_PORT (18080)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import envoy_config  # noqa: E402
+
+DEMO_KEY = "sk-gw-demo-0123456789"
+
+
+def wait_ready(url, deadline, procs):
+    while time.time() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                sys.exit(f"a gateway process exited early with code {p.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"timed out waiting for {url}")
+
+
+def main():
+    port = int(os.environ.get("GATEWAY_PORT", "10000"))
+    admin = int(os.environ.get("ADMIN_PORT", "9901"))
+    demo_port = int(os.environ.get("DEMO_MODEL_PORT", "18080"))
+    run_dir = os.path.join(envoy_config.ROOT, ".run")
+    os.makedirs(run_dir, exist_ok=True)
+
+    gw = envoy_config.default_gateway_config()
+    for p in gw["providers"]:
+        if p["name"] == "demo-local":
+            p["url"] = f"http://127.0.0.1:{demo_port}/v1"
+    cfg_path = envoy_config.write(envoy_config.render(port, admin, gw), os.path.join(run_dir, "envoy.yaml"))
+
+    procs = []
+
+    def stop(*_):
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    procs.append(subprocess.Popen([sys.executable, os.path.join(envoy_config.ROOT, "scripts", "demo_model.py"),
+                                   "--port", str(demo_port)]))
+    procs.append(subprocess.Popen(["envoy", "-c", cfg_path, "--base-id", str(port), "--log-level", "warn",
+                                   "--component-log-level", "wasm:info"], cwd=envoy_config.ROOT))
+    wait_ready(f"http://127.0.0.1:{admin}/ready", time.time() + 60, procs)
+    print(f"""
+LLM gateway ready on http://127.0.0.1:{port}  (Envoy admin: http://127.0.0.1:{admin})
+Try it:
+
+  curl -s http://127.0.0.1:{port}/openai/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \\
+    -H 'Content-Type: application/json' -d '{{"model":"demo-small","messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+Streaming: add "stream": true. Models: curl -s http://127.0.0.1:{port}/openai/v1/models -H 'X-API-Key: {DEMO_KEY}'
+Ctrl-C stops everything.
+""", flush=True)
+    while True:
+        for p in procs:
+            if p.poll() is not None:
+                print(f"process {p.args[0]} exited with {p.returncode}; stopping", file=sys.stderr)
+                stop()
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()
