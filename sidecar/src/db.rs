@@ -1,0 +1,561 @@
+//! Database access (sqlx `Any`: SQLite or PostgreSQL chosen at run time, one set of runtime queries and
+//! migrations for both; placeholders are `$n`, which both drivers accept).
+
+use crate::error::{ApiError, ApiResult};
+use crate::util::{new_api_key, new_id, now_ms};
+use llm_gateway::config::{hash_key, ProviderSpec, Settings};
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::AnyConnection;
+use sqlx::{AnyPool, Row};
+use std::time::Duration;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+/// PostgreSQL advisory lock held while migrating and bootstrapping (replicas start concurrently).
+const STARTUP_LOCK: i64 = 7_426_001;
+
+pub async fn connect(url: &str, is_pg: bool) -> Result<AnyPool, String> {
+    sqlx::any::install_default_drivers();
+    let pool = AnyPoolOptions::new()
+        .max_connections(if is_pg { 8 } else { 4 })
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    if !is_pg {
+        sqlx::query("PRAGMA journal_mode=WAL")
+            .execute(&pool)
+            .await
+            .map_err(|e| format!("cannot enable WAL: {e}"))?;
+    }
+    Ok(pool)
+}
+
+pub struct Bootstrap {
+    pub org_id: String,
+    /// The generated admin key (None when it came from the environment).
+    pub printed_key: Option<String>,
+}
+
+/// Applies migrations and, on first start, creates an organization and its admin key.
+pub async fn init(
+    pool: &AnyPool,
+    is_pg: bool,
+    admin_key: Option<String>,
+) -> Result<Option<Bootstrap>, String> {
+    let mut conn = pool.acquire().await.map_err(|e| format!("database: {e}"))?;
+    if is_pg {
+        sqlx::query("SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock($1)) AS l")
+            .bind(STARTUP_LOCK)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| format!("database lock: {e}"))?;
+    }
+    let res = init_locked(&mut conn, admin_key).await;
+    if is_pg {
+        let _ = sqlx::query("SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_unlock($1)) AS l")
+            .bind(STARTUP_LOCK)
+            .fetch_all(&mut *conn)
+            .await;
+    }
+    res.map_err(|e| format!("database initialisation: {e}"))
+}
+
+async fn init_locked(
+    conn: &mut AnyConnection,
+    admin_key: Option<String>,
+) -> Result<Option<Bootstrap>, sqlx::Error> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64, _>("version"))
+        .collect::<Result<_, _>>()?;
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        for stmt in split_sql(sql) {
+            sqlx::query(&stmt).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(*version)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    let n: i64 = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM organizations")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("n")?;
+    if n > 0 {
+        return Ok(None);
+    }
+    let (key, printed) = match admin_key {
+        Some(k) => (k, false),
+        None => (new_api_key(), true),
+    };
+    let org_id = create_org(conn, "default organization", &key).await?;
+    Ok(Some(Bootstrap {
+        org_id,
+        printed_key: printed.then_some(key),
+    }))
+}
+
+/// Splits a migration file into statements (no `;` inside literals in our migrations).
+fn split_sql(sql: &str) -> Vec<String> {
+    sql.lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Creates an organization with an organization-scoped admin key bound to its `default` config.
+pub async fn create_org(
+    conn: &mut AnyConnection,
+    name: &str,
+    admin_key: &str,
+) -> Result<String, sqlx::Error> {
+    let org_id = new_id("org");
+    let now = now_ms();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query(
+        "INSERT INTO organizations (id, name, settings, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&org_id)
+    .bind(name)
+    .bind("{}")
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let key = StoredKey {
+        id: new_id("key"),
+        org_id: org_id.clone(),
+        sha256: hash_key(admin_key),
+        name: Some("admin".to_string()),
+        config_id: llm_gateway::config::DEFAULT_CONFIG_ID.to_string(),
+        cluster_id: None,
+        settings: Settings::default(),
+        prefix: key_prefix(admin_key),
+        created_at: now,
+        revoked_at: None,
+    };
+    insert_key(&mut tx, &key).await?;
+    tx.commit().await?;
+    Ok(org_id)
+}
+
+pub fn key_prefix(secret: &str) -> String {
+    secret.chars().take(8).collect()
+}
+
+// ----------------------------------------------------------------------------------------------
+// Rows.
+// ----------------------------------------------------------------------------------------------
+
+pub struct StoredProvider {
+    /// The registration without its key.
+    pub spec: ProviderSpec,
+    pub key_enc: Option<String>,
+    pub last4: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A config's own provider entry as stored (its key override, if any, is in the sealed secrets).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredEntry {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_base: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_last4: Option<String>,
+}
+
+pub struct StoredConfig {
+    pub id: String,
+    pub name: Option<String>,
+    pub inherits: Option<String>,
+    pub entries: Vec<StoredEntry>,
+    pub secrets_enc: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Clone)]
+pub struct StoredKey {
+    pub id: String,
+    pub org_id: String,
+    pub sha256: String,
+    pub name: Option<String>,
+    pub config_id: String,
+    pub cluster_id: Option<String>,
+    pub settings: Settings,
+    pub prefix: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> ApiResult<T> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text)
+        .map_err(|e| ApiError::internal(format!("corrupt column {col}: {e}")))
+}
+
+fn to_json<T: Serialize>(v: &T) -> ApiResult<String> {
+    serde_json::to_string(v).map_err(ApiError::internal)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Organizations and settings.
+// ----------------------------------------------------------------------------------------------
+
+/// Serializes writers of one organization (row lock on PostgreSQL, write lock on SQLite).
+pub async fn lock_org(conn: &mut AnyConnection, org: &str) -> ApiResult<()> {
+    sqlx::query("UPDATE organizations SET name = name WHERE id = $1")
+        .bind(org)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn org_settings(conn: &mut AnyConnection, org: &str) -> ApiResult<Settings> {
+    let row = sqlx::query("SELECT settings FROM organizations WHERE id = $1")
+        .bind(org)
+        .fetch_optional(conn)
+        .await?;
+    match row {
+        Some(r) => json_col(&r, "settings"),
+        None => Ok(Settings::default()),
+    }
+}
+
+pub async fn set_org_settings(conn: &mut AnyConnection, org: &str, s: &Settings) -> ApiResult<()> {
+    sqlx::query("UPDATE organizations SET settings = $1 WHERE id = $2")
+        .bind(to_json(s)?)
+        .bind(org)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn cluster_settings(
+    conn: &mut AnyConnection,
+    org: &str,
+    cluster: &str,
+) -> ApiResult<Settings> {
+    let row =
+        sqlx::query("SELECT settings FROM cluster_settings WHERE org_id = $1 AND cluster_id = $2")
+            .bind(org)
+            .bind(cluster)
+            .fetch_optional(conn)
+            .await?;
+    match row {
+        Some(r) => json_col(&r, "settings"),
+        None => Ok(Settings::default()),
+    }
+}
+
+pub async fn set_cluster_settings(
+    conn: &mut AnyConnection,
+    org: &str,
+    cluster: &str,
+    s: &Settings,
+) -> ApiResult<()> {
+    sqlx::query("DELETE FROM cluster_settings WHERE org_id = $1 AND cluster_id = $2")
+        .bind(org)
+        .bind(cluster)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO cluster_settings (org_id, cluster_id, settings, updated_at) VALUES ($1, $2, $3, $4)")
+        .bind(org)
+        .bind(cluster)
+        .bind(to_json(s)?)
+        .bind(now_ms())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------
+// Providers.
+// ----------------------------------------------------------------------------------------------
+
+fn provider_row(r: &AnyRow) -> ApiResult<StoredProvider> {
+    Ok(StoredProvider {
+        spec: json_col(r, "spec")?,
+        key_enc: r.try_get("api_key_enc")?,
+        last4: r.try_get("api_key_last4")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub async fn providers(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<StoredProvider>> {
+    sqlx::query(
+        "SELECT spec, api_key_enc, api_key_last4, created_at, updated_at FROM providers \
+         WHERE org_id = $1 ORDER BY created_at, name",
+    )
+    .bind(org)
+    .fetch_all(conn)
+    .await?
+    .iter()
+    .map(provider_row)
+    .collect()
+}
+
+pub async fn insert_provider(
+    conn: &mut AnyConnection,
+    org: &str,
+    p: &StoredProvider,
+) -> ApiResult<()> {
+    sqlx::query(
+        "INSERT INTO providers (org_id, name, spec, api_key_enc, api_key_last4, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(org)
+    .bind(&p.spec.name)
+    .bind(to_json(&p.spec)?)
+    .bind(p.key_enc.clone())
+    .bind(p.last4.clone())
+    .bind(p.created_at)
+    .bind(p.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn update_provider(
+    conn: &mut AnyConnection,
+    org: &str,
+    p: &StoredProvider,
+) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE providers SET spec = $1, api_key_enc = $2, api_key_last4 = $3, updated_at = $4 \
+         WHERE org_id = $5 AND name = $6",
+    )
+    .bind(to_json(&p.spec)?)
+    .bind(p.key_enc.clone())
+    .bind(p.last4.clone())
+    .bind(p.updated_at)
+    .bind(org)
+    .bind(&p.spec.name)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_provider(conn: &mut AnyConnection, org: &str, name: &str) -> ApiResult<()> {
+    sqlx::query("DELETE FROM providers WHERE org_id = $1 AND name = $2")
+        .bind(org)
+        .bind(name)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------
+// Configs.
+// ----------------------------------------------------------------------------------------------
+
+fn config_row(r: &AnyRow) -> ApiResult<StoredConfig> {
+    Ok(StoredConfig {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        inherits: r.try_get("inherits")?,
+        entries: json_col(r, "entries")?,
+        secrets_enc: r.try_get("secrets_enc")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub async fn configs(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<StoredConfig>> {
+    sqlx::query(
+        "SELECT id, name, inherits, entries, secrets_enc, created_at, updated_at FROM configs \
+         WHERE org_id = $1 ORDER BY created_at, id",
+    )
+    .bind(org)
+    .fetch_all(conn)
+    .await?
+    .iter()
+    .map(config_row)
+    .collect()
+}
+
+pub async fn insert_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig) -> ApiResult<()> {
+    sqlx::query(
+        "INSERT INTO configs (org_id, id, name, inherits, entries, secrets_enc, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(org)
+    .bind(&c.id)
+    .bind(c.name.clone())
+    .bind(c.inherits.clone())
+    .bind(to_json(&c.entries)?)
+    .bind(c.secrets_enc.clone())
+    .bind(c.created_at)
+    .bind(c.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn update_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE configs SET name = $1, inherits = $2, entries = $3, secrets_enc = $4, updated_at = $5 \
+         WHERE org_id = $6 AND id = $7",
+    )
+    .bind(c.name.clone())
+    .bind(c.inherits.clone())
+    .bind(to_json(&c.entries)?)
+    .bind(c.secrets_enc.clone())
+    .bind(c.updated_at)
+    .bind(org)
+    .bind(&c.id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_config(conn: &mut AnyConnection, org: &str, id: &str) -> ApiResult<()> {
+    sqlx::query("DELETE FROM configs WHERE org_id = $1 AND id = $2")
+        .bind(org)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------
+// API keys.
+// ----------------------------------------------------------------------------------------------
+
+const KEY_COLS: &str =
+    "id, org_id, sha256, name, config_id, cluster_id, settings, prefix, created_at, revoked_at";
+
+fn key_row(r: &AnyRow) -> ApiResult<StoredKey> {
+    Ok(StoredKey {
+        id: r.try_get("id")?,
+        org_id: r.try_get("org_id")?,
+        sha256: r.try_get("sha256")?,
+        name: r.try_get("name")?,
+        config_id: r.try_get("config_id")?,
+        cluster_id: r.try_get("cluster_id")?,
+        settings: json_col(r, "settings")?,
+        prefix: r.try_get("prefix")?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+pub async fn insert_key(conn: &mut AnyConnection, k: &StoredKey) -> Result<(), sqlx::Error> {
+    let settings = serde_json::to_string(&k.settings).unwrap_or_else(|_| "{}".to_string());
+    sqlx::query(
+        "INSERT INTO api_keys (id, org_id, sha256, name, config_id, cluster_id, settings, prefix, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&k.id)
+    .bind(&k.org_id)
+    .bind(&k.sha256)
+    .bind(k.name.clone())
+    .bind(&k.config_id)
+    .bind(k.cluster_id.clone())
+    .bind(settings)
+    .bind(&k.prefix)
+    .bind(k.created_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An active (not revoked) key by the SHA-256 hex of its secret.
+pub async fn active_key_by_hash(
+    conn: &mut AnyConnection,
+    sha256: &str,
+) -> ApiResult<Option<StoredKey>> {
+    let q = format!("SELECT {KEY_COLS} FROM api_keys WHERE sha256 = $1 AND revoked_at IS NULL");
+    sqlx::query(&q)
+        .bind(sha256)
+        .fetch_optional(conn)
+        .await?
+        .as_ref()
+        .map(key_row)
+        .transpose()
+}
+
+pub async fn key_by_id(
+    conn: &mut AnyConnection,
+    org: &str,
+    id: &str,
+) -> ApiResult<Option<StoredKey>> {
+    let q = format!("SELECT {KEY_COLS} FROM api_keys WHERE org_id = $1 AND id = $2");
+    sqlx::query(&q)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .as_ref()
+        .map(key_row)
+        .transpose()
+}
+
+pub async fn keys(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<StoredKey>> {
+    let q = format!("SELECT {KEY_COLS} FROM api_keys WHERE org_id = $1 ORDER BY created_at, id");
+    sqlx::query(&q)
+        .bind(org)
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(key_row)
+        .collect()
+}
+
+pub async fn revoke_key(conn: &mut AnyConnection, org: &str, id: &str) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE org_id = $2 AND id = $3 AND revoked_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(org)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_key_settings(
+    conn: &mut AnyConnection,
+    org: &str,
+    id: &str,
+    s: &Settings,
+) -> ApiResult<()> {
+    sqlx::query("UPDATE api_keys SET settings = $1 WHERE org_id = $2 AND id = $3")
+        .bind(to_json(s)?)
+        .bind(org)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn ping(pool: &AnyPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT CAST(1 AS BIGINT)")
+        .fetch_one(pool)
+        .await
+        .map(|_| ())
+}

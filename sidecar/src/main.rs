@@ -1,0 +1,172 @@
+//! llm-gateway-sidecar: the control plane of the LLM gateway.
+//!
+//! It stores provider registrations (keys sealed in a vault), custom configurations, gateway API keys
+//! and settings, serves the public management API, and answers the Envoy filter's key lookups on
+//! `POST /internal/v1/resolve` with an [`llm_gateway::config::Identity`] compiled by the filter's own
+//! compiler.
+
+mod api;
+mod db;
+mod error;
+mod specs;
+mod util;
+mod vault;
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+const USAGE: &str = "usage: llm-gateway-sidecar [--data-dir DIR] [--listen ADDR]
+
+  --data-dir DIR   data directory (env LLM_GATEWAY_DATA_DIR, default ./.run/sidecar)
+  --listen ADDR    listen address (env SIDECAR_ADDR, default 127.0.0.1:8081; port 0 picks a free port)
+
+Environment:
+  DATABASE_URL                 postgres://... to use PostgreSQL (default: SQLite file DIR/sidecar.db)
+  LLM_GATEWAY_VAULT_KEY        base64 of 32 bytes (default: DIR/vault.key, created 0600)
+  LLM_GATEWAY_INTERNAL_TOKEN   token of /internal/* (default: DIR/internal.token, created 0600)
+  LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start
+  LLM_GATEWAY_CACHE_TTL        ttlSeconds returned by /internal/v1/resolve (default 30)
+  LLM_GATEWAY_MODEL_SPECS      hosted model catalog (default config/hosted-model-specs.json, else built in)";
+
+struct Options {
+    data_dir: PathBuf,
+    listen: String,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn options() -> Result<Option<Options>, String> {
+    let mut data_dir =
+        env_nonempty("LLM_GATEWAY_DATA_DIR").unwrap_or_else(|| "./.run/sidecar".to_string());
+    let mut listen = env_nonempty("SIDECAR_ADDR").unwrap_or_else(|| "127.0.0.1:8081".to_string());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or(format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--data-dir" => data_dir = value()?,
+            "--listen" => listen = value()?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
+        }
+    }
+    Ok(Some(Options {
+        data_dir: PathBuf::from(data_dir),
+        listen,
+    }))
+}
+
+async fn run() -> Result<(), String> {
+    let Some(opts) = options()? else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", opts.data_dir.display()))?;
+    let _ = std::fs::set_permissions(&opts.data_dir, std::fs::Permissions::from_mode(0o700));
+
+    let vault = vault::Vault::load(&opts.data_dir)?;
+    let internal_token = match env_nonempty("LLM_GATEWAY_INTERNAL_TOKEN") {
+        Some(t) => t,
+        None => util::read_or_create_secret(&opts.data_dir.join("internal.token"), || {
+            util::random_hex(32)
+        })?,
+    };
+    let ttl_seconds = match env_nonempty("LLM_GATEWAY_CACHE_TTL") {
+        Some(v) => v
+            .parse::<u32>()
+            .map_err(|_| format!("LLM_GATEWAY_CACHE_TTL '{v}' is not a number of seconds"))?,
+        None => 30,
+    };
+    let model_specs = serde_json::to_value(specs::load()?).map_err(|e| e.to_string())?;
+
+    let (url, is_pg) = match env_nonempty("DATABASE_URL") {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => (u, true),
+        Some(u) if u.starts_with("sqlite:") => (u, false),
+        Some(_) => return Err("DATABASE_URL must be a postgres:// or sqlite: URL".to_string()),
+        None => {
+            let path = opts.data_dir.join("sidecar.db");
+            // Created 0600 up front; SQLite gives its -wal/-shm files the same mode.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+            (format!("sqlite://{}?mode=rwc", path.display()), false)
+        }
+    };
+    let pool = db::connect(&url, is_pg).await?;
+    if let Some(boot) = db::init(&pool, is_pg, env_nonempty("LLM_GATEWAY_ADMIN_KEY")).await? {
+        println!("llm-gateway-sidecar: created organization {}", boot.org_id);
+        match boot.printed_key {
+            Some(k) => println!("admin API key (shown once, store it now): {k}"),
+            None => println!("admin API key: taken from LLM_GATEWAY_ADMIN_KEY"),
+        }
+    }
+
+    let state = Arc::new(api::Inner {
+        pool,
+        vault,
+        internal_token,
+        ttl_seconds,
+        write_lock: tokio::sync::Mutex::new(()),
+        model_specs,
+    });
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!(
+        "llm-gateway-sidecar listening on {addr} ({})",
+        if is_pg { "postgresql" } else { "sqlite" }
+    );
+    let _ = std::io::stdout().flush();
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .map_err(|e| format!("server: {e}"))
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llm-gateway-sidecar: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
