@@ -3,6 +3,7 @@
 #   ./build.sh run    build everything and run the gateway (Envoy + filter + demo model) in the foreground
 #   ./build.sh test   install what is missing, build, and run every test
 #   ./build.sh wasm   only build the filter
+#   ./build.sh lint   rustfmt and clippy (host and wasm targets)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -50,6 +51,12 @@ cmd=${1:-help}
 case "$cmd" in
   wasm)
     build_wasm
+    ;;
+  lint)
+    ensure_rust
+    cargo fmt --all -- --check
+    cargo clippy -q --workspace --all-targets -- -D warnings
+    cargo clippy -q --target wasm32-wasip1 -p llm-gateway -- -D warnings
     ;;
   run)
     ensure_python run

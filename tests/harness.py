@@ -1,0 +1,212 @@
+"""Test harness: free ports, fake provider upstreams that record what they receive, and a real Envoy
+running the built llm-gateway wasm. Every server binds 127.0.0.1, is bounded in time and is stopped by
+PID."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import envoy_config  # noqa: E402
+
+ENVOY_START_TIMEOUT = 60
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Recorded:
+    def __init__(self, method, path, headers, body):
+        self.method = method
+        self.path = path
+        self.headers = headers  # lower-cased names
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def chat_response(model, content="hi there", usage=None):
+    return {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": usage or {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
+
+
+def sse_chunks(model, words, usage=None):
+    """OpenAI chat.completion.chunk events for words, then [DONE]."""
+    out = []
+    base = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": model}
+    out.append(dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]))
+    for w in words:
+        out.append(dict(base, choices=[{"index": 0, "delta": {"content": w}, "finish_reason": None}]))
+    out.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    if usage:
+        out.append(dict(base, choices=[], usage=usage))
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in out] + [b"data: [DONE]\n\n"]
+
+
+class FakeUpstream:
+    """An HTTP/1.1 server on 127.0.0.1 that records requests and answers via `responder`.
+
+    responder(rec) returns (status, headers, body) where body is bytes, or a list of
+    (delay_seconds, bytes) chunks sent with chunked encoding."""
+
+    def __init__(self, responder=None):
+        self.requests = []
+        self.responder = responder or self.default_responder
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def handle_any(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                rec = Recorded(self.command, self.path,
+                               {k.lower(): v for k, v in self.headers.items()}, body)
+                with outer.lock:
+                    outer.requests.append(rec)
+                status, headers, payload = outer.responder(rec)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if isinstance(payload, (bytes, bytearray)):
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for delay, data in payload:
+                    time.sleep(delay)
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+            do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def default_responder(rec):
+        try:
+            model = json.loads(rec.body).get("model", "none")
+        except ValueError:
+            model = "none"
+        return 200, {"content-type": "application/json"}, json.dumps(chat_response(model)).encode()
+
+    def last(self):
+        with self.lock:
+            return self.requests[-1] if self.requests else None
+
+    def clear(self):
+        with self.lock:
+            self.requests.clear()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Envoy:
+    """A real Envoy with the built wasm and the given gateway config."""
+
+    def __init__(self, gateway_config, as_string=False, extra_clusters=(), env=None, env_keys=None):
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="llmgw-envoy-")
+        cfg = envoy_config.render(self.port, self.admin_port, gateway_config, as_string=as_string,
+                                  extra_clusters=extra_clusters, env_keys=env_keys)
+        self.config_path = envoy_config.write(cfg, os.path.join(self.dir, "envoy.yaml"))
+        self.log_path = os.path.join(self.dir, "envoy.log")
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            ["envoy", "-c", self.config_path, "--base-id", str(self.port), "--concurrency", "2",
+             "--log-level", "warn", "--component-log-level", "wasm:info"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=self.env)
+        deadline = time.time() + ENVOY_START_TIMEOUT
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("envoy did not become ready")
+
+    def logs(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stats(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats", timeout=5) as r:
+            return r.read().decode()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def validate(config_path, env=None):
+    """Runs `envoy --mode validate`; returns (exit code, output)."""
+    p = subprocess.run(["envoy", "--mode", "validate", "-c", config_path, "--base-id", str(free_port())],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=dict(os.environ, **(env or {})))
+    return p.returncode, p.stdout + p.stderr
+
+
+def request(method, url, body=None, headers=None, timeout=30):
+    """Plain HTTP request; returns (status, headers dict, body bytes) without raising on 4xx/5xx."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
