@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod pbstruct;
 pub mod providers;
 pub mod select;
+pub mod sse;
 pub mod url;
 
 #[cfg(target_arch = "wasm32")]
