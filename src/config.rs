@@ -53,6 +53,62 @@ pub struct RawConfig {
     /// Gateway API keys, stored as SHA-256 digests.
     #[serde(default)]
     pub keys: Vec<KeySpec>,
+    /// The control-plane sidecar that resolves keys not listed in `keys`.
+    #[serde(default)]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+/// Where and how the filter reaches the control-plane sidecar.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// Envoy cluster of the sidecar.
+    #[serde(default = "default_sidecar_cluster")]
+    pub cluster: String,
+    /// `:authority` of callouts.
+    #[serde(default = "default_sidecar_authority")]
+    pub authority: String,
+    /// Shared token for the internal endpoints (or `tokenEnv`, an environment variable holding it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// Callout timeout; a request never waits longer on the sidecar.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long past its TTL a cached identity may still serve while the sidecar is unreachable.
+    #[serde(default = "default_stale_seconds")]
+    pub stale_seconds: u64,
+    /// How long an unknown key is remembered as unknown (shields the sidecar from key spraying).
+    #[serde(default = "default_negative_ttl")]
+    pub negative_ttl_seconds: u64,
+}
+
+fn default_sidecar_cluster() -> String {
+    "llm_gateway_sidecar".to_string()
+}
+fn default_sidecar_authority() -> String {
+    "llm-gateway-sidecar".to_string()
+}
+fn default_timeout_ms() -> u64 {
+    2000
+}
+fn default_stale_seconds() -> u64 {
+    300
+}
+fn default_negative_ttl() -> u64 {
+    5
+}
+
+/// The sidecar settings with the token resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarPlan {
+    pub cluster: String,
+    pub authority: String,
+    pub token: String,
+    pub timeout_ms: u64,
+    pub stale_ms: u64,
+    pub negative_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -339,6 +395,10 @@ pub struct Identity {
     pub org_settings: Settings,
     /// The providers of the key's config, in config order.
     pub providers: Vec<ResolvedProvider>,
+    /// Providers reachable only as fallbacks of the providers above (e.g. the org's SaaS fallback of a
+    /// hosted model, for a cluster-scoped key). Never selected or listed directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_providers: Vec<ResolvedProvider>,
 }
 
 impl Identity {
@@ -355,6 +415,8 @@ pub struct Plan {
     pub fallback_key_hash: Option<String>,
     /// Identities by hex SHA-256 of the gateway key.
     pub keys: HashMap<String, Rc<Identity>>,
+    /// Set when unknown keys are resolved through the control-plane sidecar.
+    pub sidecar: Option<SidecarPlan>,
 }
 
 impl Plan {
@@ -441,6 +503,8 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         for entry in flat {
             providers.push(resolve_entry(entry, &registry, &clusters)?);
         }
+        let (providers, fallback_providers) =
+            scope_filter(providers, k.cluster_id.as_deref(), &registry, &clusters)?;
         let identity = Identity {
             key_id: k.id.clone(),
             org_id: org_id.clone(),
@@ -448,7 +512,8 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             cluster_id: k.cluster_id.clone(),
             key_settings: k.settings.clone(),
             org_settings: raw.settings.clone(),
-            providers: scope_filter(providers, k.cluster_id.as_deref()),
+            providers,
+            fallback_providers,
         };
         if keys.insert(hash, Rc::new(identity)).is_some() {
             return Err(format!("key '{}' has the same sha256 as another key", k.id));
@@ -464,30 +529,73 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         }
         None => None,
     };
+    let sidecar = match &raw.sidecar {
+        None => None,
+        Some(sc) => {
+            let token = match (&sc.token, &sc.token_env) {
+                (Some(t), None) => t.clone(),
+                (None, Some(var)) => secrets.env(var).ok_or_else(|| {
+                    format!("sidecar: environment variable {var} (tokenEnv) is not set")
+                })?,
+                _ => return Err("sidecar: set exactly one of token and tokenEnv".to_string()),
+            };
+            Some(SidecarPlan {
+                cluster: sc.cluster.clone(),
+                authority: sc.authority.clone(),
+                token,
+                timeout_ms: sc.timeout_ms.max(1),
+                stale_ms: sc.stale_seconds.saturating_mul(1000),
+                negative_ttl_ms: sc.negative_ttl_seconds.saturating_mul(1000),
+            })
+        }
+    };
     Ok(Plan {
         max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         fallback_key_hash,
         keys,
+        sidecar,
     })
 }
 
-/// Cluster-scoped keys only see hosted providers of their cluster, plus the fallbacks those name.
-pub fn scope_filter(
+/// Splits a key's providers into the ones it may select and the ones reachable only as fallbacks.
+///
+/// Organization-scoped keys select any provider of their config. Cluster-scoped keys only select the
+/// hosted providers of their cluster. For both, the fallback chains of the selectable providers are
+/// resolved: a fallback provider that is not selectable itself (e.g. the org's SaaS fallback of a
+/// hosted model, for a cluster token) is returned in the second list, with all its registered models.
+fn scope_filter(
     providers: Vec<ResolvedProvider>,
     cluster: Option<&str>,
-) -> Vec<ResolvedProvider> {
-    let Some(cluster) = cluster else {
-        return providers;
+    registry: &HashMap<String, Registered>,
+    clusters: &UpstreamClusters,
+) -> Result<(Vec<ResolvedProvider>, Vec<ResolvedProvider>), String> {
+    let (visible, hidden): (Vec<ResolvedProvider>, Vec<ResolvedProvider>) = match cluster {
+        None => (providers, Vec::new()),
+        Some(c) => providers
+            .into_iter()
+            .partition(|p| p.is_hosted && p.cluster_id.as_deref() == Some(c)),
     };
-    let visible: Vec<String> = providers
-        .iter()
-        .filter(|p| p.is_hosted && p.cluster_id.as_deref() == Some(cluster))
-        .map(|p| p.name.clone())
-        .collect();
-    providers
-        .into_iter()
-        .filter(|p| visible.contains(&p.name))
-        .collect()
+    let mut fallbacks: Vec<ResolvedProvider> = Vec::new();
+    let mut queue: Vec<String> = visible.iter().flat_map(|p| p.fallback.clone()).collect();
+    while let Some(name) = queue.pop() {
+        if visible.iter().any(|p| p.name == name) || fallbacks.iter().any(|p| p.name == name) {
+            continue;
+        }
+        let resolved = match hidden.iter().find(|p| p.name == name) {
+            Some(p) => p.clone(),
+            None => resolve_entry(
+                &ConfigProviderSpec {
+                    name: name.clone(),
+                    ..Default::default()
+                },
+                registry,
+                clusters,
+            )?,
+        };
+        queue.extend(resolved.fallback.iter().cloned());
+        fallbacks.push(resolved);
+    }
+    Ok((visible, fallbacks))
 }
 
 /// A validated provider registration.
@@ -826,7 +934,7 @@ mod tests {
     fn cluster_scope_keeps_only_hosted_of_cluster() {
         let json = r#"{"providers":[
             {"name":"saas","supportedProvider":"OPENAI","models":["m"]},
-            {"name":"h1","supportedProvider":"OPENAI_COMPATIBLE","url":"http://a:1","isHosted":true,"clusterId":"c1","models":["m"]},
+            {"name":"h1","supportedProvider":"OPENAI_COMPATIBLE","url":"http://a:1","isHosted":true,"clusterId":"c1","models":["m"],"fallback":["saas"]},
             {"name":"h2","supportedProvider":"OPENAI_COMPATIBLE","url":"http://b:1","isHosted":true,"clusterId":"c2","models":["m"]}],
           "keys":[{"id":"k","sha256":"H","config":"default","clusterId":"c1"}]}"#
             .replace("\"H\"", &format!("\"{}\"", hash_key("k")));
@@ -834,6 +942,13 @@ mod tests {
         let id = plan.identity_for_hash(&hash_key("k")).unwrap();
         let names: Vec<_> = id.providers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, vec!["h1"]);
+        // The SaaS fallback of the hosted provider stays reachable, but only as a fallback.
+        let fb: Vec<_> = id
+            .fallback_providers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(fb, vec!["saas"]);
     }
 
     #[test]

@@ -147,6 +147,7 @@ mod tests {
                 prov("openai-b", false, &["gpt-4o", "o3"]),
                 prov("hosted", true, &["gpt-4o", "llama"]),
             ],
+            fallback_providers: vec![],
         }
     }
 

@@ -83,7 +83,10 @@ impl SseParser {
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
         let event = self.event.take();
         if self.has_data {
-            out.push(SseEvent { event, data: self.data.join("\n") });
+            out.push(SseEvent {
+                event,
+                data: self.data.join("\n"),
+            });
         }
         self.data.clear();
         self.has_data = false;
@@ -107,9 +110,21 @@ mod tests {
     fn parses_events() {
         let v = whole();
         assert_eq!(v.len(), 4);
-        assert_eq!(v[0], SseEvent { event: Some("message_start".into()), data: "{\"a\":\"é\"}".into() });
+        assert_eq!(
+            v[0],
+            SseEvent {
+                event: Some("message_start".into()),
+                data: "{\"a\":\"é\"}".into()
+            }
+        );
         assert_eq!(v[1].data, "line1\nline2");
-        assert_eq!(v[2], SseEvent { event: Some("ping".into()), data: String::new() });
+        assert_eq!(
+            v[2],
+            SseEvent {
+                event: Some("ping".into()),
+                data: String::new()
+            }
+        );
         assert_eq!(v[3].data, "[DONE]");
     }
 
@@ -132,6 +147,12 @@ mod tests {
     fn unterminated_final_event() {
         let mut p = SseParser::new();
         assert!(p.push(b"data: x").is_empty());
-        assert_eq!(p.finish(), vec![SseEvent { event: None, data: "x".into() }]);
+        assert_eq!(
+            p.finish(),
+            vec![SseEvent {
+                event: None,
+                data: "x".into()
+            }]
+        );
     }
 }
