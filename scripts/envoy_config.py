@@ -8,7 +8,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(ROOT, "envoy", "gateway.yaml")
-WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "llm_gateway.wasm")
+WASM = os.path.join(ROOT, "target", "llm_gateway.wasm")
 
 
 def load_template(path=TEMPLATE):

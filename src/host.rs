@@ -2,22 +2,28 @@
 //! calls the pure core, and applies the decisions. Host results are always handled, never unwrapped.
 
 use crate::auth;
-use crate::config::{self, Identity, Plan, ProcessEnv};
+use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::gateway::{self, Routed};
+use crate::resolve::{self, IdentityCache, Lookup, Resolved};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(GatewayRoot { plan: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(GatewayRoot { plan: None, cache: Rc::new(RefCell::new(IdentityCache::default())) })
+    });
 }}
 
 struct GatewayRoot {
     plan: Option<Rc<Plan>>,
+    cache: Rc<RefCell<IdentityCache>>,
 }
 
 impl Context for GatewayRoot {}
@@ -35,10 +41,16 @@ impl RootContext for GatewayRoot {
         match plan {
             Ok(plan) => {
                 log::info!(
-                    "llm-gateway: configured with {} gateway key(s)",
-                    plan.keys.len()
+                    "llm-gateway: configured with {} static key(s), sidecar {}",
+                    plan.keys.len(),
+                    if plan.sidecar.is_some() {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
                 );
                 self.plan = Some(Rc::new(plan));
+                self.cache.replace(IdentityCache::default());
                 true
             }
             Err(e) => {
@@ -56,14 +68,28 @@ impl RootContext for GatewayRoot {
         let plan = self.plan.clone()?;
         Some(Box::new(GatewayHttp {
             plan,
+            cache: self.cache.clone(),
             state: State::PassThrough,
         }))
     }
 }
 
+/// A request whose key is being resolved by the sidecar.
+struct Pending {
+    endpoint: Endpoint,
+    headers_ended: bool,
+    provider_header: Option<String>,
+    hash: String,
+    stale: Option<Rc<Identity>>,
+    /// The complete body, if it arrived while the callout was in flight.
+    body: Option<(Vec<u8>, usize)>,
+}
+
 enum State {
     /// Not a gateway request, or already answered locally.
     PassThrough,
+    /// Waiting for the sidecar to resolve the key.
+    Resolving(Box<Pending>),
     /// Authenticated chat request waiting for its body.
     AwaitingBody {
         identity: Rc<Identity>,
@@ -75,6 +101,7 @@ enum State {
 
 struct GatewayHttp {
     plan: Rc<Plan>,
+    cache: Rc<RefCell<IdentityCache>>,
     state: State,
 }
 
@@ -88,6 +115,21 @@ fn set_header(name: &str, value: Option<&str>) {
     if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
         log::warn!("llm-gateway: cannot set request header {name}: {e:?}");
     }
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What to do with the request after authentication.
+enum Next {
+    Ready(Rc<Identity>, Box<Pending>),
+    /// A callout was dispatched; the request waits for `on_http_call_response`.
+    Waiting(Box<Pending>),
 }
 
 impl GatewayHttp {
@@ -124,12 +166,78 @@ impl GatewayHttp {
             header("x-api-key").as_deref(),
             header("authorization").as_deref(),
         );
-        let identity = auth::authenticate(&self.plan, key.as_deref())?;
         let provider_header = header("x-provider-name");
         for h in gateway::STRIPPED_REQUEST_HEADERS {
             set_header(h, None);
         }
-        match endpoint {
+        let hash = auth::key_hash(&self.plan, key.as_deref())?;
+        let pending = Pending {
+            endpoint,
+            headers_ended: end_of_stream,
+            provider_header,
+            hash,
+            stale: None,
+            body: None,
+        };
+        match self.authenticate(pending)? {
+            Next::Ready(identity, p) => self.proceed(identity, p),
+            Next::Waiting(p) => {
+                self.state = State::Resolving(p);
+                Ok(Action::Pause)
+            }
+        }
+    }
+
+    /// Static keys first, then the VM cache, the shared cache, and finally a sidecar callout.
+    fn authenticate(&mut self, mut p: Pending) -> Result<Next, GatewayError> {
+        if let Some(identity) = self.plan.identity_for_hash(&p.hash) {
+            return Ok(Next::Ready(identity, Box::new(p)));
+        }
+        let Some(sidecar) = self.plan.sidecar.clone() else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        let now = now_ms();
+        let cached = self.cache.borrow().lookup(&p.hash, now);
+        match cached {
+            Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
+            Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
+            Lookup::Stale(identity) => p.stale = Some(identity),
+            Lookup::Miss => {}
+        }
+        // Another worker may already have asked the sidecar.
+        if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&resolve::shared_key(&p.hash)) {
+            if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
+                if now < stale_until {
+                    let identity = Rc::new(identity);
+                    self.cache.borrow_mut().store_known(
+                        &p.hash,
+                        identity.clone(),
+                        now,
+                        fresh_until,
+                        stale_until,
+                    );
+                    if now < fresh_until {
+                        return Ok(Next::Ready(identity, Box::new(p)));
+                    }
+                    p.stale = Some(identity);
+                }
+            }
+        }
+        match dispatch_resolve(&sidecar, &p.hash) {
+            Ok(_) => Ok(Next::Waiting(Box::new(p))),
+            Err(e) => {
+                log::warn!("llm-gateway: cannot call the sidecar: {e:?}");
+                match p.stale.take() {
+                    Some(identity) => Ok(Next::Ready(identity, Box::new(p))),
+                    None => Err(GatewayError::ControlPlaneUnavailable),
+                }
+            }
+        }
+    }
+
+    /// Continues an authenticated request (from the headers callback or after a callout).
+    fn proceed(&mut self, identity: Rc<Identity>, p: Box<Pending>) -> Result<Action, GatewayError> {
+        match p.endpoint {
             Endpoint::ListModels => Ok(self.reply_json(&gateway::list_models(&identity))),
             Endpoint::GetModel(name) => {
                 let body = gateway::get_model(&identity, &name)?;
@@ -142,16 +250,28 @@ impl GatewayHttp {
                 if declared.is_some_and(|n| n > limit) {
                     return Err(GatewayError::BodyTooLarge { limit });
                 }
-                if end_of_stream {
+                if p.headers_ended {
                     return Err(GatewayError::InvalidBody {
                         reason: "the body is empty; send a JSON object".into(),
                     });
                 }
-                self.state = State::AwaitingBody {
-                    identity,
-                    provider_header,
-                };
-                Ok(Action::Pause)
+                match p.body {
+                    // The body completed while we waited for the sidecar: route now and resume.
+                    Some((body, size)) => {
+                        self.route(&identity, p.provider_header.as_deref(), &body, size)?;
+                        if let Err(e) = hostcalls::resume_http_request() {
+                            log::error!("llm-gateway: cannot resume request: {e:?}");
+                        }
+                        Ok(Action::Continue)
+                    }
+                    None => {
+                        self.state = State::AwaitingBody {
+                            identity,
+                            provider_header: p.provider_header,
+                        };
+                        Ok(Action::Pause)
+                    }
+                }
             }
         }
     }
@@ -161,26 +281,42 @@ impl GatewayHttp {
         body_size: usize,
         end_of_stream: bool,
     ) -> Result<Action, GatewayError> {
-        let State::AwaitingBody {
-            identity,
-            provider_header,
-        } = &self.state
-        else {
-            return Ok(Action::Continue);
-        };
         let limit = self.plan.max_body_bytes;
-        if body_size > limit {
-            return Err(GatewayError::BodyTooLarge { limit });
+        match &mut self.state {
+            State::AwaitingBody { .. } | State::Resolving(_) if body_size > limit => {
+                Err(GatewayError::BodyTooLarge { limit })
+            }
+            State::Resolving(p) => {
+                if end_of_stream {
+                    p.body = Some((read_body(body_size)?, body_size));
+                }
+                Ok(Action::Pause)
+            }
+            State::AwaitingBody {
+                identity,
+                provider_header,
+            } => {
+                if !end_of_stream {
+                    return Ok(Action::Pause);
+                }
+                let (identity, provider_header) = (identity.clone(), provider_header.clone());
+                let body = read_body(body_size)?;
+                self.route(&identity, provider_header.as_deref(), &body, body_size)?;
+                Ok(Action::Continue)
+            }
+            _ => Ok(Action::Continue),
         }
-        if !end_of_stream {
-            return Ok(Action::Pause);
-        }
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-            .map_err(|e| GatewayError::Internal {
-                reason: format!("cannot read body: {e:?}"),
-            })?
-            .unwrap_or_default();
-        let mut routed = gateway::route_chat(identity, provider_header.as_deref(), &body)?;
+    }
+
+    /// Applies the routing decision to the paused request.
+    fn route(
+        &mut self,
+        identity: &Identity,
+        provider_header: Option<&str>,
+        body: &[u8],
+        body_size: usize,
+    ) -> Result<(), GatewayError> {
+        let mut routed = gateway::route_chat(identity, provider_header, body)?;
         set_header(":authority", Some(&routed.authority));
         set_header(":path", Some(&routed.path));
         set_header(gateway::CLUSTER_HEADER, Some(&routed.cluster));
@@ -196,11 +332,110 @@ impl GatewayHttp {
             set_header("content-length", Some(&new_body.len().to_string()));
         }
         self.state = State::Routed(Box::new(routed));
-        Ok(Action::Continue)
+        Ok(())
+    }
+
+    fn on_resolved(&mut self, status: Option<u32>, body: &[u8]) -> Result<Action, GatewayError> {
+        let State::Resolving(mut p) = std::mem::replace(&mut self.state, State::PassThrough) else {
+            return Ok(Action::Continue);
+        };
+        let Some(sidecar) = self.plan.sidecar.clone() else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        let now = now_ms();
+        let identity = match resolve::parse_answer(status, body) {
+            Ok(Resolved::Known { identity, ttl_ms }) => {
+                let fresh_until = now.saturating_add(ttl_ms);
+                let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
+                let identity = Rc::new(identity);
+                self.cache.borrow_mut().store_known(
+                    &p.hash,
+                    identity.clone(),
+                    now,
+                    fresh_until,
+                    stale_until,
+                );
+                let record = resolve::encode_shared(fresh_until, stale_until, body);
+                if let Err(e) =
+                    hostcalls::set_shared_data(&resolve::shared_key(&p.hash), Some(&record), None)
+                {
+                    log::warn!("llm-gateway: cannot share resolved key: {e:?}");
+                }
+                identity
+            }
+            Ok(Resolved::Unknown) => {
+                self.cache.borrow_mut().store_unknown(
+                    &p.hash,
+                    now,
+                    now.saturating_add(sidecar.negative_ttl_ms),
+                );
+                // A revoked key must stop working everywhere, not only in this VM.
+                let _ = hostcalls::set_shared_data(&resolve::shared_key(&p.hash), None, None);
+                return Err(GatewayError::InvalidApiKey);
+            }
+            Err(e) => match p.stale.take() {
+                Some(identity) => {
+                    log::warn!(
+                        "llm-gateway: sidecar unavailable, serving a cached key past its TTL"
+                    );
+                    identity
+                }
+                None => return Err(e),
+            },
+        };
+        self.proceed(identity, p)
     }
 }
 
-impl Context for GatewayHttp {}
+fn read_body(size: usize) -> Result<Vec<u8>, GatewayError> {
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| GatewayError::Internal {
+            reason: format!("cannot read body: {e:?}"),
+        })
+}
+
+fn dispatch_resolve(sidecar: &SidecarPlan, hash: &str) -> Result<u32, proxy_wasm::types::Status> {
+    let body = resolve::request_body(hash);
+    hostcalls::dispatch_http_call(
+        &sidecar.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", resolve::RESOLVE_PATH),
+            (":authority", &sidecar.authority),
+            ("content-type", "application/json"),
+            (resolve::TOKEN_HEADER, &sidecar.token),
+        ],
+        Some(&body),
+        vec![],
+        Duration::from_millis(sidecar.timeout_ms),
+    )
+}
+
+impl Context for GatewayHttp {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match self.on_resolved(status, &body) {
+            Ok(_) => {}
+            Err(e) => {
+                self.reject(&e);
+            }
+        }
+    }
+}
 
 impl HttpContext for GatewayHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod gateway;
 pub mod pbstruct;
 pub mod providers;
+pub mod resolve;
 pub mod select;
 pub mod sse;
 pub mod url;
