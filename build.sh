@@ -79,6 +79,8 @@ case "$cmd" in
   run)
     ensure_python run
     build_wasm
+    log "building the control-plane sidecar"
+    cargo build -q --release -p llm-gateway-sidecar
     exec python3 scripts/run_gateway.py
     ;;
   test)
@@ -86,6 +88,7 @@ case "$cmd" in
     build_wasm
     log "host unit tests"
     cargo test -q --workspace
+    cargo build -q -p llm-gateway-sidecar
     if [ -x sidecar/test.sh ]; then
       log "sidecar tests"
       sidecar/test.sh

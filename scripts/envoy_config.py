@@ -36,8 +36,15 @@ def default_gateway_config(cfg=None):
     return copy.deepcopy(gateway_filter(cfg)["configuration"]["value"])
 
 
+def set_sidecar_port(cfg, port):
+    for c in cfg["static_resources"]["clusters"]:
+        if c["name"] == "llm_gateway_sidecar":
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+                "port_value"] = port
+
+
 def render(port, admin_port, gateway_config=None, wasm=WASM, as_string=False, extra_clusters=(),
-           env_keys=None):
+           env_keys=None, sidecar_port=None):
     """Returns an Envoy config dict. gateway_config replaces the filter's inline configuration;
     as_string passes it as a JSON StringValue instead of a native Struct."""
     cfg = load_template()
@@ -54,6 +61,8 @@ def render(port, admin_port, gateway_config=None, wasm=WASM, as_string=False, ex
         else:
             fc["configuration"]["value"] = gateway_config
     cfg["static_resources"]["clusters"].extend(extra_clusters)
+    if sidecar_port is not None:
+        set_sidecar_port(cfg, sidecar_port)
     return cfg
 
 

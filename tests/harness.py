@@ -135,12 +135,14 @@ class FakeUpstream:
 class Envoy:
     """A real Envoy with the built wasm and the given gateway config."""
 
-    def __init__(self, gateway_config, as_string=False, extra_clusters=(), env=None, env_keys=None):
+    def __init__(self, gateway_config, as_string=False, extra_clusters=(), env=None, env_keys=None,
+                 sidecar_port=None):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="llmgw-envoy-")
         cfg = envoy_config.render(self.port, self.admin_port, gateway_config, as_string=as_string,
-                                  extra_clusters=extra_clusters, env_keys=env_keys)
+                                  extra_clusters=extra_clusters, env_keys=env_keys,
+                                  sidecar_port=sidecar_port or free_port())
         self.config_path = envoy_config.write(cfg, os.path.join(self.dir, "envoy.yaml"))
         self.log_path = os.path.join(self.dir, "envoy.log")
         self.env = dict(os.environ, **(env or {}))

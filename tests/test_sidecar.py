@@ -1,0 +1,237 @@
+"""The filter and the control-plane sidecar end to end: providers, configs and keys created over the API
+route real requests through Envoy; org isolation, cluster scopes, settings priority, revocation, and the
+sidecar dying mid-run."""
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from harness import ROOT, Envoy, FakeUpstream, free_port, request
+
+SIDECAR_BIN = os.path.join(ROOT, "target", "debug", "llm-gateway-sidecar")
+ADMIN = "lgw_test_admin_key_0123456789"
+TOKEN = "test-internal-token"
+TTL = 2  # seconds the filter may cache a resolved key
+
+
+class Sidecar:
+    def __init__(self):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="llmgw-sidecar-")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, LLM_GATEWAY_ADMIN_KEY=ADMIN, LLM_GATEWAY_INTERNAL_TOKEN=TOKEN,
+                   LLM_GATEWAY_CACHE_TTL=str(TTL))
+        env.pop("DATABASE_URL", None)
+        self.log = open(os.path.join(self.dir, "sidecar.log"), "w")
+        self.proc = subprocess.Popen([SIDECAR_BIN, "--data-dir", self.dir, "--listen", f"127.0.0.1:{self.port}"],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            assert self.proc.poll() is None, "sidecar exited"
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("sidecar not ready")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def api(self, method, path, body=None, key=ADMIN, token=None):
+        hdrs = {"content-type": "application/json"}
+        if key:
+            hdrs["x-api-key"] = key
+        if token:
+            hdrs["x-gateway-token"] = token
+        s, _, b = request(method, self.url + path, body, hdrs)
+        return s, (json.loads(b) if b else None)
+
+
+@pytest.fixture(scope="module")
+def world():
+    hosted, saas, other = FakeUpstream(), FakeUpstream(), FakeUpstream()
+    sc = Sidecar().start()
+    gw = {"sidecar": {"token": TOKEN, "timeoutMs": 1000, "staleSeconds": 60}, "providers": [], "keys": []}
+    envoy = Envoy(gw, sidecar_port=sc.port).start()
+    s, _ = sc.api("POST", "/v1/llm/providers", {"providers": [
+        {"name": "llama-c1", "supportedProvider": "OPENAI_COMPATIBLE", "url": hosted.url + "/v1",
+         "isHosted": True, "clusterId": "c1", "models": [{"name": "gpt-4o", "upstreamName": "llama3.1:8b"}, "llama"],
+         "fallback": ["openai"]},
+        {"name": "openai", "supportedProvider": "OPENAI", "url": saas.url + "/v1", "apiKey": "sk-saas-key-1111",
+         "models": ["gpt-4o", "gpt-4o-mini"]},
+    ]})
+    assert s == 201
+    yield {"sc": sc, "envoy": envoy, "hosted": hosted, "saas": saas, "other": other}
+    envoy.stop()
+    sc.stop()
+    for u in (hosted, saas, other):
+        u.stop()
+
+
+def new_key(sc, body, key=ADMIN):
+    s, doc = sc.api("POST", "/v1/llm/api-keys", body, key=key)
+    assert s == 201, doc
+    return doc["key"], doc["id"]
+
+
+def chat(envoy, key, body, headers=None):
+    hdrs = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    hdrs.update(headers or {})
+    s, h, b = request("POST", envoy.url + "/openai/v1/chat/completions", body, hdrs)
+    return s, h, json.loads(b) if b else None
+
+
+def test_api_registered_providers_route(world):
+    envoy, hosted, saas = world["envoy"], world["hosted"], world["saas"]
+    key, _ = new_key(world["sc"], {"config_id": "default"})
+    s, h, _ = chat(envoy, key, {"model": "gpt-4o", "messages": []})
+    assert s == 200
+    assert h["x-llm-gateway-provider"] == "llama-c1"  # hosted wins
+    assert hosted.last().json()["model"] == "llama3.1:8b"
+    s, h, _ = chat(envoy, key, {"model": "gpt-4o-mini", "messages": []})
+    assert s == 200 and h["x-llm-gateway-provider"] == "openai"
+    rec = saas.last()
+    assert rec.headers["authorization"] == "Bearer sk-saas-key-1111"
+    assert key not in json.dumps(rec.headers) and ADMIN not in json.dumps(rec.headers)
+
+
+def test_config_inheritance_and_key_override(world):
+    sc, envoy, saas = world["sc"], world["envoy"], world["saas"]
+    s, parent = sc.api("POST", "/config", {"name": "saas-only", "inherits": "default",
+                                           "providers": [{"name": "openai"}]})
+    assert s == 201, parent
+    s, child = sc.api("POST", "/config", {"name": "mini", "inherits": parent["config_id"],
+                                          "providers": [{"name": "openai", "models": ["gpt-4o-mini"],
+                                                         "api_key": "sk-override-2222"}]})
+    assert s == 201, child
+    key, _ = new_key(sc, {"config_id": child["config_id"]})
+    s, h, _ = chat(envoy, key, {"messages": [{"role": "user", "content": "x"}]})
+    assert s == 200 and h["x-llm-gateway-provider"] == "openai"
+    assert saas.last().json()["model"] == "gpt-4o-mini"
+    assert saas.last().headers["authorization"] == "Bearer sk-override-2222"
+    s, _, err = chat(envoy, key, {"model": "gpt-4o", "messages": []})
+    assert s == 404 and err["error"]["code"] == "model_not_found"
+    s, _, b = request("GET", envoy.url + "/openai/v1/models", headers={"x-api-key": key})
+    assert [m["id"] for m in json.loads(b)["data"]] == ["gpt-4o-mini"]
+
+
+def test_org_isolation(world):
+    sc, envoy = world["sc"], world["envoy"]
+    s, org2 = sc.api("POST", "/internal/v1/organizations", {"name": "beta"}, key=None, token=TOKEN)
+    assert s == 201, org2
+    key2 = org2["apiKey"]
+    s, _ = sc.api("POST", "/v1/llm/providers", {"providers": [
+        {"name": "beta-llm", "supportedProvider": "OPENAI_COMPATIBLE", "url": world["other"].url + "/v1",
+         "models": ["beta-model"]}]}, key=key2)
+    assert s == 201
+    # org2 cannot reach org1's providers, by name or by model, and does not see them.
+    s, _, err = chat(envoy, key2, {"model": "gpt-4o-mini", "messages": []})
+    assert s == 404
+    s, _, err = chat(envoy, key2, {"model": "beta-model", "messages": []}, {"x-provider-name": "openai"})
+    assert s == 400 and err["error"]["code"] == "unknown_provider"
+    s, _, b = request("GET", envoy.url + "/openai/v1/models", headers={"x-api-key": key2})
+    assert [m["id"] for m in json.loads(b)["data"]] == ["beta-model"]
+    s, h, _ = chat(envoy, key2, {"model": "beta-model", "messages": []})
+    assert s == 200 and h["x-llm-gateway-provider"] == "beta-llm"
+    assert sc.api("GET", "/v1/llm/providers/openai", key=key2)[0] == 404
+
+
+def test_cluster_scope(world):
+    sc, envoy = world["sc"], world["envoy"]
+    key, _ = new_key(sc, {"config_id": "default", "scope": "cluster", "cluster_id": "c1"})
+    s, _, b = request("GET", envoy.url + "/openai/v1/models", headers={"x-api-key": key})
+    assert [m["id"] for m in json.loads(b)["data"]] == ["gpt-4o", "llama"]
+    s, h, _ = chat(envoy, key, {"model": "llama", "messages": []})
+    assert s == 200 and h["x-llm-gateway-provider"] == "llama-c1"
+    s, _, err = chat(envoy, key, {"model": "gpt-4o-mini", "messages": []})
+    assert s == 404
+    s, _, err = chat(envoy, key, {"model": "gpt-4o", "messages": []}, {"x-provider-name": "openai"})
+    assert s == 400
+    other, _ = new_key(sc, {"config_id": "default", "scope": "cluster", "cluster_id": "c2"})
+    s, _, b = request("GET", envoy.url + "/openai/v1/models", headers={"x-api-key": other})
+    assert json.loads(b)["data"] == []
+    s, _, _ = chat(envoy, other, {"model": "llama", "messages": []})
+    assert s == 404
+
+
+def test_settings_priority(world):
+    sc, envoy = world["sc"], world["envoy"]
+    s, _ = sc.api("PUT", "/v1/llm/settings", {"provider": "openai", "model": "gpt-4o-mini"})
+    assert s == 200
+    plain, _ = new_key(sc, {"config_id": "default"})
+    keyed, _ = new_key(sc, {"config_id": "default", "settings": {"provider": "llama-c1", "model": "llama"}})
+    try:
+        s, h, _ = chat(envoy, plain, {"messages": []})
+        assert (s, h["x-llm-gateway-provider"], h["x-llm-gateway-model"]) == (200, "openai", "gpt-4o-mini")
+        s, h, _ = chat(envoy, keyed, {"messages": []})
+        assert (h["x-llm-gateway-provider"], h["x-llm-gateway-model"]) == ("llama-c1", "llama")
+        s, h, _ = chat(envoy, keyed, {"messages": []}, {"x-provider-name": "openai"})
+        assert (h["x-llm-gateway-provider"], h["x-llm-gateway-model"]) == ("openai", "gpt-4o-mini")
+    finally:
+        sc.api("PUT", "/v1/llm/settings", {})
+
+
+def test_revocation_takes_effect_within_ttl(world):
+    sc, envoy = world["sc"], world["envoy"]
+    key, key_id = new_key(sc, {"config_id": "default"})
+    assert chat(envoy, key, {"model": "llama", "messages": []})[0] == 200
+    assert sc.api("DELETE", f"/v1/llm/api-keys/{key_id}")[0] == 204
+    deadline = time.time() + TTL + 3
+    status = 200
+    while time.time() < deadline:
+        status = chat(envoy, key, {"model": "llama", "messages": []})[0]
+        if status == 401:
+            break
+        time.sleep(0.2)
+    assert status == 401
+    # Every worker agrees.
+    for _ in range(6):
+        assert chat(envoy, key, {"model": "llama", "messages": []})[0] == 401
+
+
+def test_unknown_key_is_401_and_bad_token_fails_closed(world):
+    s, _, err = chat(world["envoy"], "lgw_not_a_key", {"model": "llama", "messages": []})
+    assert s == 401 and err["error"]["code"] == "invalid_api_key"
+    sc = world["sc"]
+    gw = {"sidecar": {"token": "wrong-token", "timeoutMs": 1000}, "providers": [], "keys": []}
+    key, _ = new_key(sc, {"config_id": "default"})
+    with Envoy(gw, sidecar_port=sc.port) as envoy2:
+        s, h, err = chat(envoy2, key, {"model": "llama", "messages": []})
+        assert s == 503 and err["error"]["code"] == "control_plane_unavailable"
+
+
+def test_sidecar_killed_mid_run(world):
+    """Runs last in this module: cached keys keep serving, unknown keys fail closed with 503, fast."""
+    sc, envoy = world["sc"], world["envoy"]
+    warm, _ = new_key(sc, {"config_id": "default"})
+    cold, _ = new_key(sc, {"config_id": "default"})
+    # Warm every worker's cache (and the shared data) for one key.
+    for _ in range(8):
+        assert chat(envoy, warm, {"model": "llama", "messages": []})[0] == 200
+    sc.stop()
+    time.sleep(TTL + 0.5)  # past the TTL: entries are stale now, still within staleSeconds
+    for _ in range(6):
+        t0 = time.time()
+        s, h, _ = chat(envoy, warm, {"model": "llama", "messages": []})
+        assert s == 200 and h["x-llm-gateway-provider"] == "llama-c1"
+        assert time.time() - t0 < 3
+    t0 = time.time()
+    s, h, err = chat(envoy, cold, {"model": "llama", "messages": []})
+    assert s == 503
+    assert err["error"]["code"] == "control_plane_unavailable" and h["retry-after"]
+    assert time.time() - t0 < 3
