@@ -30,6 +30,8 @@ pub enum GatewayError {
     ProviderMisconfigured { provider: String, reason: String },
     /// The control plane could not be reached to authenticate an unknown key.
     ControlPlaneUnavailable,
+    /// The provider answered with a body the gateway cannot translate (e.g. not the JSON it documents).
+    BadUpstreamResponse { reason: String },
     /// Anything else that is our fault.
     Internal { reason: String },
 }
@@ -46,6 +48,7 @@ impl GatewayError {
             GatewayError::ModelNotAllowed { .. } => 404,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
+            GatewayError::BadUpstreamResponse { .. } => 502,
             GatewayError::Internal { .. } => 500,
         }
     }
@@ -62,6 +65,7 @@ impl GatewayError {
             | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
             | GatewayError::ProviderMisconfigured { .. }
+            | GatewayError::BadUpstreamResponse { .. }
             | GatewayError::Internal { .. } => "server_error",
             GatewayError::ControlPlaneUnavailable => "service_unavailable",
         }
@@ -81,6 +85,7 @@ impl GatewayError {
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
+            GatewayError::BadUpstreamResponse { .. } => "bad_upstream_response",
             GatewayError::Internal { .. } => "internal_error",
         }
     }
@@ -129,6 +134,9 @@ impl GatewayError {
             }
             GatewayError::ControlPlaneUnavailable => {
                 "The gateway control plane is unavailable; try again shortly.".to_string()
+            }
+            GatewayError::BadUpstreamResponse { reason } => {
+                format!("The provider returned a response the gateway cannot translate: {reason}")
             }
             GatewayError::Internal { reason } => format!("Internal gateway error: {reason}"),
         }
@@ -184,6 +192,18 @@ mod tests {
         assert_eq!(v["error"]["param"], "model");
         assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
         assert_eq!(e.status(), 404);
+    }
+
+    #[test]
+    fn bad_upstream_response_is_502() {
+        let e = GatewayError::BadUpstreamResponse {
+            reason: "not JSON".into(),
+        };
+        assert_eq!(e.status(), 502);
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "bad_upstream_response");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("not JSON"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod providers;
 pub mod resolve;
 pub mod select;
 pub mod sse;
+pub mod translate;
 pub mod url;
 
 #[cfg(target_arch = "wasm32")]
