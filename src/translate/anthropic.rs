@@ -49,7 +49,7 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
             "system" | "developer" => {
                 for p in content_parts(m.get("content"))? {
                     match p {
-                        Part::Text { text, .. } if text.is_empty() => {}
+                        Part::Text { text: "", .. } => {}
                         Part::Text {
                             text,
                             cache_control,
@@ -75,7 +75,7 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
                 let mut blocks = Vec::new();
                 for p in content_parts(m.get("content"))? {
                     match p {
-                        Part::Text { text, .. } if text.is_empty() => {}
+                        Part::Text { text: "", .. } => {}
                         Part::Text {
                             text,
                             cache_control,
@@ -185,9 +185,8 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
                 ResponseFormat::JsonSchema { schema: Some(s) } => Some(*s),
                 _ => None,
             };
-            let object_schema = schema.map_or(true, |s| {
-                s.get("type").and_then(Value::as_str) == Some("object")
-            });
+            let object_schema =
+                schema.is_none_or(|s| s.get("type").and_then(Value::as_str) == Some("object"));
             if defs.is_empty() && object_schema {
                 let input_schema = schema
                     .cloned()
@@ -245,7 +244,7 @@ fn user_block(p: Part<'_>, i: usize) -> Result<Option<Value>, GatewayError> {
         Media::Url(url) => json!({"type": "url", "url": url}),
     };
     Ok(match p {
-        Part::Text { text, .. } if text.is_empty() => None,
+        Part::Text { text: "", .. } => None,
         Part::Text {
             text,
             cache_control,
@@ -282,7 +281,11 @@ fn finish_reason(stop_reason: &str, real_tool_calls: bool) -> &'static str {
 /// Usage from an Anthropic `usage` object, over `prev` (fields absent keep their value).
 fn merge_usage(prev: Usage, u: &Value) -> Usage {
     let get = |k: &str, old: u64| u.get(k).and_then(Value::as_u64).unwrap_or(old);
-    let input = get("input_tokens", prev.prompt_tokens.saturating_sub(prev.cached_tokens + prev.cache_creation_tokens));
+    let input = get(
+        "input_tokens",
+        prev.prompt_tokens
+            .saturating_sub(prev.cached_tokens + prev.cache_creation_tokens),
+    );
     let cached = get("cache_read_input_tokens", prev.cached_tokens);
     let created = get("cache_creation_input_tokens", prev.cache_creation_tokens);
     Usage {
@@ -311,7 +314,9 @@ pub fn response_at(
             .and_then(|e| e.get("message"))
             .and_then(Value::as_str)
             .unwrap_or("unknown error");
-        return Err(bad_upstream(format!("the provider reported an error: {msg}")));
+        return Err(bad_upstream(format!(
+            "the provider reported an error: {msg}"
+        )));
     }
     let content = v
         .get("content")
@@ -340,13 +345,19 @@ pub fn response_at(
             _ => {} // thinking, redacted_thinking, server tools: not part of the OpenAI message
         }
     }
-    let stop_reason = v.get("stop_reason").and_then(Value::as_str).unwrap_or("end_turn");
+    let stop_reason = v
+        .get("stop_reason")
+        .and_then(Value::as_str)
+        .unwrap_or("end_turn");
     let finish = finish_reason(stop_reason, !calls.is_empty());
     let usage = v
         .get("usage")
         .map(|u| merge_usage(Usage::default(), u))
         .unwrap_or_default();
-    let id = v.get("id").and_then(Value::as_str).unwrap_or("chatcmpl-anthropic");
+    let id = v
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("chatcmpl-anthropic");
     let choice = json!({
         "index": 0,
         "message": message(has_text.then_some(text), calls),
@@ -478,7 +489,11 @@ impl AnthropicStream {
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return; // not JSON: nothing Anthropic documents; skip it
         };
-        let kind = v.get("type").and_then(Value::as_str).or(event).unwrap_or("");
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .or(event)
+            .unwrap_or("");
         let index = u64_at(&v, "index");
         match kind {
             "message_start" => {
@@ -499,11 +514,17 @@ impl AnthropicStream {
                 let block = match ty {
                     Some("text") => Block::Text,
                     Some("tool_use") => {
-                        let name = cb.and_then(|c| c.get("name")).and_then(Value::as_str).unwrap_or("");
+                        let name = cb
+                            .and_then(|c| c.get("name"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
                         if name == JSON_TOOL {
                             Block::Json
                         } else {
-                            let id = cb.and_then(|c| c.get("id")).and_then(Value::as_str).unwrap_or("");
+                            let id = cb
+                                .and_then(|c| c.get("id"))
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
                             let n = self.tools;
                             self.tools += 1;
                             let tc = json!([{"index": n, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]);
@@ -516,7 +537,10 @@ impl AnthropicStream {
                 self.blocks.retain(|(i, _)| *i != index);
                 self.blocks.push((index, block));
                 if block == Block::Text {
-                    let t = cb.and_then(|c| c.get("text")).and_then(Value::as_str).unwrap_or("");
+                    let t = cb
+                        .and_then(|c| c.get("text"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
                     if !t.is_empty() {
                         self.w.delta(out, 0, json!({"content": t}), None);
                     }
@@ -526,7 +550,11 @@ impl AnthropicStream {
                 self.start(out);
                 let d = v.get("delta");
                 let dt = d.and_then(|d| d.get("type")).and_then(Value::as_str);
-                let field = |k: &str| d.and_then(|d| d.get(k)).and_then(Value::as_str).unwrap_or("");
+                let field = |k: &str| {
+                    d.and_then(|d| d.get(k))
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                };
                 match (dt, self.block(index)) {
                     (Some("text_delta"), _) => {
                         let t = field("text");
@@ -575,7 +603,10 @@ impl AnthropicStream {
             }
             "error" => {
                 let e = v.get("error");
-                let et = e.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or("api_error");
+                let et = e
+                    .and_then(|e| e.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("api_error");
                 let m = e
                     .and_then(|e| e.get("message"))
                     .and_then(Value::as_str)

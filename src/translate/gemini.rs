@@ -92,7 +92,7 @@ pub fn request(
                 let mut parts = Vec::new();
                 for p in content_parts(m.get("content"))? {
                     match p {
-                        Part::Text { text, .. } if text.is_empty() => {}
+                        Part::Text { text: "", .. } => {}
                         Part::Text { text, .. } => parts.push(json!({"text": text})),
                         _ => {
                             return Err(super::invalid(format!(
@@ -267,7 +267,7 @@ fn part(p: Part<'_>) -> Option<Value> {
         Media::Url(url) => json!({"fileData": {"mimeType": guess_mime(url), "fileUri": url}}),
     };
     match p {
-        Part::Text { text, .. } if text.is_empty() => None,
+        Part::Text { text: "", .. } => None,
         Part::Text { text, .. } => Some(json!({ "text": text })),
         Part::Image(m) | Part::File(m) => Some(media(m)),
         Part::Audio { data, format } => Some(json!({
@@ -277,7 +277,11 @@ fn part(p: Part<'_>) -> Option<Value> {
 }
 
 fn guess_mime(url: &str) -> &'static str {
-    let path = url.split(['?', '#']).next().unwrap_or(url).to_ascii_lowercase();
+    let path = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(url)
+        .to_ascii_lowercase();
     let ext = path.rsplit('.').next().unwrap_or("");
     match ext {
         "png" => "image/png",
@@ -338,7 +342,10 @@ pub fn schema(v: &Value) -> Value {
             }
             "anyOf" | "oneOf" => {
                 if let Value::Array(list) = val {
-                    out.insert("anyOf".into(), Value::Array(list.iter().map(schema).collect()));
+                    out.insert(
+                        "anyOf".into(),
+                        Value::Array(list.iter().map(schema).collect()),
+                    );
                 }
             }
             "enum" => {
@@ -348,14 +355,15 @@ pub fn schema(v: &Value) -> Value {
                     }
                 }
             }
-            "const" => {
-                if val.is_string() {
-                    out.insert("enum".into(), json!([val]));
-                }
+            "const" if val.is_string() => {
+                out.insert("enum".into(), json!([val]));
             }
             "format" => {
                 if let Some(f) = val.as_str() {
-                    if matches!(f, "enum" | "date-time" | "int32" | "int64" | "float" | "double") {
+                    if matches!(
+                        f,
+                        "enum" | "date-time" | "int32" | "int64" | "float" | "double"
+                    ) {
                         out.insert("format".into(), val.clone());
                     }
                 }
@@ -407,7 +415,7 @@ fn signature_of(id: &str) -> Option<String> {
             c => c,
         })
         .collect();
-    while s.len() % 4 != 0 {
+    while !s.len().is_multiple_of(4) {
         s.push('=');
     }
     Some(s)
@@ -433,10 +441,22 @@ fn id_base(v: &Value) -> String {
 /// An OpenAI tool call from a `functionCall` part.
 fn call_from(p: &Value, base: &str, n: u64) -> Option<(String, String, String)> {
     let fc = p.get("functionCall")?;
-    let name = fc.get("name").and_then(Value::as_str).unwrap_or("").to_string();
-    let args = fc.get("args").cloned().unwrap_or_else(|| json!({})).to_string();
+    let name = fc
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let args = fc
+        .get("args")
+        .cloned()
+        .unwrap_or_else(|| json!({}))
+        .to_string();
     let sig = p.get("thoughtSignature").and_then(Value::as_str);
-    let id = match fc.get("id").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+    let id = match fc
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
         Some(given) if sig.is_none() => given.to_string(),
         _ => make_id(base, n, sig),
     };
@@ -490,17 +510,27 @@ pub fn response_at(
 ) -> Result<(Vec<u8>, Usage), GatewayError> {
     let v = parse_upstream(native)?;
     if let Some(e) = v.get("error") {
-        let msg = e.get("message").and_then(Value::as_str).unwrap_or("unknown error");
-        return Err(bad_upstream(format!("the provider reported an error: {msg}")));
+        let msg = e
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown error");
+        return Err(bad_upstream(format!(
+            "the provider reported an error: {msg}"
+        )));
     }
     if !v.is_object() {
-        return Err(bad_upstream("the generateContent response is not a JSON object"));
+        return Err(bad_upstream(
+            "the generateContent response is not a JSON object",
+        ));
     }
     let base = id_base(&v);
     let mut choices = Vec::new();
     let mut n = 0u64;
     let empty = Vec::new();
-    let candidates = v.get("candidates").and_then(Value::as_array).unwrap_or(&empty);
+    let candidates = v
+        .get("candidates")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
     for (pos, c) in candidates.iter().enumerate() {
         let mut text = String::new();
         let mut has_text = false;
@@ -519,7 +549,10 @@ pub fn response_at(
                 calls.push(tool_call(&id, &name, args));
             }
         }
-        let reason = c.get("finishReason").and_then(Value::as_str).unwrap_or("STOP");
+        let reason = c
+            .get("finishReason")
+            .and_then(Value::as_str)
+            .unwrap_or("STOP");
         let finish = finish_reason(reason, !calls.is_empty());
         choices.push(json!({
             "index": c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64),
@@ -529,7 +562,11 @@ pub fn response_at(
         }));
     }
     if choices.is_empty() {
-        let finish = if blocked(&v) { "content_filter" } else { "stop" };
+        let finish = if blocked(&v) {
+            "content_filter"
+        } else {
+            "stop"
+        };
         choices.push(json!({
             "index": 0,
             "message": message(None, Vec::new()),
@@ -643,8 +680,12 @@ impl GeminiStream {
         if let Some(pos) = self.cands.iter().position(|c| c.index == index) {
             return pos;
         }
-        self.w
-            .delta(out, index, json!({"role": "assistant", "content": ""}), None);
+        self.w.delta(
+            out,
+            index,
+            json!({"role": "assistant", "content": ""}),
+            None,
+        );
         self.cands.push(Candidate {
             index,
             ..Candidate::default()
@@ -696,7 +737,10 @@ impl GeminiStream {
             self.usage = Some(usage_from(u));
         }
         let empty = Vec::new();
-        let candidates = v.get("candidates").and_then(Value::as_array).unwrap_or(&empty);
+        let candidates = v
+            .get("candidates")
+            .and_then(Value::as_array)
+            .unwrap_or(&empty);
         for (pos, c) in candidates.iter().enumerate() {
             let index = c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
             let slot = self.cand(out, index);

@@ -122,7 +122,10 @@ pub(crate) enum Part<'a> {
     /// `{"type":"file","file":{"file_data":"data:..."}}` (e.g. a PDF).
     File(Media<'a>),
     /// `{"type":"input_audio","input_audio":{"data","format"}}`.
-    Audio { data: &'a str, format: &'a str },
+    Audio {
+        data: &'a str,
+        format: &'a str,
+    },
 }
 
 /// Splits a `data:` URL; anything else is a plain URL.
@@ -151,7 +154,9 @@ pub(crate) fn content_parts(content: Option<&Value>) -> Result<Vec<Part<'_>>, Ga
             cache_control: None,
         }]),
         Some(Value::Array(parts)) => parts.iter().map(part).collect(),
-        Some(_) => Err(invalid("message content must be a string or an array of parts")),
+        Some(_) => Err(invalid(
+            "message content must be a string or an array of parts",
+        )),
     }
 }
 
@@ -345,7 +350,11 @@ pub(crate) fn tool_calls(m: &Value, i: usize) -> Result<Vec<(&str, &str, Value)>
     let list = match m.get("tool_calls") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,
-        Some(_) => return Err(invalid(format!("messages[{i}].tool_calls must be an array"))),
+        Some(_) => {
+            return Err(invalid(format!(
+                "messages[{i}].tool_calls must be an array"
+            )))
+        }
     };
     let mut out = Vec::with_capacity(list.len());
     for tc in list {
@@ -354,7 +363,11 @@ pub(crate) fn tool_calls(m: &Value, i: usize) -> Result<Vec<(&str, &str, Value)>
         let name = f
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
-            .ok_or_else(|| invalid(format!("messages[{i}].tool_calls[].function.name is required")))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "messages[{i}].tool_calls[].function.name is required"
+                ))
+            })?;
         let args = match f.and_then(|f| f.get("arguments")) {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
