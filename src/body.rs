@@ -49,11 +49,17 @@ pub fn with_model(body: &[u8], current: Option<&str>, model: &str) -> Option<Vec
         return None;
     }
     let encoded = serde_json::to_string(model).ok()?;
-    let mut out = Vec::with_capacity(body.len() + encoded.len() + 10);
-    match find_top_level(body, "model") {
+    with_field(body, "model", &encoded)
+}
+
+/// Returns the body with top-level `key` set to `raw_value` (JSON text), replacing the old value in
+/// place or inserting the field first; every other byte stays as it was.
+pub fn with_field(body: &[u8], key: &str, raw_value: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(body.len() + key.len() + raw_value.len() + 4);
+    match find_top_level(body, key) {
         Some((start, end)) => {
             out.extend_from_slice(body.get(..start)?);
-            out.extend_from_slice(encoded.as_bytes());
+            out.extend_from_slice(raw_value.as_bytes());
             out.extend_from_slice(body.get(end..)?);
         }
         None => {
@@ -61,14 +67,36 @@ pub fn with_model(body: &[u8], current: Option<&str>, model: &str) -> Option<Vec
             let rest = body.get(open + 1..)?;
             let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
             out.extend_from_slice(body.get(..=open)?);
-            out.extend_from_slice(b"\"model\":");
-            out.extend_from_slice(encoded.as_bytes());
+            out.push(b'"');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            out.extend_from_slice(raw_value.as_bytes());
             if !empty {
                 out.push(b',');
             }
             out.extend_from_slice(rest);
         }
     }
+    Some(out)
+}
+
+/// Sets `member` to `raw_value` inside the top-level object `key` (replacing an existing member).
+pub fn with_object_member(
+    body: &[u8],
+    key: &str,
+    member: &str,
+    raw_value: &str,
+) -> Option<Vec<u8>> {
+    let (start, end) = find_top_level(body, key)?;
+    let object = body.get(start..end)?;
+    if object.first() != Some(&b'{') {
+        return None;
+    }
+    let new_object = with_field(object, member, raw_value)?;
+    let mut out = Vec::with_capacity(body.len() + new_object.len());
+    out.extend_from_slice(body.get(..start)?);
+    out.extend_from_slice(&new_object);
+    out.extend_from_slice(body.get(end..)?);
     Some(out)
 }
 

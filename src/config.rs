@@ -471,7 +471,9 @@ pub fn parse(bytes: &[u8]) -> Result<RawConfig, String> {
         Some(b'{') => serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string())),
         Some(_) => {
             let value = crate::pbstruct::struct_to_json(bytes).map_err(invalid)?;
-            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+            // Re-read as text so only one deserializer of the configuration is compiled in.
+            let text = serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))?;
+            serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     /// The request body is missing or is not the JSON object we expect.
     InvalidBody { reason: String },
+    /// The request's tags header is malformed.
+    InvalidTags { reason: String },
     /// `X-Provider-Name` names a provider the caller may not use.
     UnknownProvider { name: String },
     /// The model is not allowed by the caller's configuration (or by the chosen provider).
@@ -44,7 +46,9 @@ impl GatewayError {
             GatewayError::UnknownEndpoint { .. } => 404,
             GatewayError::MethodNotAllowed { .. } => 405,
             GatewayError::BodyTooLarge { .. } => 413,
-            GatewayError::InvalidBody { .. } | GatewayError::UnknownProvider { .. } => 400,
+            GatewayError::InvalidBody { .. }
+            | GatewayError::InvalidTags { .. }
+            | GatewayError::UnknownProvider { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
@@ -61,6 +65,7 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::InvalidBody { .. }
+            | GatewayError::InvalidTags { .. }
             | GatewayError::UnknownProvider { .. }
             | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
@@ -80,6 +85,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::InvalidBody { .. } => "invalid_body",
+            GatewayError::InvalidTags { .. } => "invalid_tags",
             GatewayError::UnknownProvider { .. } => "unknown_provider",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
             GatewayError::NoProviderConfigured => "no_provider_configured",
@@ -95,6 +101,7 @@ impl GatewayError {
         match self {
             GatewayError::ModelNotAllowed { .. } => Some("model"),
             GatewayError::UnknownProvider { .. } => Some("X-Provider-Name"),
+            GatewayError::InvalidTags { .. } => Some("X-LLM-Gateway-Tags"),
             _ => None,
         }
     }
@@ -117,6 +124,9 @@ impl GatewayError {
                 format!("Request body is larger than the gateway limit of {limit} bytes.")
             }
             GatewayError::InvalidBody { reason } => format!("Invalid request body: {reason}"),
+            GatewayError::InvalidTags { reason } => {
+                format!("Invalid X-LLM-Gateway-Tags header: {reason}")
+            }
             GatewayError::UnknownProvider { name } => format!(
                 "Provider '{name}' (from X-Provider-Name) is not one of the providers available to this API key."
             ),

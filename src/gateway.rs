@@ -6,6 +6,7 @@ use crate::config::{Identity, ProviderKind};
 use crate::error::GatewayError;
 use crate::providers;
 use crate::select::select;
+use crate::usage;
 use serde_json::json;
 
 /// Request header carrying the Envoy cluster chosen by the filter (read by the route's `cluster_header`).
@@ -24,6 +25,7 @@ pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "api-key",
     "x-goog-api-key",
     "anthropic-api-key",
+    crate::usage::TAGS_HEADER,
     CLUSTER_HEADER,
 ];
 
@@ -42,6 +44,12 @@ pub struct Routed {
     /// The rewritten body, when it differs from what the client sent.
     pub body: Option<Vec<u8>>,
     pub stream: bool,
+    /// The model name sent upstream.
+    pub upstream_model: String,
+    /// Streamed request whose usage chunk was asked for by the gateway, not the client: strip it.
+    pub strip_usage_chunk: bool,
+    /// Size of the request body as the client sent it (for estimates).
+    pub request_bytes: usize,
 }
 
 /// Decides where a chat-completions request goes and how it must look.
@@ -53,10 +61,19 @@ pub fn route_chat(
     let req = body::inspect(raw_body)?;
     let sel = select(id, provider_header, req.model.as_deref())?;
     let target = providers::chat_target(sel.provider, sel.model)?;
-    let new_body = match &target.body_model {
+    let mut new_body = match &target.body_model {
         Some(m) => body::with_model(raw_body, req.model.as_deref(), m),
         None => None,
     };
+    let mut strip_usage_chunk = false;
+    if req.stream && providers::supports_stream_usage(sel.provider.kind) {
+        let current = new_body.as_deref().unwrap_or(raw_body);
+        let (with_usage, client_asked) = usage::ensure_stream_usage(current);
+        strip_usage_chunk = !client_asked;
+        if with_usage.is_some() {
+            new_body = with_usage;
+        }
+    }
     Ok(Routed {
         provider: sel.provider.name.clone(),
         kind: sel.provider.kind,
@@ -68,6 +85,11 @@ pub fn route_chat(
         auth: target.auth,
         body: new_body,
         stream: req.stream,
+        upstream_model: target
+            .body_model
+            .unwrap_or_else(|| sel.model.upstream.clone()),
+        strip_usage_chunk,
+        request_bytes: raw_body.len(),
     })
 }
 
@@ -143,9 +165,11 @@ mod tests {
         assert_eq!(r.authority, "127.0.0.1:9");
         assert_eq!(r.auth, None);
         assert!(r.stream);
+        assert!(r.strip_usage_chunk);
+        assert_eq!(r.upstream_model, "qwen2.5:0.5b");
         assert_eq!(
-            r.body.unwrap(),
-            br#"{"model":"qwen2.5:0.5b","messages":[],"stream":true}"#.to_vec()
+            String::from_utf8(r.body.unwrap()).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"qwen2.5:0.5b","messages":[],"stream":true}"#
         );
     }
 

@@ -6,27 +6,147 @@ use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::gateway::{self, Routed};
+use crate::metrics;
+use crate::report::{self, Reporter};
 use crate::resolve::{self, IdentityCache, Lookup, Resolved};
+use crate::usage::{self, StreamTap, UsageRecord};
+use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(GatewayRoot { plan: None, cache: Rc::new(RefCell::new(IdentityCache::default())) })
+        Box::new(GatewayRoot { plan: None, shared: Rc::new(Shared::default()) })
     });
 }}
 
-struct GatewayRoot {
-    plan: Option<Rc<Plan>>,
-    cache: Rc<RefCell<IdentityCache>>,
+/// Largest non-streamed response body copied for usage extraction (the response itself is never held).
+const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
+
+/// State one worker VM shares between its root context and its requests.
+#[derive(Default)]
+struct Shared {
+    cache: RefCell<IdentityCache>,
+    reporter: RefCell<Reporter>,
+    metrics: RefCell<Metrics>,
+    /// Prefix making record ids unique across VMs and restarts.
+    id_prefix: RefCell<String>,
+    next_id: RefCell<u64>,
 }
 
-impl Context for GatewayRoot {}
+/// Metric ids by name, defined on first use.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<String, u32>,
+}
+
+impl Metrics {
+    fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        match hostcalls::define_metric(kind, name) {
+            Ok(id) => {
+                self.ids.insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot define metric {name}: {e:?}");
+                None
+            }
+        }
+    }
+
+    fn add(&mut self, name: &str, n: u64) {
+        if let Some(id) = self.id(MetricType::Counter, name) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn record(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricType::Histogram, name) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+
+struct GatewayRoot {
+    plan: Option<Rc<Plan>>,
+    shared: Rc<Shared>,
+}
+
+impl GatewayRoot {
+    /// Sends the next batch of usage records to the sidecar, if there is one and none is in flight.
+    fn flush_usage(&mut self) {
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let mut reporter = self.shared.reporter.borrow_mut();
+        let Some(batch) = reporter.take_batch() else {
+            return;
+        };
+        let body = usage::batch_body(batch);
+        let sent = hostcalls::dispatch_http_call(
+            &sidecar.cluster,
+            vec![
+                (":method", "POST"),
+                (":path", report::USAGE_PATH),
+                (":authority", &sidecar.authority),
+                ("content-type", "application/json"),
+                (resolve::TOKEN_HEADER, &sidecar.token),
+            ],
+            Some(&body),
+            vec![],
+            Duration::from_secs(5),
+        );
+        if let Err(e) = sent {
+            log::warn!("llm-gateway: cannot send usage records: {e:?}");
+            reporter.nack();
+        }
+    }
+}
+
+impl Context for GatewayRoot {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        let mut reporter = self.shared.reporter.borrow_mut();
+        let before = (reporter.sent, reporter.dropped);
+        if status == Some(200) {
+            reporter.ack();
+        } else {
+            log::warn!(
+                "llm-gateway: sidecar did not take usage records (status {status:?}); will retry"
+            );
+            reporter.nack();
+        }
+        let (sent, dropped) = (reporter.sent - before.0, reporter.dropped - before.1);
+        drop(reporter);
+        let mut m = self.shared.metrics.borrow_mut();
+        m.add(metrics::USAGE_SENT, sent);
+        m.add(metrics::USAGE_DROPPED, dropped);
+        drop(m);
+        // Drain a backlog without waiting for the next tick.
+        if status == Some(200) {
+            self.flush_usage();
+        }
+    }
+}
 
 impl RootContext for GatewayRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -49,8 +169,19 @@ impl RootContext for GatewayRoot {
                         "disabled"
                     }
                 );
+                if plan.sidecar.is_some() {
+                    if let Err(e) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                        log::warn!("llm-gateway: cannot start the usage timer: {e:?}");
+                    }
+                }
                 self.plan = Some(Rc::new(plan));
-                self.cache.replace(IdentityCache::default());
+                self.shared.cache.replace(IdentityCache::default());
+                let seed = std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish();
+                self.shared
+                    .id_prefix
+                    .replace(format!("{:x}-{seed:016x}", now_ms()));
                 true
             }
             Err(e) => {
@@ -58,6 +189,10 @@ impl RootContext for GatewayRoot {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        self.flush_usage();
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -68,8 +203,10 @@ impl RootContext for GatewayRoot {
         let plan = self.plan.clone()?;
         Some(Box::new(GatewayHttp {
             plan,
-            cache: self.cache.clone(),
+            shared: self.shared.clone(),
             state: State::PassThrough,
+            tags: BTreeMap::new(),
+            exchange: None,
         }))
     }
 }
@@ -83,6 +220,7 @@ struct Pending {
     stale: Option<Rc<Identity>>,
     /// The complete body, if it arrived while the callout was in flight.
     body: Option<(Vec<u8>, usize)>,
+    tags: Option<String>,
 }
 
 enum State {
@@ -101,8 +239,21 @@ enum State {
 
 struct GatewayHttp {
     plan: Rc<Plan>,
-    cache: Rc<RefCell<IdentityCache>>,
+    shared: Rc<Shared>,
     state: State,
+    tags: BTreeMap<String, String>,
+    /// What is known about the upstream exchange of a routed request, for its usage record.
+    exchange: Option<Box<Exchange>>,
+}
+
+/// A routed request's upstream exchange, observed as the response passes.
+struct Exchange {
+    identity: Rc<Identity>,
+    start_ms: u64,
+    first_byte_ms: Option<u64>,
+    status: u32,
+    tap: Option<StreamTap>,
+    json: Vec<u8>,
 }
 
 fn header(name: &str) -> Option<String> {
@@ -167,6 +318,7 @@ impl GatewayHttp {
             header("authorization").as_deref(),
         );
         let provider_header = header("x-provider-name");
+        let tags = header(usage::TAGS_HEADER);
         for h in gateway::STRIPPED_REQUEST_HEADERS {
             set_header(h, None);
         }
@@ -178,6 +330,7 @@ impl GatewayHttp {
             hash,
             stale: None,
             body: None,
+            tags,
         };
         match self.authenticate(pending)? {
             Next::Ready(identity, p) => self.proceed(identity, p),
@@ -197,7 +350,7 @@ impl GatewayHttp {
             return Err(GatewayError::InvalidApiKey);
         };
         let now = now_ms();
-        let cached = self.cache.borrow().lookup(&p.hash, now);
+        let cached = self.shared.cache.borrow().lookup(&p.hash, now);
         match cached {
             Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
             Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
@@ -209,7 +362,7 @@ impl GatewayHttp {
             if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
                 if now < stale_until {
                     let identity = Rc::new(identity);
-                    self.cache.borrow_mut().store_known(
+                    self.shared.cache.borrow_mut().store_known(
                         &p.hash,
                         identity.clone(),
                         now,
@@ -244,6 +397,7 @@ impl GatewayHttp {
                 Ok(self.reply_json(&body))
             }
             Endpoint::ChatCompletions => {
+                self.tags = usage::parse_tags(p.tags.as_deref())?;
                 let limit = self.plan.max_body_bytes;
                 let declared =
                     header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
@@ -258,7 +412,7 @@ impl GatewayHttp {
                 match p.body {
                     // The body completed while we waited for the sidecar: route now and resume.
                     Some((body, size)) => {
-                        self.route(&identity, p.provider_header.as_deref(), &body, size)?;
+                        self.route(identity, p.provider_header.as_deref(), &body, size)?;
                         if let Err(e) = hostcalls::resume_http_request() {
                             log::error!("llm-gateway: cannot resume request: {e:?}");
                         }
@@ -301,7 +455,7 @@ impl GatewayHttp {
                 }
                 let (identity, provider_header) = (identity.clone(), provider_header.clone());
                 let body = read_body(body_size)?;
-                self.route(&identity, provider_header.as_deref(), &body, body_size)?;
+                self.route(identity, provider_header.as_deref(), &body, body_size)?;
                 Ok(Action::Continue)
             }
             _ => Ok(Action::Continue),
@@ -311,12 +465,20 @@ impl GatewayHttp {
     /// Applies the routing decision to the paused request.
     fn route(
         &mut self,
-        identity: &Identity,
+        identity: Rc<Identity>,
         provider_header: Option<&str>,
         body: &[u8],
         body_size: usize,
     ) -> Result<(), GatewayError> {
-        let mut routed = gateway::route_chat(identity, provider_header, body)?;
+        let mut routed = gateway::route_chat(&identity, provider_header, body)?;
+        self.exchange = Some(Box::new(Exchange {
+            identity,
+            start_ms: now_ms(),
+            first_byte_ms: None,
+            status: 0,
+            tap: None,
+            json: Vec::new(),
+        }));
         set_header(":authority", Some(&routed.authority));
         set_header(":path", Some(&routed.path));
         set_header(gateway::CLUSTER_HEADER, Some(&routed.cluster));
@@ -348,7 +510,7 @@ impl GatewayHttp {
                 let fresh_until = now.saturating_add(ttl_ms);
                 let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
                 let identity = Rc::new(identity);
-                self.cache.borrow_mut().store_known(
+                self.shared.cache.borrow_mut().store_known(
                     &p.hash,
                     identity.clone(),
                     now,
@@ -364,7 +526,7 @@ impl GatewayHttp {
                 identity
             }
             Ok(Resolved::Unknown) => {
-                self.cache.borrow_mut().store_unknown(
+                self.shared.cache.borrow_mut().store_unknown(
                     &p.hash,
                     now,
                     now.saturating_add(sidecar.negative_ttl_ms),
@@ -452,7 +614,163 @@ impl HttpContext for GatewayHttp {
         }
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (State::Routed(_), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
+            return Action::Continue;
+        };
+        if ex.first_byte_ms.is_none() && body_size > 0 {
+            ex.first_byte_ms = Some(now_ms());
+        }
+        let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => return Action::Continue,
+        };
+        match ex.tap.as_mut() {
+            Some(tap) => {
+                let mut replaced = tap.push(&chunk);
+                if end_of_stream {
+                    if let Some(rest) = tap.finish() {
+                        let mut all = replaced.unwrap_or_else(|| chunk.clone());
+                        all.extend_from_slice(&rest);
+                        replaced = Some(all);
+                    }
+                }
+                if let Some(out) = replaced {
+                    if let Err(e) =
+                        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
+                    {
+                        log::warn!("llm-gateway: cannot rewrite a stream chunk: {e:?}");
+                    }
+                }
+            }
+            None if ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
+                ex.json.extend_from_slice(&chunk)
+            }
+            None => {}
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.take()) else {
+            return;
+        };
+        let end = now_ms();
+        let (facts, done) = match &ex.tap {
+            Some(t) => (
+                usage::ResponseFacts {
+                    usage: t.usage,
+                    model: t.model.clone(),
+                    completion_chars: t.completion_chars,
+                },
+                t.done,
+            ),
+            None => (usage::from_json_response(&ex.json), true),
+        };
+        let status = if ex.status == 0 { 502 } else { ex.status };
+        let ok = (200..300).contains(&status);
+        let (u, estimated) = match facts.usage {
+            Some(u) => (u, false),
+            None if ok => (
+                usage::Usage {
+                    prompt_tokens: usage::estimate_tokens(r.request_bytes),
+                    completion_tokens: usage::estimate_tokens(facts.completion_chars),
+                    cached_tokens: 0,
+                },
+                true,
+            ),
+            None => (usage::Usage::default(), false),
+        };
+        let latency = end.saturating_sub(ex.start_ms);
+        let ttft = if r.stream {
+            ex.first_byte_ms.map(|t| t.saturating_sub(ex.start_ms))
+        } else {
+            None
+        };
+        {
+            let mut m = self.shared.metrics.borrow_mut();
+            m.add(&metrics::requests(&r.provider, &r.model, status), 1);
+            m.add(
+                &metrics::tokens(&r.provider, &r.model, "input"),
+                u.prompt_tokens,
+            );
+            m.add(
+                &metrics::tokens(&r.provider, &r.model, "output"),
+                u.completion_tokens,
+            );
+            m.record(&metrics::duration(&r.provider, &r.model), latency);
+            if let Some(t) = ttft {
+                m.record(&metrics::ttft(&r.provider, &r.model), t);
+            }
+        }
+        if self.plan.sidecar.is_none() {
+            return;
+        }
+        let id = &ex.identity;
+        let record_id = {
+            let mut n = self.shared.next_id.borrow_mut();
+            *n += 1;
+            format!("{}-{}", self.shared.id_prefix.borrow(), *n)
+        };
+        let record = UsageRecord {
+            id: record_id,
+            time: ex.start_ms,
+            org_id: id.org_id.clone(),
+            cluster_id: id.cluster_id.clone(),
+            api_key_id: id.key_id.clone(),
+            config_id: id.config_id.clone(),
+            provider: r.provider.clone(),
+            provider_type: r.kind.as_str().to_string(),
+            provider_key_last4: id.provider(&r.provider).and_then(|p| p.key_last4()),
+            model_requested: r.model.clone(),
+            model_used: facts.model.unwrap_or_else(|| r.upstream_model.clone()),
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.cached_tokens,
+            estimated,
+            status,
+            latency_ms: latency,
+            ttft_ms: ttft,
+            stream: r.stream,
+            fallback: false,
+            truncated: r.stream && ok && !done,
+            tags: std::mem::take(&mut self.tags),
+        };
+        let mut reporter = self.shared.reporter.borrow_mut();
+        let dropped_before = reporter.dropped;
+        reporter.push(record);
+        let newly_dropped = reporter.dropped - dropped_before;
+        drop(reporter);
+        if newly_dropped > 0 {
+            self.shared
+                .metrics
+                .borrow_mut()
+                .add(metrics::USAGE_DROPPED, newly_dropped);
+        }
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) {
+            ex.status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let sse = hostcalls::get_map_value(MapType::HttpResponseHeaders, "content-type")
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.contains("text/event-stream"));
+            if sse {
+                ex.tap = Some(StreamTap::new(r.strip_usage_chunk));
+                if r.strip_usage_chunk {
+                    let _ = hostcalls::set_map_value(
+                        MapType::HttpResponseHeaders,
+                        "content-length",
+                        None,
+                    );
+                }
+            }
+        }
         if let State::Routed(r) = &self.state {
             for (name, value) in [
                 (gateway::PROVIDER_RESPONSE_HEADER, r.provider.as_str()),

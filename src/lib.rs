@@ -11,13 +11,16 @@ pub mod config;
 pub mod entry;
 pub mod error;
 pub mod gateway;
+pub mod metrics;
 pub mod pbstruct;
 pub mod providers;
+pub mod report;
 pub mod resolve;
 pub mod select;
 pub mod sse;
 pub mod translate;
 pub mod url;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -39,6 +39,20 @@ pub fn default_base(kind: ProviderKind) -> Option<&'static str> {
     }
 }
 
+/// Whether the provider honours `stream_options.include_usage` (so the gateway may ask for it).
+pub fn supports_stream_usage(kind: ProviderKind) -> bool {
+    match kind {
+        ProviderKind::OpenAi
+        | ProviderKind::Azure
+        | ProviderKind::Gemini
+        | ProviderKind::VertexAiGemini
+        | ProviderKind::Groq
+        | ProviderKind::OpenAiCompatible => true,
+        // Mistral reports usage in its last chunk unasked and refuses unknown fields.
+        ProviderKind::Mistral | ProviderKind::Anthropic => false,
+    }
+}
+
 /// Shapes a chat-completions request for `provider` and `model`.
 pub fn chat_target(provider: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
     match provider.kind {

@@ -1,0 +1,511 @@
+//! Token usage: read from JSON responses and SSE streams without holding chunks back, ask streams for
+//! usage, strip the extra usage chunk the client did not ask for, estimate when nothing is reported,
+//! and the usage record the filter reports.
+
+use crate::error::GatewayError;
+use crate::sse::SseParser;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct UsageDoc {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl From<UsageDoc> for Usage {
+    fn from(u: UsageDoc) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    /// Kept raw: a string, or an array of parts; only its size matters here.
+    #[serde(default, borrow)]
+    content: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    message: Option<Message<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<Message<'a>>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Completion<'a> {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<Choice<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageDoc>,
+}
+
+/// Approximate characters of a message's content: a JSON string without its quotes (escapes
+/// counted as written), or the size of structured content.
+fn content_chars(c: &Option<Message>) -> usize {
+    match c.as_ref().and_then(|m| m.content) {
+        Some(raw) => {
+            let text = raw.get();
+            if text == "null" {
+                0
+            } else if text.starts_with('"') {
+                text.chars().count().saturating_sub(2)
+            } else {
+                text.len()
+            }
+        }
+        None => 0,
+    }
+}
+
+/// What a (non-streamed) JSON response tells about usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseFacts {
+    pub usage: Option<Usage>,
+    pub model: Option<String>,
+    pub completion_chars: usize,
+}
+
+pub fn from_json_response(body: &[u8]) -> ResponseFacts {
+    match serde_json::from_slice::<Completion>(body) {
+        Ok(c) => ResponseFacts {
+            usage: c.usage.map(Usage::from),
+            model: c.model,
+            completion_chars: c
+                .choices
+                .iter()
+                .flatten()
+                .map(|ch| content_chars(&ch.message))
+                .sum(),
+        },
+        Err(_) => ResponseFacts::default(),
+    }
+}
+
+/// Rough token estimate for text of `chars` characters (about four characters per token).
+pub fn estimate_tokens(chars: usize) -> u64 {
+    (chars as u64).div_ceil(4)
+}
+
+/// Reads usage from an OpenAI SSE stream as it passes. With `strip`, the usage-only chunk
+/// (`"choices":[]` with `usage`) is removed from what the client sees; every other byte is passed
+/// on unchanged. Without `strip` nothing is held back at all.
+#[derive(Debug, Default)]
+pub struct StreamTap {
+    strip: bool,
+    parser: SseParser,
+    /// Only with `strip`: the bytes of an event not yet complete.
+    pending: Vec<u8>,
+    pub usage: Option<Usage>,
+    pub model: Option<String>,
+    pub completion_chars: usize,
+    pub done: bool,
+    pub finished: bool,
+}
+
+impl StreamTap {
+    pub fn new(strip: bool) -> Self {
+        StreamTap {
+            strip,
+            ..Default::default()
+        }
+    }
+
+    /// Feeds a chunk; returns `Some(bytes)` to send instead of the chunk, or `None` to send it as is.
+    pub fn push(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+        if !self.strip {
+            for ev in self.parser.push(chunk) {
+                self.observe(&ev.data);
+            }
+            return None;
+        }
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some(end) = event_end(&self.pending, start) {
+            let raw = self.pending.get(start..end).unwrap_or_default().to_vec();
+            let mut keep = true;
+            for ev in self.parser.push(&raw) {
+                if self.observe(&ev.data) {
+                    keep = false;
+                }
+            }
+            if keep {
+                out.extend_from_slice(&raw);
+            }
+            start = end;
+        }
+        self.pending.drain(..start);
+        if out.len() == chunk.len() && out == chunk {
+            return None;
+        }
+        Some(out)
+    }
+
+    /// End of stream: whatever is still pending goes out as it is.
+    pub fn finish(&mut self) -> Option<Vec<u8>> {
+        let rest = std::mem::take(&mut self.pending);
+        for ev in self
+            .parser
+            .push(&rest)
+            .into_iter()
+            .chain(self.parser.finish())
+        {
+            self.observe(&ev.data);
+        }
+        (self.strip && !rest.is_empty()).then_some(rest)
+    }
+
+    /// Records what an event says; returns true for a usage-only chunk.
+    fn observe(&mut self, data: &str) -> bool {
+        if data == "[DONE]" {
+            self.done = true;
+            return false;
+        }
+        let Ok(c) = serde_json::from_str::<Completion>(data) else {
+            return false;
+        };
+        if self.model.is_none() {
+            self.model = c.model;
+        }
+        let choices = c.choices.unwrap_or_default();
+        for ch in &choices {
+            self.completion_chars += content_chars(&ch.delta);
+            if ch.finish_reason.is_some() {
+                self.finished = true;
+            }
+        }
+        match c.usage {
+            Some(u) => {
+                self.usage = Some(u.into());
+                choices.is_empty()
+            }
+            None => false,
+        }
+    }
+}
+
+/// End (exclusive) of the first complete SSE event at or after `from`: a line break followed by an
+/// empty line (`\n\n`, `\r\n\r\n`, `\r\r`).
+fn event_end(b: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    let mut line_empty = true;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'\n' | b'\r' => {
+                let next = if c == b'\r' && b.get(i + 1) == Some(&b'\n') {
+                    i + 2
+                } else {
+                    i + 1
+                };
+                if c == b'\r' && b.get(i + 1).is_none() {
+                    return None; // a lone \r at the end may still be followed by \n
+                }
+                if line_empty && i > from {
+                    return Some(next);
+                }
+                line_empty = true;
+                i = next;
+            }
+            _ => {
+                line_empty = false;
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsPeek {
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// For a streamed request: makes sure the provider is asked for usage. Returns the new body (if it
+/// had to change) and whether the client itself asked for the usage chunk.
+pub fn ensure_stream_usage(body: &[u8]) -> (Option<Vec<u8>>, bool) {
+    let Ok(peek) = serde_json::from_slice::<StreamOptionsPeek>(body) else {
+        return (None, true);
+    };
+    match peek.stream_options {
+        Some(o) if o.include_usage == Some(true) => (None, true),
+        Some(_) => {
+            let b =
+                crate::body::with_object_member(body, "stream_options", "include_usage", "true");
+            (b, false)
+        }
+        None => {
+            let b = crate::body::with_field(body, "stream_options", r#"{"include_usage":true}"#);
+            (b, false)
+        }
+    }
+}
+
+/// Request tags from the `X-LLM-Gateway-Tags` header: comma-separated `key=value` pairs.
+pub const TAGS_HEADER: &str = "x-llm-gateway-tags";
+const MAX_TAGS: usize = 20;
+
+pub fn parse_tags(header: Option<&str>) -> Result<BTreeMap<String, String>, GatewayError> {
+    let mut tags = BTreeMap::new();
+    let Some(h) = header.map(str::trim).filter(|h| !h.is_empty()) else {
+        return Ok(tags);
+    };
+    let bad = |reason: String| GatewayError::InvalidTags { reason };
+    for pair in h.split(',') {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{}' is not key=value", pair.trim())))?;
+        let (k, v) = (k.trim(), v.trim());
+        let key_ok = !k.is_empty()
+            && k.len() <= 64
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !key_ok {
+            return Err(bad(format!(
+                "tag key '{k}' must be 1-64 of A-Z a-z 0-9 _ - . /"
+            )));
+        }
+        if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_control() || c == '=') {
+            return Err(bad(format!(
+                "tag '{k}' needs a value of 1-256 printable characters"
+            )));
+        }
+        if tags.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(bad(format!("tag '{k}' is given twice")));
+        }
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(bad(format!("at most {MAX_TAGS} tags per request")));
+    }
+    Ok(tags)
+}
+
+/// One usage record, as the sidecar ingests it (`POST /internal/v1/usage`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRecord {
+    pub id: String,
+    pub time: u64,
+    pub org_id: String,
+    pub cluster_id: Option<String>,
+    pub api_key_id: String,
+    pub config_id: String,
+    pub provider: String,
+    pub provider_type: String,
+    pub provider_key_last4: Option<String>,
+    pub model_requested: String,
+    pub model_used: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub estimated: bool,
+    pub status: u32,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub stream: bool,
+    pub fallback: bool,
+    pub truncated: bool,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The batch body for the sidecar.
+pub fn batch_body(records: &[UsageRecord]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Batch<'a> {
+        records: &'a [UsageRecord],
+    }
+    serde_json::to_vec(&Batch { records }).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(usage: bool) -> Vec<u8> {
+        let mut s = String::new();
+        s.push_str("data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"m-up\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n");
+        s.push_str("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello wörld\"},\"finish_reason\":null}]}\n\n");
+        s.push_str("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n");
+        if usage {
+            s.push_str("data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":3,\"total_tokens\":14,\"prompt_tokens_details\":{\"cached_tokens\":2}}}\n\n");
+        }
+        s.push_str("data: [DONE]\n\n");
+        s.into_bytes()
+    }
+
+    fn run(tap: &mut StreamTap, input: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            let piece = &input[last..c];
+            match tap.push(piece) {
+                Some(b) => out.extend(b),
+                None => out.extend_from_slice(piece),
+            }
+            last = c;
+        }
+        if let Some(b) = tap.finish() {
+            out.extend(b);
+        }
+        out
+    }
+
+    #[test]
+    fn reads_usage_without_touching_the_stream() {
+        let input = stream(true);
+        let mut tap = StreamTap::new(false);
+        assert_eq!(run(&mut tap, &input, &[7, 100, 101]), input);
+        assert_eq!(
+            tap.usage,
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 3,
+                cached_tokens: 2
+            })
+        );
+        assert!(tap.done && tap.finished);
+        assert_eq!(tap.completion_chars, 11);
+        assert_eq!(tap.model.as_deref(), Some("m-up"));
+    }
+
+    #[test]
+    fn strips_only_the_usage_chunk_at_any_split() {
+        let input = stream(true);
+        let expected = stream(false);
+        for a in 0..input.len() {
+            for b in [a, (a + 13).min(input.len()), (a + 97).min(input.len())] {
+                let mut tap = StreamTap::new(true);
+                let out = run(&mut tap, &input, &[a, b]);
+                assert_eq!(out, expected, "cuts {a},{b}");
+                assert_eq!(tap.usage.map(|u| u.prompt_tokens), Some(11));
+                assert!(tap.done);
+            }
+        }
+    }
+
+    #[test]
+    fn strip_passes_streams_without_usage_unchanged() {
+        let input = stream(false);
+        let mut tap = StreamTap::new(true);
+        assert_eq!(run(&mut tap, &input, &[5, 50]), input);
+        assert_eq!(tap.usage, None);
+        let mut tap = StreamTap::new(true);
+        let cut = b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\ndata: {\"cho";
+        assert_eq!(run(&mut tap, cut, &[]), cut.to_vec());
+        assert!(!tap.done);
+    }
+
+    #[test]
+    fn crlf_events() {
+        let input = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let mut tap = StreamTap::new(true);
+        assert_eq!(
+            run(&mut tap, input, &[60, 61]),
+            b"data: [DONE]\r\n\r\n".to_vec()
+        );
+        assert_eq!(tap.usage.map(|u| u.completion_tokens), Some(2));
+    }
+
+    #[test]
+    fn json_response_usage() {
+        let body = br#"{"id":"x","model":"gpt-4o-2024","choices":[{"index":0,"message":{"role":"assistant","content":"abcdefgh"}}],
+                        "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+        let f = from_json_response(body);
+        assert_eq!(
+            f.usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                cached_tokens: 0
+            })
+        );
+        assert_eq!(f.model.as_deref(), Some("gpt-4o-2024"));
+        assert_eq!(f.completion_chars, 8);
+        assert_eq!(from_json_response(b"not json"), ResponseFacts::default());
+        assert_eq!(estimate_tokens(9), 3);
+    }
+
+    #[test]
+    fn asks_streams_for_usage() {
+        let (b, asked) = ensure_stream_usage(br#"{"model":"m","stream":true,"messages":[]}"#);
+        assert!(!asked);
+        assert_eq!(
+            String::from_utf8(b.unwrap()).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#
+        );
+        let (b, asked) =
+            ensure_stream_usage(br#"{"stream_options":{"include_usage":true},"messages":[]}"#);
+        assert!(asked && b.is_none());
+        let (b, asked) = ensure_stream_usage(
+            br#"{"stream_options":{"continuous_usage_stats":true},"messages":[]}"#,
+        );
+        assert!(!asked);
+        assert_eq!(
+            String::from_utf8(b.unwrap()).unwrap(),
+            r#"{"stream_options":{"include_usage":true,"continuous_usage_stats":true},"messages":[]}"#
+        );
+    }
+
+    #[test]
+    fn tags() {
+        let t = parse_tags(Some("team=search, env = prod")).unwrap();
+        assert_eq!(t.get("team").map(String::as_str), Some("search"));
+        assert_eq!(t.get("env").map(String::as_str), Some("prod"));
+        assert!(parse_tags(None).unwrap().is_empty());
+        for bad in ["team", "=x", "a b=c", "k=", "k=v,k=w", "k=v=w"] {
+            assert_eq!(parse_tags(Some(bad)).unwrap_err().status(), 400, "{bad}");
+        }
+        let many: Vec<String> = (0..21).map(|i| format!("k{i}=v")).collect();
+        assert!(parse_tags(Some(&many.join(","))).is_err());
+    }
+
+    #[test]
+    fn batch_shape() {
+        let r = UsageRecord {
+            id: "1".into(),
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&batch_body(&[r])).unwrap();
+        assert_eq!(v["records"][0]["id"], "1");
+        assert!(v["records"][0]["ttftMs"].is_null());
+        assert_eq!(v["records"][0]["promptTokens"], 0);
+    }
+}
