@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sidecar tests: the API tests against SQLite, then the same tests against a throwaway PostgreSQL
+# Sidecar tests: the API tests against SQLite, the browser test of the savings report
+# (sidecar/report_test.sh), then the same API tests against a throwaway PostgreSQL
 # server (Debian's packages, installed if missing) started on a free loopback port and always stopped
 # by PID. Non-interactive (CI=true, no stdin). SIDECAR_SKIP_PG=1 skips the PostgreSQL pass.
 set -euo pipefail
@@ -9,6 +10,9 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 log "sidecar tests (SQLite)"
 env -u DATABASE_URL timeout 900 cargo test -q -p llm-gateway-sidecar </dev/null
+
+log "savings report in headless chromium"
+timeout 600 "$(dirname "$0")/report_test.sh" </dev/null
 
 if [ "${SIDECAR_SKIP_PG:-0}" = 1 ]; then
   log "SIDECAR_SKIP_PG=1: skipping the PostgreSQL pass"

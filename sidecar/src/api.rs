@@ -1,7 +1,9 @@
 //! The HTTP API: public control plane (providers, configs, API keys, settings, model specs) and the
 //! internal endpoints the Envoy filter and operators call.
 
-use crate::db::{self, StoredConfig, StoredEntry, StoredKey, StoredProvider};
+use crate::db::{
+    self, PriceOverrides, StoredConfig, StoredEntry, StoredKey, StoredProvider, StoredSettings,
+};
 use crate::error::{ApiError, ApiResult};
 use crate::util::{new_api_key, new_id, now_ms, parse_json, rfc3339, secret_eq, JsonBody};
 use crate::vault::Vault;
@@ -13,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use llm_gateway::config::{
     compile, flatten_configs, hash_key, last4, ConfigProviderSpec, ConfigSpec, Identity, KeySpec,
-    ModelSpec, ProviderKind, ProviderSpec, RawConfig, SecretSource, Settings, DEFAULT_CONFIG_ID,
+    ModelSpec, ProviderKind, ProviderSpec, RawConfig, SecretSource, DEFAULT_CONFIG_ID,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -30,6 +32,7 @@ pub struct Inner {
     /// Serializes writes inside one process (SQLite has a single writer; PostgreSQL also locks the org row).
     pub write_lock: tokio::sync::Mutex<()>,
     pub model_specs: Value,
+    pub pricing: crate::prices::Pricing,
 }
 
 pub type AppState = Arc<Inner>;
@@ -68,6 +71,12 @@ pub fn router(state: AppState) -> Router {
             "/ai-optimizer/v1beta/hosted-model-specs",
             get(hosted_model_specs),
         )
+        .route("/v1/llm/usage", get(crate::usage::usage))
+        .route("/v1/llm/usage/records", get(crate::usage::records))
+        .route("/v1/llm/prices", get(crate::usage::prices))
+        .route("/v1/llm/report", get(crate::report::report))
+        .route("/v1/llm/report/link", post(crate::report::create_link))
+        .route("/internal/v1/usage", post(crate::usage::ingest))
         .route("/internal/v1/resolve", post(resolve))
         .route("/internal/v1/organizations", post(create_organization))
         .fallback(unknown_route)
@@ -123,7 +132,7 @@ fn visible_to(spec: &ProviderSpec, cluster: Option<&str>) -> bool {
 }
 
 /// The caller's key from `X-API-Key` or `Authorization: Bearer`.
-fn presented_key(headers: &HeaderMap) -> Option<String> {
+pub fn presented_key(headers: &HeaderMap) -> Option<String> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() {
@@ -306,6 +315,9 @@ struct ProviderIn {
     cluster_id: Option<String>,
     #[serde(default)]
     fallback: Option<OneOrMany>,
+    /// Price overrides, USD per 1M tokens, by model (stored with the registration, not in the filter's spec).
+    #[serde(default)]
+    prices: Option<PriceOverrides>,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +327,41 @@ struct ProvidersIn {
 }
 
 impl ProviderIn {
+    /// The validated price overrides: every model must be one the provider serves (public or upstream name).
+    fn prices(&self, spec: &ProviderSpec) -> ApiResult<PriceOverrides> {
+        let prices = self.prices.clone().unwrap_or_default();
+        for (model, p) in &prices {
+            let served = spec.models.iter().any(|m| match m {
+                ModelSpec::Name(n) => n == model,
+                ModelSpec::Mapped {
+                    name,
+                    upstream_name,
+                } => name == model || upstream_name == model,
+            });
+            if !served {
+                return Err(ApiError::bad_request(
+                    "unknown_model",
+                    format!(
+                        "provider '{}': prices names model '{model}' which the provider does not serve",
+                        spec.name
+                    ),
+                )
+                .with_param("prices"));
+            }
+            if !crate::prices::valid_override(p) {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!(
+                        "provider '{}': prices of '{model}' must be non-negative USD per 1M tokens",
+                        spec.name
+                    ),
+                )
+                .with_param("prices"));
+            }
+        }
+        Ok(prices)
+    }
+
     /// The registration without its key (keys go to the vault separately).
     fn to_spec(&self, name: &str) -> ApiResult<ProviderSpec> {
         if !valid_name(name) {
@@ -375,6 +422,7 @@ fn provider_out(p: &StoredProvider) -> Value {
         "isHosted": p.spec.is_hosted,
         "clusterId": p.spec.cluster_id,
         "fallback": p.spec.fallback,
+        "prices": p.prices,
         "apiKeyLast4": p.last4,
         "createTime": rfc3339(p.created_at),
         "updateTime": rfc3339(p.updated_at),
@@ -411,7 +459,14 @@ async fn create_providers(
         let spec = p
             .to_spec(&name)
             .map_err(|e| e.with_param(format!("providers[{i}]")))?;
-        new.push((spec, p.api_key.clone().filter(|k| !k.trim().is_empty())));
+        let prices = p
+            .prices(&spec)
+            .map_err(|e| e.with_param(format!("providers[{i}].prices")))?;
+        new.push((
+            spec,
+            p.api_key.clone().filter(|k| !k.trim().is_empty()),
+            prices,
+        ));
     }
     let org = caller.org_id.as_str();
     let _w = st.write_lock.lock().await;
@@ -420,7 +475,7 @@ async fn create_providers(
     let existing = db::providers(&mut tx, org).await?;
     let configs = db::configs(&mut tx, org).await?;
     let mut all = specs_of(&existing);
-    for (spec, _) in &new {
+    for (spec, _, _) in &new {
         if all.iter().any(|s| s.name == spec.name) {
             return Err(ApiError::conflict(
                 "provider_exists",
@@ -437,7 +492,7 @@ async fn create_providers(
         .map_err(|m| ApiError::bad_request("invalid_provider", m))?;
     let now = now_ms();
     let mut out = Vec::with_capacity(new.len());
-    for (i, (spec, key)) in new.into_iter().enumerate() {
+    for (i, (spec, key, prices)) in new.into_iter().enumerate() {
         let t = now + i as i64;
         let (key_enc, last4) = match key {
             Some(k) => {
@@ -448,6 +503,7 @@ async fn create_providers(
         };
         let sp = StoredProvider {
             spec,
+            prices,
             key_enc,
             last4,
             created_at: t,
@@ -506,6 +562,7 @@ async fn update_provider(
         }
     }
     let spec = body.to_spec(&name)?;
+    let prices = body.prices(&spec)?;
     let org = caller.org_id.as_str();
     let _w = st.write_lock.lock().await;
     let mut tx = st.pool.begin().await?;
@@ -539,6 +596,7 @@ async fn update_provider(
     };
     let sp = StoredProvider {
         spec,
+        prices,
         key_enc,
         last4,
         created_at: old.created_at,
@@ -1028,7 +1086,7 @@ struct KeyIn {
     #[serde(default, alias = "clusterId")]
     cluster_id: Option<String>,
     #[serde(default)]
-    settings: Option<Settings>,
+    settings: Option<StoredSettings>,
 }
 
 fn key_out(k: &StoredKey) -> Value {
@@ -1048,7 +1106,7 @@ fn key_out(k: &StoredKey) -> Value {
 
 /// Settings may only name providers (and models) the scope can reach.
 fn check_settings(
-    s: &Settings,
+    s: &StoredSettings,
     providers: &[StoredProvider],
     cluster: Option<&str>,
 ) -> ApiResult<()> {
@@ -1219,7 +1277,7 @@ async fn get_key_settings(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Settings>> {
+) -> ApiResult<Json<StoredSettings>> {
     caller.require_org()?;
     Ok(Json(find_key(&st, &caller, &id).await?.settings))
 }
@@ -1228,8 +1286,8 @@ async fn put_key_settings(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    JsonBody(settings): JsonBody<Settings>,
-) -> ApiResult<Json<Settings>> {
+    JsonBody(settings): JsonBody<StoredSettings>,
+) -> ApiResult<Json<StoredSettings>> {
     caller.require_org()?;
     let key = find_key(&st, &caller, &id).await?;
     let mut conn = st.pool.acquire().await?;
@@ -1243,20 +1301,36 @@ async fn put_key_settings(
 // Settings (org level, or the cluster context for cluster-scoped keys).
 // ----------------------------------------------------------------------------------------------
 
-async fn get_settings(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Settings>> {
+/// Organization settings always show `storePrompts` (default false); a cluster context only when set
+/// (absent: inherited from the organization).
+fn settings_out(s: StoredSettings, org_level: bool) -> StoredSettings {
+    if org_level {
+        StoredSettings {
+            store_prompts: Some(s.store_prompts.unwrap_or(false)),
+            ..s
+        }
+    } else {
+        s
+    }
+}
+
+async fn get_settings(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<StoredSettings>> {
     let mut conn = st.pool.acquire().await?;
     let s = match &caller.cluster_id {
         Some(c) => db::cluster_settings(&mut conn, &caller.org_id, c).await?,
         None => db::org_settings(&mut conn, &caller.org_id).await?,
     };
-    Ok(Json(s))
+    Ok(Json(settings_out(s, caller.cluster_id.is_none())))
 }
 
 async fn put_settings(
     State(st): State<AppState>,
     caller: Caller,
-    JsonBody(settings): JsonBody<Settings>,
-) -> ApiResult<Json<Settings>> {
+    JsonBody(settings): JsonBody<StoredSettings>,
+) -> ApiResult<Json<StoredSettings>> {
     let mut conn = st.pool.acquire().await?;
     let providers = db::providers(&mut conn, &caller.org_id).await?;
     check_settings(&settings, &providers, caller.cluster_id.as_deref())?;
@@ -1264,14 +1338,14 @@ async fn put_settings(
         Some(c) => db::set_cluster_settings(&mut conn, &caller.org_id, c, &settings).await?,
         None => db::set_org_settings(&mut conn, &caller.org_id, &settings).await?,
     }
-    Ok(Json(settings))
+    Ok(Json(settings_out(settings, caller.cluster_id.is_none())))
 }
 
 // ----------------------------------------------------------------------------------------------
 // Internal endpoints (guarded by the shared x-gateway-token).
 // ----------------------------------------------------------------------------------------------
 
-fn check_internal_token(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+pub fn check_internal_token(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let given = headers
         .get("x-gateway-token")
         .and_then(|v| v.to_str().ok())
@@ -1307,10 +1381,12 @@ async fn resolve(
     let key = db::active_key_by_hash(&mut conn, &hash)
         .await?
         .ok_or_else(|| ApiError::not_found("unknown or revoked API key"))?;
-    let identity = identity_for(&st.vault, &mut conn, &key).await?;
-    Ok(Json(
-        json!({ "identity": identity, "ttlSeconds": st.ttl_seconds }),
-    ))
+    let (identity, store_prompts) = identity_for(&st.vault, &mut conn, &key).await?;
+    Ok(Json(json!({
+        "identity": identity,
+        "ttlSeconds": st.ttl_seconds,
+        "storePrompts": store_prompts,
+    })))
 }
 
 /// Assembles the organization's `RawConfig` for one key (provider keys decrypted) and compiles it with
@@ -1319,18 +1395,24 @@ async fn identity_for(
     vault: &Vault,
     conn: &mut AnyConnection,
     key: &StoredKey,
-) -> ApiResult<Identity> {
+) -> ApiResult<(Identity, bool)> {
     let org = key.org_id.as_str();
     let providers = db::providers(&mut *conn, org).await?;
     let configs = db::configs(&mut *conn, org).await?;
     let mut settings = db::org_settings(&mut *conn, org).await?;
     if let Some(c) = &key.cluster_id {
         let cs = db::cluster_settings(&mut *conn, org, c).await?;
-        settings = Settings {
+        settings = StoredSettings {
             provider: cs.provider.or(settings.provider),
             model: cs.model.or(settings.model),
+            store_prompts: cs.store_prompts.or(settings.store_prompts),
         };
     }
+    let store_prompts = key
+        .settings
+        .store_prompts
+        .or(settings.store_prompts)
+        .unwrap_or(false);
     let mut provider_specs = Vec::with_capacity(providers.len());
     for p in &providers {
         let mut spec = p.spec.clone();
@@ -1350,19 +1432,19 @@ async fn identity_for(
     }
     let raw = RawConfig {
         org_id: Some(org.to_string()),
-        settings,
+        settings: settings.routing(),
         providers: provider_specs,
         configs: config_list,
         keys: vec![KeySpec {
             id: key.id.clone(),
             sha256: key.sha256.clone(),
             config: key.config_id.clone(),
-            settings: key.settings.clone(),
+            settings: key.settings.routing(),
             cluster_id: key.cluster_id.clone(),
         }],
         ..Default::default()
     };
-    compile_identity(&raw, &key.sha256)
+    Ok((compile_identity(&raw, &key.sha256)?, store_prompts))
 }
 
 fn compile_identity(raw: &RawConfig, sha256: &str) -> ApiResult<Identity> {

@@ -8,9 +8,13 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{AnyPool, Row};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_usage.sql")),
+];
 /// PostgreSQL advisory lock held while migrating and bootstrapping (replicas start concurrently).
 const STARTUP_LOCK: i64 = 7_426_001;
 
@@ -147,7 +151,7 @@ pub async fn create_org(
         name: Some("admin".to_string()),
         config_id: llm_gateway::config::DEFAULT_CONFIG_ID.to_string(),
         cluster_id: None,
-        settings: Settings::default(),
+        settings: StoredSettings::default(),
         prefix: key_prefix(admin_key),
         created_at: now,
         revoked_at: None,
@@ -165,9 +169,54 @@ pub fn key_prefix(secret: &str) -> String {
 // Rows.
 // ----------------------------------------------------------------------------------------------
 
+/// Settings as stored and served: the filter's routing [`Settings`] plus `storePrompts`, which only
+/// the sidecar acts on (absent = inherit: key -> cluster context -> organization -> false).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoredSettings {
+    #[serde(
+        default,
+        alias = "providerName",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(
+        default,
+        alias = "store_prompts",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub store_prompts: Option<bool>,
+}
+
+impl StoredSettings {
+    /// The routing part the filter sees in `Identity`.
+    pub fn routing(&self) -> Settings {
+        Settings {
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+        }
+    }
+}
+
+/// Per-model price override of a provider registration, USD per 1M tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceOverride {
+    pub input: f64,
+    pub output: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<f64>,
+}
+
+pub type PriceOverrides = BTreeMap<String, PriceOverride>;
+
 pub struct StoredProvider {
     /// The registration without its key.
     pub spec: ProviderSpec,
+    /// Price overrides (`prices` of the registration), kept out of the filter's spec.
+    pub prices: PriceOverrides,
     pub key_enc: Option<String>,
     pub last4: Option<String>,
     pub created_at: i64,
@@ -205,7 +254,7 @@ pub struct StoredKey {
     pub name: Option<String>,
     pub config_id: String,
     pub cluster_id: Option<String>,
-    pub settings: Settings,
+    pub settings: StoredSettings,
     pub prefix: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
@@ -234,18 +283,22 @@ pub async fn lock_org(conn: &mut AnyConnection, org: &str) -> ApiResult<()> {
     Ok(())
 }
 
-pub async fn org_settings(conn: &mut AnyConnection, org: &str) -> ApiResult<Settings> {
+pub async fn org_settings(conn: &mut AnyConnection, org: &str) -> ApiResult<StoredSettings> {
     let row = sqlx::query("SELECT settings FROM organizations WHERE id = $1")
         .bind(org)
         .fetch_optional(conn)
         .await?;
     match row {
         Some(r) => json_col(&r, "settings"),
-        None => Ok(Settings::default()),
+        None => Ok(StoredSettings::default()),
     }
 }
 
-pub async fn set_org_settings(conn: &mut AnyConnection, org: &str, s: &Settings) -> ApiResult<()> {
+pub async fn set_org_settings(
+    conn: &mut AnyConnection,
+    org: &str,
+    s: &StoredSettings,
+) -> ApiResult<()> {
     sqlx::query("UPDATE organizations SET settings = $1 WHERE id = $2")
         .bind(to_json(s)?)
         .bind(org)
@@ -258,7 +311,7 @@ pub async fn cluster_settings(
     conn: &mut AnyConnection,
     org: &str,
     cluster: &str,
-) -> ApiResult<Settings> {
+) -> ApiResult<StoredSettings> {
     let row =
         sqlx::query("SELECT settings FROM cluster_settings WHERE org_id = $1 AND cluster_id = $2")
             .bind(org)
@@ -267,7 +320,7 @@ pub async fn cluster_settings(
             .await?;
     match row {
         Some(r) => json_col(&r, "settings"),
-        None => Ok(Settings::default()),
+        None => Ok(StoredSettings::default()),
     }
 }
 
@@ -275,7 +328,7 @@ pub async fn set_cluster_settings(
     conn: &mut AnyConnection,
     org: &str,
     cluster: &str,
-    s: &Settings,
+    s: &StoredSettings,
 ) -> ApiResult<()> {
     sqlx::query("DELETE FROM cluster_settings WHERE org_id = $1 AND cluster_id = $2")
         .bind(org)
@@ -299,6 +352,11 @@ pub async fn set_cluster_settings(
 fn provider_row(r: &AnyRow) -> ApiResult<StoredProvider> {
     Ok(StoredProvider {
         spec: json_col(r, "spec")?,
+        prices: match r.try_get::<Option<String>, _>("prices")? {
+            Some(t) if !t.is_empty() => serde_json::from_str(&t)
+                .map_err(|e| ApiError::internal(format!("corrupt column prices: {e}")))?,
+            _ => PriceOverrides::new(),
+        },
         key_enc: r.try_get("api_key_enc")?,
         last4: r.try_get("api_key_last4")?,
         created_at: r.try_get("created_at")?,
@@ -308,7 +366,7 @@ fn provider_row(r: &AnyRow) -> ApiResult<StoredProvider> {
 
 pub async fn providers(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<StoredProvider>> {
     sqlx::query(
-        "SELECT spec, api_key_enc, api_key_last4, created_at, updated_at FROM providers \
+        "SELECT spec, prices, api_key_enc, api_key_last4, created_at, updated_at FROM providers \
          WHERE org_id = $1 ORDER BY created_at, name",
     )
     .bind(org)
@@ -325,8 +383,8 @@ pub async fn insert_provider(
     p: &StoredProvider,
 ) -> ApiResult<()> {
     sqlx::query(
-        "INSERT INTO providers (org_id, name, spec, api_key_enc, api_key_last4, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO providers (org_id, name, spec, api_key_enc, api_key_last4, created_at, updated_at, prices) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(org)
     .bind(&p.spec.name)
@@ -335,6 +393,7 @@ pub async fn insert_provider(
     .bind(p.last4.clone())
     .bind(p.created_at)
     .bind(p.updated_at)
+    .bind(prices_json(&p.prices)?)
     .execute(conn)
     .await?;
     Ok(())
@@ -346,8 +405,8 @@ pub async fn update_provider(
     p: &StoredProvider,
 ) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE providers SET spec = $1, api_key_enc = $2, api_key_last4 = $3, updated_at = $4 \
-         WHERE org_id = $5 AND name = $6",
+        "UPDATE providers SET spec = $1, api_key_enc = $2, api_key_last4 = $3, updated_at = $4, \
+         prices = $7 WHERE org_id = $5 AND name = $6",
     )
     .bind(to_json(&p.spec)?)
     .bind(p.key_enc.clone())
@@ -355,9 +414,18 @@ pub async fn update_provider(
     .bind(p.updated_at)
     .bind(org)
     .bind(&p.spec.name)
+    .bind(prices_json(&p.prices)?)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+fn prices_json(p: &PriceOverrides) -> ApiResult<Option<String>> {
+    if p.is_empty() {
+        Ok(None)
+    } else {
+        to_json(p).map(Some)
+    }
 }
 
 pub async fn delete_provider(conn: &mut AnyConnection, org: &str, name: &str) -> ApiResult<()> {
@@ -542,7 +610,7 @@ pub async fn set_key_settings(
     conn: &mut AnyConnection,
     org: &str,
     id: &str,
-    s: &Settings,
+    s: &StoredSettings,
 ) -> ApiResult<()> {
     sqlx::query("UPDATE api_keys SET settings = $1 WHERE org_id = $2 AND id = $3")
         .bind(to_json(s)?)

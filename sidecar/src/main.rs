@@ -8,7 +8,10 @@
 mod api;
 mod db;
 mod error;
+mod prices;
+mod report;
 mod specs;
+mod usage;
 mod util;
 mod vault;
 
@@ -29,7 +32,8 @@ Environment:
   LLM_GATEWAY_INTERNAL_TOKEN   token of /internal/* (default: DIR/internal.token, created 0600)
   LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start
   LLM_GATEWAY_CACHE_TTL        ttlSeconds returned by /internal/v1/resolve (default 30)
-  LLM_GATEWAY_MODEL_SPECS      hosted model catalog (default config/hosted-model-specs.json, else built in)";
+  LLM_GATEWAY_MODEL_SPECS      hosted model catalog (default config/hosted-model-specs.json, else built in)
+  LLM_GATEWAY_MODEL_PRICES     list-price catalog (default config/model-prices.json, else built in)";
 
 struct Options {
     data_dir: PathBuf,
@@ -96,7 +100,9 @@ async fn run() -> Result<(), String> {
             .map_err(|_| format!("LLM_GATEWAY_CACHE_TTL '{v}' is not a number of seconds"))?,
         None => 30,
     };
-    let model_specs = serde_json::to_value(specs::load()?).map_err(|e| e.to_string())?;
+    let hosted_specs = specs::load()?;
+    let pricing = prices::Pricing::new(prices::load()?, &hosted_specs);
+    let model_specs = serde_json::to_value(hosted_specs).map_err(|e| e.to_string())?;
 
     let (url, is_pg) = match env_nonempty("DATABASE_URL") {
         Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => (u, true),
@@ -129,6 +135,7 @@ async fn run() -> Result<(), String> {
         ttl_seconds,
         write_lock: tokio::sync::Mutex::new(()),
         model_specs,
+        pricing,
     });
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await

@@ -930,7 +930,10 @@ fn cluster_scoped_tokens_and_settings() {
     );
     assert_eq!(
         (r.status, &r.body),
-        (200, &json!({"provider":"saas","model":"gpt-4o"})),
+        (
+            200,
+            &json!({"provider":"saas","model":"gpt-4o","storePrompts":false})
+        ),
         "{}",
         r.raw
     );
@@ -946,7 +949,7 @@ fn cluster_scoped_tokens_and_settings() {
         "unknown_model",
     );
     assert_error(
-        &s.put("/v1/llm/settings", &ck, r#"{"storePrompts":true}"#),
+        &s.put("/v1/llm/settings", &ck, r#"{"temperature":1}"#),
         400,
         "unknown_field",
     );
@@ -964,7 +967,7 @@ fn cluster_scoped_tokens_and_settings() {
     );
     assert_eq!(
         s.get("/v1/llm/settings", a).body,
-        json!({"provider":"saas","model":"gpt-4o"})
+        json!({"provider":"saas","model":"gpt-4o","storePrompts":false})
     );
 
     // Resolve: only the cluster's hosted providers; settings = cluster context over the org's.
