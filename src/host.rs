@@ -509,7 +509,7 @@ impl GatewayHttp {
             Ok(Resolved::Known { identity, ttl_ms }) => {
                 let fresh_until = now.saturating_add(ttl_ms);
                 let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
-                let identity = Rc::new(identity);
+                let identity: Rc<Identity> = Rc::from(identity);
                 self.shared.cache.borrow_mut().store_known(
                     &p.hash,
                     identity.clone(),

@@ -122,7 +122,7 @@ pub fn request_body(hash: &str) -> Vec<u8> {
 /// What the sidecar said about a key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resolved {
-    Known { identity: Identity, ttl_ms: u64 },
+    Known { identity: Box<Identity>, ttl_ms: u64 },
     Unknown,
 }
 
@@ -146,7 +146,7 @@ pub fn parse_answer(status: Option<u32>, body: &[u8]) -> Result<Resolved, Gatewa
             let a: ResolveAnswer =
                 serde_json::from_slice(body).map_err(|_| GatewayError::ControlPlaneUnavailable)?;
             Ok(Resolved::Known {
-                identity: a.identity,
+                identity: Box::new(a.identity),
                 ttl_ms: a.ttl_seconds.saturating_mul(1000),
             })
         }
@@ -217,8 +217,8 @@ mod tests {
 
     #[test]
     fn cache_fresh_stale_and_unknown() {
-        let identity = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
-            Resolved::Known { identity, .. } => Rc::new(identity),
+        let identity: Rc<Identity> = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
+            Resolved::Known { identity, .. } => Rc::from(identity),
             _ => unreachable!(),
         };
         let mut c = IdentityCache::default();
