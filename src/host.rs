@@ -333,7 +333,7 @@ impl GatewayHttp {
             tags,
         };
         match self.authenticate(pending)? {
-            Next::Ready(identity, p) => self.proceed(identity, p),
+            Next::Ready(identity, p) => self.proceed(identity, *p),
             Next::Waiting(p) => {
                 self.state = State::Resolving(p);
                 Ok(Action::Pause)
@@ -389,7 +389,7 @@ impl GatewayHttp {
     }
 
     /// Continues an authenticated request (from the headers callback or after a callout).
-    fn proceed(&mut self, identity: Rc<Identity>, p: Box<Pending>) -> Result<Action, GatewayError> {
+    fn proceed(&mut self, identity: Rc<Identity>, p: Pending) -> Result<Action, GatewayError> {
         match p.endpoint {
             Endpoint::ListModels => Ok(self.reply_json(&gateway::list_models(&identity))),
             Endpoint::GetModel(name) => {
@@ -545,7 +545,7 @@ impl GatewayHttp {
                 None => return Err(e),
             },
         };
-        self.proceed(identity, p)
+        self.proceed(identity, *p)
     }
 }
 
