@@ -27,7 +27,7 @@ use super::{
 };
 use crate::error::GatewayError;
 use crate::sse::SseParser;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// The `anthropic-version` header value.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -55,9 +55,10 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
                             cache_control,
                         } => system.push(text_block(text, cache_control)),
                         _ => {
-                            return Err(super::invalid(format!(
-                                "messages[{i}]: system content may only contain text"
-                            )))
+                            return Err(super::invalid_at(
+                                i,
+                                ": system content may only contain text",
+                            ))
                         }
                     }
                 }
@@ -81,19 +82,18 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
                             cache_control,
                         } => blocks.push(text_block(text, cache_control)),
                         _ => {
-                            return Err(super::invalid(format!(
-                                "messages[{i}]: assistant content may only contain text"
-                            )))
+                            return Err(super::invalid_at(
+                                i,
+                                ": assistant content may only contain text",
+                            ))
                         }
                     }
                 }
                 for (id, name, args) in tool_calls(m, i)? {
                     if id.is_empty() {
-                        return Err(super::invalid(format!(
-                            "messages[{i}].tool_calls[].id is required"
-                        )));
+                        return Err(super::invalid_at(i, ".tool_calls[].id is required"));
                     }
-                    blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": args}));
+                    blocks.push(j!({"type": "tool_use", "id": id, "name": name, "input": args}));
                 }
                 push_turn(&mut turns, "assistant", blocks);
             }
@@ -101,18 +101,12 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
                 let id = m
                     .get("tool_call_id")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        super::invalid(format!("messages[{i}].tool_call_id is required"))
-                    })?;
+                    .ok_or_else(|| super::invalid_at(i, ".tool_call_id is required"))?;
                 let text = text_only(m.get("content"), "tool message")?;
-                let block = json!({"type": "tool_result", "tool_use_id": id, "content": text});
+                let block = j!({"type": "tool_result", "tool_use_id": id, "content": text});
                 push_turn(&mut turns, "user", vec![block]);
             }
-            other => {
-                return Err(super::invalid(format!(
-                    "messages[{i}]: role '{other}' is not supported (use system, developer, user, assistant or tool)"
-                )))
-            }
+            other => return Err(super::bad_role(i, other)),
         }
     }
     if turns.is_empty() {
@@ -122,31 +116,31 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
     }
 
     let mut body = Map::new();
-    body.insert("model".into(), json!(upstream_model));
+    body.insert("model".into(), j!(upstream_model));
     body.insert(
         "max_tokens".into(),
-        json!(max_tokens(&req)?.unwrap_or(DEFAULT_MAX_TOKENS)),
+        j!(max_tokens(&req)?.unwrap_or(DEFAULT_MAX_TOKENS)),
     );
     let msgs: Vec<Value> = turns
         .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
+        .map(|(role, content)| j!({"role": role, "content": content}))
         .collect();
     body.insert("messages".into(), Value::Array(msgs));
     if let Some(t) = number(&req, "temperature")? {
-        body.insert("temperature".into(), json!(t.clamp(0.0, 1.0)));
+        body.insert("temperature".into(), j!(t.clamp(0.0, 1.0)));
     }
     if let Some(p) = number(&req, "top_p")? {
-        body.insert("top_p".into(), json!(p));
+        body.insert("top_p".into(), j!(p));
     }
     let stops = stop(&req)?;
     if !stops.is_empty() {
-        body.insert("stop_sequences".into(), json!(stops));
+        body.insert("stop_sequences".into(), j!(stops));
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
         body.insert("stream".into(), Value::Bool(true));
     }
     if let Some(user) = req.get("user").and_then(Value::as_str) {
-        body.insert("metadata".into(), json!({"user_id": user}));
+        body.insert("metadata".into(), j!({"user_id": user}));
     }
 
     let defs = tools(&req)?;
@@ -155,12 +149,12 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
     let mut tool_list: Vec<Value> = defs
         .iter()
         .map(|d| {
-            let mut t = json!({
+            let mut t = j!({
                 "name": d.name,
-                "input_schema": d.parameters.cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                "input_schema": d.parameters.cloned().unwrap_or_else(|| j!({"type": "object", "properties": {}})),
             });
             if let (Some(desc), Some(o)) = (d.description, t.as_object_mut()) {
-                o.insert("description".into(), json!(desc));
+                o.insert("description".into(), j!(desc));
             }
             t
         })
@@ -169,12 +163,12 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
         None
     } else {
         match choice {
-            None if no_parallel => Some(json!({"type": "auto"})),
+            None if no_parallel => Some(j!({"type": "auto"})),
             None => None,
-            Some(ToolChoice::Auto) => Some(json!({"type": "auto"})),
-            Some(ToolChoice::None) => Some(json!({"type": "none"})),
-            Some(ToolChoice::Required) => Some(json!({"type": "any"})),
-            Some(ToolChoice::Named(n)) => Some(json!({"type": "tool", "name": n})),
+            Some(ToolChoice::Auto) => Some(j!({"type": "auto"})),
+            Some(ToolChoice::None) => Some(j!({"type": "none"})),
+            Some(ToolChoice::Required) => Some(j!({"type": "any"})),
+            Some(ToolChoice::Named(n)) => Some(j!({"type": "tool", "name": n})),
         }
     };
 
@@ -190,19 +184,19 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
             if defs.is_empty() && object_schema {
                 let input_schema = schema
                     .cloned()
-                    .unwrap_or_else(|| json!({"type": "object", "additionalProperties": true}));
-                tool_list.push(json!({
+                    .unwrap_or_else(|| j!({"type": "object", "additionalProperties": true}));
+                tool_list.push(j!({
                     "name": JSON_TOOL,
                     "description": "Give the final answer: its input is the JSON the user asked for.",
                     "input_schema": input_schema,
                 }));
-                choice_json = Some(json!({"type": "tool", "name": JSON_TOOL}));
+                choice_json = Some(j!({"type": "tool", "name": JSON_TOOL}));
             } else {
                 let text = match schema {
                     Some(s) => format!("Respond only with JSON that matches this JSON schema, without code fences or any other text: {s}"),
                     None => "Respond only with a valid JSON object, without code fences or any other text.".to_string(),
                 };
-                system.push(json!({"type": "text", "text": text}));
+                system.push(j!({"type": "text", "text": text}));
             }
         }
     }
@@ -229,7 +223,7 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
 }
 
 fn text_block(text: &str, cache_control: Option<&Value>) -> Value {
-    let mut b = json!({"type": "text", "text": text});
+    let mut b = j!({"type": "text", "text": text});
     if let (Some(cc), Some(o)) = (cache_control, b.as_object_mut()) {
         o.insert("cache_control".into(), cc.clone());
     }
@@ -239,9 +233,9 @@ fn text_block(text: &str, cache_control: Option<&Value>) -> Value {
 fn user_block(p: Part<'_>, i: usize) -> Result<Option<Value>, GatewayError> {
     let source = |m: Media<'_>| match m {
         Media::Base64 { mime, data } => {
-            json!({"type": "base64", "media_type": mime, "data": data})
+            j!({"type": "base64", "media_type": mime, "data": data})
         }
-        Media::Url(url) => json!({"type": "url", "url": url}),
+        Media::Url(url) => j!({"type": "url", "url": url}),
     };
     Ok(match p {
         Part::Text { text: "", .. } => None,
@@ -249,12 +243,13 @@ fn user_block(p: Part<'_>, i: usize) -> Result<Option<Value>, GatewayError> {
             text,
             cache_control,
         } => Some(text_block(text, cache_control)),
-        Part::Image(m) => Some(json!({"type": "image", "source": source(m)})),
-        Part::File(m) => Some(json!({"type": "document", "source": source(m)})),
+        Part::Image(m) => Some(j!({"type": "image", "source": source(m)})),
+        Part::File(m) => Some(j!({"type": "document", "source": source(m)})),
         Part::Audio { .. } => {
-            return Err(super::invalid(format!(
-                "messages[{i}]: audio input is not supported by Anthropic models"
-            )))
+            return Err(super::invalid_at(
+                i,
+                ": audio input is not supported by Anthropic models",
+            ))
         }
     })
 }
@@ -333,7 +328,7 @@ pub fn response_at(
             }
             Some("tool_use") => {
                 let name = block.get("name").and_then(Value::as_str).unwrap_or("");
-                let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                let input = block.get("input").cloned().unwrap_or_else(|| j!({}));
                 if name == JSON_TOOL {
                     has_text = true;
                     text.push_str(&input.to_string());
@@ -358,7 +353,7 @@ pub fn response_at(
         .get("id")
         .and_then(Value::as_str)
         .unwrap_or("chatcmpl-anthropic");
-    let choice = json!({
+    let choice = j!({
         "index": 0,
         "message": message(has_text.then_some(text), calls),
         "logprobs": null,
@@ -383,7 +378,7 @@ fn error_kind(anthropic_type: &str, status: u32) -> &'static str {
 /// Translates an Anthropic error body (`{"type":"error","error":{"type","message"}}`) into the
 /// OpenAI error JSON. The caller keeps `status` (including Anthropic's 529 "overloaded").
 pub fn error(status: u32, body: &[u8]) -> Vec<u8> {
-    let v = serde_json::from_slice::<Value>(body).ok();
+    let v = super::parse_json(body).ok();
     let err = v.as_ref().and_then(|v| v.get("error"));
     let kind = err.and_then(|e| e.get("type")).and_then(Value::as_str);
     let msg = err.and_then(|e| e.get("message")).and_then(Value::as_str);
@@ -457,7 +452,7 @@ impl AnthropicStream {
         if !self.started {
             self.started = true;
             self.w
-                .delta(out, 0, json!({"role": "assistant", "content": ""}), None);
+                .delta(out, 0, j!({"role": "assistant", "content": ""}), None);
         }
     }
 
@@ -486,7 +481,7 @@ impl AnthropicStream {
         if self.done {
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
+        let Ok(v) = super::parse_json(data.as_bytes()) else {
             return; // not JSON: nothing Anthropic documents; skip it
         };
         let kind = v
@@ -527,8 +522,8 @@ impl AnthropicStream {
                                 .unwrap_or("");
                             let n = self.tools;
                             self.tools += 1;
-                            let tc = json!([{"index": n, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]);
-                            self.w.delta(out, 0, json!({"tool_calls": tc}), None);
+                            let tc = j!([{"index": n, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]);
+                            self.w.delta(out, 0, j!({"tool_calls": tc}), None);
                             Block::Tool(n)
                         }
                     }
@@ -542,7 +537,7 @@ impl AnthropicStream {
                         .and_then(Value::as_str)
                         .unwrap_or("");
                     if !t.is_empty() {
-                        self.w.delta(out, 0, json!({"content": t}), None);
+                        self.w.delta(out, 0, j!({"content": t}), None);
                     }
                 }
             }
@@ -559,20 +554,20 @@ impl AnthropicStream {
                     (Some("text_delta"), _) => {
                         let t = field("text");
                         if !t.is_empty() {
-                            self.w.delta(out, 0, json!({"content": t}), None);
+                            self.w.delta(out, 0, j!({"content": t}), None);
                         }
                     }
                     (Some("input_json_delta"), Block::Tool(n)) => {
                         let p = field("partial_json");
                         if !p.is_empty() {
-                            let tc = json!([{"index": n, "function": {"arguments": p}}]);
-                            self.w.delta(out, 0, json!({"tool_calls": tc}), None);
+                            let tc = j!([{"index": n, "function": {"arguments": p}}]);
+                            self.w.delta(out, 0, j!({"tool_calls": tc}), None);
                         }
                     }
                     (Some("input_json_delta"), Block::Json) => {
                         let p = field("partial_json");
                         if !p.is_empty() {
-                            self.w.delta(out, 0, json!({"content": p}), None);
+                            self.w.delta(out, 0, j!({"content": p}), None);
                         }
                     }
                     _ => {} // thinking_delta, signature_delta, citations_delta
@@ -590,14 +585,14 @@ impl AnthropicStream {
                 if let (Some(sr), false) = (sr, self.finish_sent) {
                     self.finish_sent = true;
                     let f = finish_reason(sr, self.tools > 0);
-                    self.w.delta(out, 0, json!({}), Some(f));
+                    self.w.delta(out, 0, j!({}), Some(f));
                 }
             }
             "message_stop" => {
                 self.start(out);
                 if !self.finish_sent {
                     self.finish_sent = true;
-                    self.w.delta(out, 0, json!({}), Some("stop"));
+                    self.w.delta(out, 0, j!({}), Some("stop"));
                 }
                 self.end(out);
             }

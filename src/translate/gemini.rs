@@ -34,7 +34,7 @@ use super::{
 };
 use crate::error::GatewayError;
 use crate::sse::SseParser;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// Native base of the Gemini API (the provider default for compat mode ends in `/openai`).
 pub const GEMINI_BASE: &str = "https://generativelanguage.googleapis.com/v1beta";
@@ -76,7 +76,7 @@ pub fn request(
             "system" | "developer" => {
                 let text = super::text_only(m.get("content"), "system")?;
                 if !text.is_empty() {
-                    system.push(json!({"text": text}));
+                    system.push(j!({"text": text}));
                 }
             }
             "user" => {
@@ -93,18 +93,19 @@ pub fn request(
                 for p in content_parts(m.get("content"))? {
                     match p {
                         Part::Text { text: "", .. } => {}
-                        Part::Text { text, .. } => parts.push(json!({"text": text})),
+                        Part::Text { text, .. } => parts.push(j!({"text": text})),
                         _ => {
-                            return Err(super::invalid(format!(
-                                "messages[{i}]: assistant content may only contain text"
-                            )))
+                            return Err(super::invalid_at(
+                                i,
+                                ": assistant content may only contain text",
+                            ))
                         }
                     }
                 }
                 for (id, name, args) in tool_calls(m, i)? {
-                    let mut p = json!({"functionCall": {"name": name, "args": args}});
+                    let mut p = j!({"functionCall": {"name": name, "args": args}});
                     if let (Some(sig), Some(o)) = (signature_of(id), p.as_object_mut()) {
-                        o.insert("thoughtSignature".into(), json!(sig));
+                        o.insert("thoughtSignature".into(), j!(sig));
                     }
                     parts.push(p);
                     names.push((id.to_string(), name.to_string()));
@@ -115,9 +116,7 @@ pub fn request(
                 let id = m
                     .get("tool_call_id")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        super::invalid(format!("messages[{i}].tool_call_id is required"))
-                    })?;
+                    .ok_or_else(|| super::invalid_at(i, ".tool_call_id is required"))?;
                 let name = names
                     .iter()
                     .rev()
@@ -129,19 +128,15 @@ pub fn request(
                         ))
                     })?;
                 let text = super::text_only(m.get("content"), "tool message")?;
-                let response = match serde_json::from_str::<Value>(&text) {
+                let response = match super::parse_json(text.as_bytes()) {
                     Ok(v @ Value::Object(_)) => v,
-                    Ok(v) => json!({ "result": v }),
-                    Err(_) => json!({ "result": text }),
+                    Ok(v) => j!({ "result": v }),
+                    Err(_) => j!({ "result": text }),
                 };
-                let p = json!({"functionResponse": {"name": name, "response": response}});
+                let p = j!({"functionResponse": {"name": name, "response": response}});
                 push(&mut contents, "user", vec![p]);
             }
-            other => {
-                return Err(super::invalid(format!(
-                    "messages[{i}]: role '{other}' is not supported (use system, developer, user, assistant or tool)"
-                )))
-            }
+            other => return Err(super::bad_role(i, other)),
         }
     }
     if contents.is_empty() {
@@ -153,55 +148,55 @@ pub fn request(
     let mut body = Map::new();
     let contents: Vec<Value> = contents
         .into_iter()
-        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .map(|(role, parts)| j!({"role": role, "parts": parts}))
         .collect();
     body.insert("contents".into(), Value::Array(contents));
     if !system.is_empty() {
-        body.insert("systemInstruction".into(), json!({ "parts": system }));
+        body.insert("systemInstruction".into(), j!({ "parts": system }));
     }
 
     let mut gc = Map::new();
     if let Some(t) = number(&req, "temperature")? {
-        gc.insert("temperature".into(), json!(t));
+        gc.insert("temperature".into(), j!(t));
     }
     if let Some(p) = number(&req, "top_p")? {
-        gc.insert("topP".into(), json!(p));
+        gc.insert("topP".into(), j!(p));
     }
     if let Some(n) = max_tokens(&req)? {
-        gc.insert("maxOutputTokens".into(), json!(n));
+        gc.insert("maxOutputTokens".into(), j!(n));
     }
     let stops = stop(&req)?;
     if !stops.is_empty() {
-        gc.insert("stopSequences".into(), json!(stops));
+        gc.insert("stopSequences".into(), j!(stops));
     }
     match req.get("n") {
         None | Some(Value::Null) => {}
         Some(v) => match v.as_u64() {
             Some(1) => {}
             Some(n) if n > 1 => {
-                gc.insert("candidateCount".into(), json!(n));
+                gc.insert("candidateCount".into(), j!(n));
             }
             _ => return Err(super::invalid("'n' must be a positive integer")),
         },
     }
     if let Some(s) = req.get("seed").and_then(Value::as_i64) {
-        gc.insert("seed".into(), json!(s));
+        gc.insert("seed".into(), j!(s));
     }
     for (from, to) in [
         ("presence_penalty", "presencePenalty"),
         ("frequency_penalty", "frequencyPenalty"),
     ] {
         if let Some(p) = number(&req, from)?.filter(|p| *p != 0.0) {
-            gc.insert(to.into(), json!(p));
+            gc.insert(to.into(), j!(p));
         }
     }
     match response_format(&req)? {
         ResponseFormat::Text => {}
         ResponseFormat::JsonObject | ResponseFormat::JsonSchema { schema: None } => {
-            gc.insert("responseMimeType".into(), json!("application/json"));
+            gc.insert("responseMimeType".into(), j!("application/json"));
         }
         ResponseFormat::JsonSchema { schema: Some(s) } => {
-            gc.insert("responseMimeType".into(), json!("application/json"));
+            gc.insert("responseMimeType".into(), j!("application/json"));
             gc.insert("responseSchema".into(), schema(s));
         }
     }
@@ -215,9 +210,9 @@ pub fn request(
             .iter()
             .map(|d| {
                 let mut f = Map::new();
-                f.insert("name".into(), json!(d.name));
+                f.insert("name".into(), j!(d.name));
                 if let Some(desc) = d.description {
-                    f.insert("description".into(), json!(desc));
+                    f.insert("description".into(), j!(desc));
                 }
                 if let Some(p) = d.parameters.map(schema).filter(has_properties) {
                     f.insert("parameters".into(), p);
@@ -225,16 +220,16 @@ pub fn request(
                 Value::Object(f)
             })
             .collect();
-        body.insert("tools".into(), json!([{ "functionDeclarations": decls }]));
+        body.insert("tools".into(), j!([{ "functionDeclarations": decls }]));
         let config = match tool_choice(&req)? {
             None => None,
-            Some(ToolChoice::Auto) => Some(json!({"mode": "AUTO"})),
-            Some(ToolChoice::None) => Some(json!({"mode": "NONE"})),
-            Some(ToolChoice::Required) => Some(json!({"mode": "ANY"})),
-            Some(ToolChoice::Named(n)) => Some(json!({"mode": "ANY", "allowedFunctionNames": [n]})),
+            Some(ToolChoice::Auto) => Some(j!({"mode": "AUTO"})),
+            Some(ToolChoice::None) => Some(j!({"mode": "NONE"})),
+            Some(ToolChoice::Required) => Some(j!({"mode": "ANY"})),
+            Some(ToolChoice::Named(n)) => Some(j!({"mode": "ANY", "allowedFunctionNames": [n]})),
         };
         if let Some(c) = config {
-            body.insert("toolConfig".into(), json!({ "functionCallingConfig": c }));
+            body.insert("toolConfig".into(), j!({ "functionCallingConfig": c }));
         }
     }
 
@@ -263,14 +258,14 @@ fn push(contents: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, part
 
 fn part(p: Part<'_>) -> Option<Value> {
     let media = |m: Media<'_>| match m {
-        Media::Base64 { mime, data } => json!({"inlineData": {"mimeType": mime, "data": data}}),
-        Media::Url(url) => json!({"fileData": {"mimeType": guess_mime(url), "fileUri": url}}),
+        Media::Base64 { mime, data } => j!({"inlineData": {"mimeType": mime, "data": data}}),
+        Media::Url(url) => j!({"fileData": {"mimeType": guess_mime(url), "fileUri": url}}),
     };
     match p {
         Part::Text { text: "", .. } => None,
-        Part::Text { text, .. } => Some(json!({ "text": text })),
+        Part::Text { text, .. } => Some(j!({ "text": text })),
         Part::Image(m) | Part::File(m) => Some(media(m)),
-        Part::Audio { data, format } => Some(json!({
+        Part::Audio { data, format } => Some(j!({
             "inlineData": {"mimeType": format!("audio/{format}"), "data": data}
         })),
     }
@@ -311,7 +306,7 @@ pub fn schema(v: &Value) -> Value {
         match k.as_str() {
             "type" => match val {
                 Value::String(s) => {
-                    out.insert("type".into(), json!(s.to_ascii_uppercase()));
+                    out.insert("type".into(), j!(s.to_ascii_uppercase()));
                 }
                 Value::Array(list) => {
                     let mut nullable = false;
@@ -319,7 +314,7 @@ pub fn schema(v: &Value) -> Value {
                         if t == "null" {
                             nullable = true;
                         } else if !out.contains_key("type") {
-                            out.insert("type".into(), json!(t.to_ascii_uppercase()));
+                            out.insert("type".into(), j!(t.to_ascii_uppercase()));
                         }
                     }
                     if nullable {
@@ -330,8 +325,10 @@ pub fn schema(v: &Value) -> Value {
             },
             "properties" => {
                 if let Value::Object(props) = val {
-                    let p: Map<String, Value> =
-                        props.iter().map(|(k, v)| (k.clone(), schema(v))).collect();
+                    let mut p = Map::new();
+                    for (k, v) in props {
+                        p.insert(k.clone(), schema(v));
+                    }
                     if !p.is_empty() {
                         out.insert("properties".into(), Value::Object(p));
                     }
@@ -356,7 +353,7 @@ pub fn schema(v: &Value) -> Value {
                 }
             }
             "const" if val.is_string() => {
-                out.insert("enum".into(), json!([val]));
+                out.insert("enum".into(), j!([(val.clone())]));
             }
             "format" => {
                 if let Some(f) = val.as_str() {
@@ -449,7 +446,7 @@ fn call_from(p: &Value, base: &str, n: u64) -> Option<(String, String, String)> 
     let args = fc
         .get("args")
         .cloned()
-        .unwrap_or_else(|| json!({}))
+        .unwrap_or_else(|| j!({}))
         .to_string();
     let sig = p.get("thoughtSignature").and_then(Value::as_str);
     let id = match fc
@@ -554,7 +551,7 @@ pub fn response_at(
             .and_then(Value::as_str)
             .unwrap_or("STOP");
         let finish = finish_reason(reason, !calls.is_empty());
-        choices.push(json!({
+        choices.push(j!({
             "index": c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64),
             "message": message(has_text.then_some(text), calls),
             "logprobs": null,
@@ -567,7 +564,7 @@ pub fn response_at(
         } else {
             "stop"
         };
-        choices.push(json!({
+        choices.push(j!({
             "index": 0,
             "message": message(None, Vec::new()),
             "logprobs": null,
@@ -605,7 +602,7 @@ fn error_parts(v: &Value) -> Option<(&str, &str)> {
 /// Translates a Google error body (`{"error":{"code","message","status"}}`, or a one-element array
 /// of it) into the OpenAI error JSON. The caller keeps `status`.
 pub fn error(status: u32, body: &[u8]) -> Vec<u8> {
-    let v = serde_json::from_slice::<Value>(body).ok();
+    let v = super::parse_json(body).ok();
     match v.as_ref().and_then(error_parts) {
         Some((msg, st)) => {
             let code = if st.is_empty() {
@@ -680,12 +677,8 @@ impl GeminiStream {
         if let Some(pos) = self.cands.iter().position(|c| c.index == index) {
             return pos;
         }
-        self.w.delta(
-            out,
-            index,
-            json!({"role": "assistant", "content": ""}),
-            None,
-        );
+        self.w
+            .delta(out, index, j!({"role": "assistant", "content": ""}), None);
         self.cands.push(Candidate {
             index,
             ..Candidate::default()
@@ -711,7 +704,7 @@ impl GeminiStream {
         if self.done {
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
+        let Ok(v) = super::parse_json(data.as_bytes()) else {
             return;
         };
         if let Some((msg, st)) = error_parts(&v) {
@@ -752,7 +745,7 @@ impl GeminiStream {
             for p in parts {
                 if let Some(t) = text_of(p) {
                     if !t.is_empty() {
-                        self.w.delta(out, index, json!({"content": t}), None);
+                        self.w.delta(out, index, j!({"content": t}), None);
                     }
                 } else if let Some((id, name, args)) = call_from(p, &base, self.calls) {
                     self.calls += 1;
@@ -761,9 +754,9 @@ impl GeminiStream {
                     };
                     let n = cand.tools;
                     cand.tools += 1;
-                    let tc = json!([{"index": n, "id": id, "type": "function",
+                    let tc = j!([{"index": n, "id": id, "type": "function",
                                      "function": {"name": name, "arguments": args}}]);
-                    self.w.delta(out, index, json!({"tool_calls": tc}), None);
+                    self.w.delta(out, index, j!({"tool_calls": tc}), None);
                 }
             }
             if let Some(reason) = c.get("finishReason").and_then(Value::as_str) {
@@ -771,7 +764,7 @@ impl GeminiStream {
                     if !cand.finished {
                         cand.finished = true;
                         let f = finish_reason(reason, cand.tools > 0);
-                        self.w.delta(out, index, json!({}), Some(f));
+                        self.w.delta(out, index, j!({}), Some(f));
                     }
                 }
             }
@@ -781,7 +774,7 @@ impl GeminiStream {
             if let Some(cand) = self.cands.get_mut(slot) {
                 if !cand.finished {
                     cand.finished = true;
-                    self.w.delta(out, 0, json!({}), Some("content_filter"));
+                    self.w.delta(out, 0, j!({}), Some("content_filter"));
                 }
             }
         }
@@ -806,7 +799,7 @@ impl StreamTranslator for GeminiStream {
             if self.cands.iter().any(|c| c.finished) {
                 for c in self.cands.iter_mut().filter(|c| !c.finished) {
                     c.finished = true;
-                    self.w.delta(&mut out, c.index, json!({}), Some("stop"));
+                    self.w.delta(&mut out, c.index, j!({}), Some("stop"));
                 }
                 self.end(&mut out);
             } else {

@@ -8,7 +8,38 @@
 //! - `error(status, native_body)` → the OpenAI error JSON (the caller keeps the upstream status).
 
 use crate::error::GatewayError;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
+
+/// A small `json!`: values convert with `Value::from` (no `Serialize` monomorphizations, which keeps
+/// the wasm small). Non-trivial value expressions must be parenthesized.
+macro_rules! j {
+    (@obj [$($done:tt)*]) => { $crate::translate::obj(vec![$($done)*]) };
+    (@obj [$($done:tt)*] $k:literal : null $(, $($rest:tt)*)?) => {
+        j!(@obj [$($done)* ($k, serde_json::Value::Null),] $($($rest)*)?)
+    };
+    (@obj [$($done:tt)*] $k:literal : {$($v:tt)*} $(, $($rest:tt)*)?) => {
+        j!(@obj [$($done)* ($k, j!({$($v)*})),] $($($rest)*)?)
+    };
+    (@obj [$($done:tt)*] $k:literal : [$($v:tt)*] $(, $($rest:tt)*)?) => {
+        j!(@obj [$($done)* ($k, j!([$($v)*])),] $($($rest)*)?)
+    };
+    (@obj [$($done:tt)*] $k:literal : $v:expr $(, $($rest:tt)*)?) => {
+        j!(@obj [$($done)* ($k, serde_json::Value::from($v)),] $($($rest)*)?)
+    };
+    ({ $($t:tt)* }) => { j!(@obj [] $($t)*) };
+    ([ $($v:tt),* $(,)? ]) => { serde_json::Value::Array(vec![$(j!($v)),*]) };
+    (null) => { serde_json::Value::Null };
+    ($e:expr) => { serde_json::Value::from($e) };
+}
+
+/// Builds a JSON object from key/value pairs.
+pub(crate) fn obj(pairs: Vec<(&str, Value)>) -> Value {
+    let mut m = Map::new();
+    for (k, v) in pairs {
+        m.insert(k.to_string(), v);
+    }
+    Value::Object(m)
+}
 
 pub mod anthropic;
 pub mod gemini;
@@ -65,10 +96,33 @@ pub fn unix_now() -> u64 {
 // Reading the OpenAI request.
 // ---------------------------------------------------------------------------------------------
 
+#[cold]
+#[inline(never)]
 pub(crate) fn invalid(reason: impl Into<String>) -> GatewayError {
     GatewayError::InvalidBody {
         reason: reason.into(),
     }
+}
+
+/// `messages[i]<what>`: one formatting site for every per-message error.
+#[cold]
+#[inline(never)]
+pub(crate) fn invalid_at(i: usize, what: &str) -> GatewayError {
+    invalid(format!("messages[{i}]{what}"))
+}
+
+#[cold]
+#[inline(never)]
+pub(crate) fn bad_role(i: usize, role: &str) -> GatewayError {
+    invalid(format!(
+        "messages[{i}]: role '{role}' is not supported (use system, developer, user, assistant or tool)"
+    ))
+}
+
+/// Parses JSON into a `Value` (one instantiation of the deserializer for the whole module).
+#[inline(never)]
+pub(crate) fn parse_json(b: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<Value>(b)
 }
 
 pub(crate) fn bad_upstream(reason: impl Into<String>) -> GatewayError {
@@ -78,8 +132,9 @@ pub(crate) fn bad_upstream(reason: impl Into<String>) -> GatewayError {
 }
 
 /// Parses the OpenAI body as a JSON object.
+#[inline(never)]
 pub(crate) fn parse_request(body: &[u8]) -> Result<Map<String, Value>, GatewayError> {
-    match serde_json::from_slice::<Value>(body) {
+    match parse_json(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(invalid("the body must be a JSON object")),
         Err(e) => Err(invalid(format!("not valid JSON ({e})"))),
@@ -87,6 +142,7 @@ pub(crate) fn parse_request(body: &[u8]) -> Result<Map<String, Value>, GatewayEr
 }
 
 /// The `messages` array (required, non-empty).
+#[inline(never)]
 pub(crate) fn messages(req: &Map<String, Value>) -> Result<&Vec<Value>, GatewayError> {
     match req.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => Ok(a),
@@ -96,10 +152,11 @@ pub(crate) fn messages(req: &Map<String, Value>) -> Result<&Vec<Value>, GatewayE
     }
 }
 
+#[inline(never)]
 pub(crate) fn role_of(m: &Value, i: usize) -> Result<&str, GatewayError> {
     m.get("role")
         .and_then(Value::as_str)
-        .ok_or_else(|| invalid(format!("messages[{i}].role is missing or not a string")))
+        .ok_or_else(|| invalid_at(i, ".role is missing or not a string"))
 }
 
 /// Where an image or file comes from.
@@ -129,6 +186,7 @@ pub(crate) enum Part<'a> {
 }
 
 /// Splits a `data:` URL; anything else is a plain URL.
+#[inline(never)]
 pub(crate) fn media(url: &str) -> Result<Media<'_>, GatewayError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Ok(Media::Url(url));
@@ -146,6 +204,7 @@ pub(crate) fn media(url: &str) -> Result<Media<'_>, GatewayError> {
 }
 
 /// The parts of a message's `content` (a string, an array of parts, or null).
+#[inline(never)]
 pub(crate) fn content_parts(content: Option<&Value>) -> Result<Vec<Part<'_>>, GatewayError> {
     match content {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -200,18 +259,25 @@ fn part(p: &Value) -> Result<Part<'_>, GatewayError> {
 }
 
 /// The text of a content that may only hold text (system and tool messages), parts joined by "\n".
+#[inline(never)]
 pub(crate) fn text_only(content: Option<&Value>, what: &str) -> Result<String, GatewayError> {
-    let mut out = Vec::new();
-    for p in content_parts(content)? {
+    let mut out = String::new();
+    for (n, p) in content_parts(content)?.into_iter().enumerate() {
         match p {
-            Part::Text { text, .. } => out.push(text),
+            Part::Text { text, .. } => {
+                if n > 0 {
+                    out.push('\n');
+                }
+                out.push_str(text);
+            }
             _ => return Err(invalid(format!("{what} content may only contain text"))),
         }
     }
-    Ok(out.join("\n"))
+    Ok(out)
 }
 
 /// `max_completion_tokens`, else `max_tokens`.
+#[inline(never)]
 pub(crate) fn max_tokens(req: &Map<String, Value>) -> Result<Option<u64>, GatewayError> {
     for key in ["max_completion_tokens", "max_tokens"] {
         match req.get(key) {
@@ -228,6 +294,7 @@ pub(crate) fn max_tokens(req: &Map<String, Value>) -> Result<Option<u64>, Gatewa
 }
 
 /// A number field, if present.
+#[inline(never)]
 pub(crate) fn number(req: &Map<String, Value>, key: &str) -> Result<Option<f64>, GatewayError> {
     match req.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -239,6 +306,7 @@ pub(crate) fn number(req: &Map<String, Value>, key: &str) -> Result<Option<f64>,
 }
 
 /// `stop`: a string or an array of strings.
+#[inline(never)]
 pub(crate) fn stop(req: &Map<String, Value>) -> Result<Vec<String>, GatewayError> {
     match req.get("stop") {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -263,6 +331,7 @@ pub(crate) struct ToolDef<'a> {
     pub parameters: Option<&'a Value>,
 }
 
+#[inline(never)]
 pub(crate) fn tools(req: &Map<String, Value>) -> Result<Vec<ToolDef<'_>>, GatewayError> {
     let list = match req.get("tools") {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -302,6 +371,7 @@ pub(crate) enum ToolChoice {
     Named(String),
 }
 
+#[inline(never)]
 pub(crate) fn tool_choice(req: &Map<String, Value>) -> Result<Option<ToolChoice>, GatewayError> {
     match req.get("tool_choice") {
         None | Some(Value::Null) => Ok(None),
@@ -327,6 +397,7 @@ pub(crate) enum ResponseFormat<'a> {
     JsonSchema { schema: Option<&'a Value> },
 }
 
+#[inline(never)]
 pub(crate) fn response_format(
     req: &Map<String, Value>,
 ) -> Result<ResponseFormat<'_>, GatewayError> {
@@ -346,15 +417,12 @@ pub(crate) fn response_format(
 }
 
 /// An assistant message's `tool_calls`: (id, name, arguments as a JSON object).
+#[inline(never)]
 pub(crate) fn tool_calls(m: &Value, i: usize) -> Result<Vec<(&str, &str, Value)>, GatewayError> {
     let list = match m.get("tool_calls") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,
-        Some(_) => {
-            return Err(invalid(format!(
-                "messages[{i}].tool_calls must be an array"
-            )))
-        }
+        Some(_) => return Err(invalid_at(i, ".tool_calls must be an array")),
     };
     let mut out = Vec::with_capacity(list.len());
     for tc in list {
@@ -363,30 +431,28 @@ pub(crate) fn tool_calls(m: &Value, i: usize) -> Result<Vec<(&str, &str, Value)>
         let name = f
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "messages[{i}].tool_calls[].function.name is required"
-                ))
-            })?;
+            .ok_or_else(|| invalid_at(i, ".tool_calls[].function.name is required"))?;
         let args = match f.and_then(|f| f.get("arguments")) {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
-            Some(Value::String(s)) => serde_json::from_str::<Value>(s).map_err(|e| {
+            Some(Value::String(s)) => parse_json(s.as_bytes()).map_err(|e| {
                 invalid(format!(
                     "messages[{i}].tool_calls[].function.arguments is not valid JSON ({e})"
                 ))
             })?,
             Some(v @ Value::Object(_)) => v.clone(),
             Some(_) => {
-                return Err(invalid(format!(
-                    "messages[{i}].tool_calls[].function.arguments must be a JSON string"
-                )))
+                return Err(invalid_at(
+                    i,
+                    ".tool_calls[].function.arguments must be a JSON string",
+                ))
             }
         };
         if !args.is_object() {
-            return Err(invalid(format!(
-                "messages[{i}].tool_calls[].function.arguments must encode a JSON object"
-            )));
+            return Err(invalid_at(
+                i,
+                ".tool_calls[].function.arguments must encode a JSON object",
+            ));
         }
         out.push((id, name, args));
     }
@@ -395,7 +461,7 @@ pub(crate) fn tool_calls(m: &Value, i: usize) -> Result<Vec<(&str, &str, Value)>
 
 /// `stream_options.include_usage`.
 pub fn include_usage(openai_body: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(openai_body)
+    parse_json(openai_body)
         .ok()
         .and_then(|v| v.get("stream_options")?.get("include_usage")?.as_bool())
         .unwrap_or(false)
@@ -405,8 +471,9 @@ pub fn include_usage(openai_body: &[u8]) -> bool {
 // Writing OpenAI responses.
 // ---------------------------------------------------------------------------------------------
 
+#[inline(never)]
 pub(crate) fn usage_json(u: &Usage) -> Value {
-    json!({
+    j!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens.saturating_add(u.completion_tokens),
@@ -415,6 +482,7 @@ pub(crate) fn usage_json(u: &Usage) -> Value {
 }
 
 /// A full `chat.completion` object.
+#[inline(never)]
 pub(crate) fn completion(
     id: &str,
     created: u64,
@@ -422,7 +490,7 @@ pub(crate) fn completion(
     choices: Vec<Value>,
     usage: &Usage,
 ) -> Vec<u8> {
-    json!({
+    j!({
         "id": id,
         "object": "chat.completion",
         "created": created,
@@ -435,8 +503,9 @@ pub(crate) fn completion(
 }
 
 /// The assistant message of a choice.
+#[inline(never)]
 pub(crate) fn message(text: Option<String>, tool_calls: Vec<Value>) -> Value {
-    let mut m = json!({"role": "assistant", "content": text, "refusal": null});
+    let mut m = j!({"role": "assistant", "content": text, "refusal": null});
     if !tool_calls.is_empty() {
         if let Some(o) = m.as_object_mut() {
             o.insert("tool_calls".into(), Value::Array(tool_calls));
@@ -446,8 +515,9 @@ pub(crate) fn message(text: Option<String>, tool_calls: Vec<Value>) -> Value {
 }
 
 /// One OpenAI tool call (non-streamed form).
+#[inline(never)]
 pub(crate) fn tool_call(id: &str, name: &str, arguments: String) -> Value {
-    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    j!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
 pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -469,11 +539,11 @@ impl ChunkWriter {
 
     /// A chunk with one choice.
     pub fn delta(&self, out: &mut Vec<u8>, index: u64, delta: Value, finish: Option<&str>) {
-        let v = json!({
-            "id": self.id,
+        let v = j!({
+            "id": self.id.as_str(),
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.model,
+            "model": self.model.as_str(),
             "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}],
         });
         Self::event(out, &v);
@@ -481,11 +551,11 @@ impl ChunkWriter {
 
     /// The final usage chunk (`choices: []`).
     pub fn usage(&self, out: &mut Vec<u8>, u: &Usage) {
-        let v = json!({
-            "id": self.id,
+        let v = j!({
+            "id": self.id.as_str(),
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.model,
+            "model": self.model.as_str(),
             "choices": [],
             "usage": usage_json(u),
         });
@@ -499,7 +569,7 @@ impl ChunkWriter {
 }
 
 fn error_value(message: &str, kind: &str, code: &str) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+    j!({"error": {"message": message, "type": kind, "param": null, "code": code}})
 }
 
 /// The OpenAI error body.
@@ -532,7 +602,7 @@ pub(crate) fn excerpt(body: &[u8]) -> String {
 
 /// Parses an upstream JSON response body.
 pub(crate) fn parse_upstream(native: &[u8]) -> Result<Value, GatewayError> {
-    serde_json::from_slice::<Value>(native)
+    parse_json(native)
         .map_err(|e| bad_upstream(format!("the provider's response is not valid JSON ({e})")))
 }
 
