@@ -122,7 +122,10 @@ pub fn request_body(hash: &str) -> Vec<u8> {
 /// What the sidecar said about a key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resolved {
-    Known { identity: Box<Identity>, ttl_ms: u64 },
+    Known {
+        identity: Box<Identity>,
+        ttl_ms: u64,
+    },
     Unknown,
 }
 
