@@ -221,6 +221,7 @@ struct Pending {
     /// The complete body, if it arrived while the callout was in flight.
     body: Option<(Vec<u8>, usize)>,
     tags: Option<String>,
+    content_length: Option<usize>,
 }
 
 enum State {
@@ -254,12 +255,6 @@ struct Exchange {
     status: u32,
     tap: Option<StreamTap>,
     json: Vec<u8>,
-}
-
-fn header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
 }
 
 fn set_header(name: &str, value: Option<&str>) {
@@ -305,22 +300,33 @@ impl GatewayHttp {
     }
 
     fn handle_headers(&mut self, end_of_stream: bool) -> Result<Action, GatewayError> {
+        // One host call for all request headers; removals only for headers that are present.
+        let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         // Callers must never choose the upstream cluster themselves.
-        set_header(gateway::CLUSTER_HEADER, None);
-        let method = header(":method").unwrap_or_default();
-        let path = header(":path").unwrap_or_default();
-        let endpoint = match entry::classify(&method, &path) {
+        if get(gateway::CLUSTER_HEADER).is_some() {
+            set_header(gateway::CLUSTER_HEADER, None);
+        }
+        let endpoint = match entry::classify(
+            get(":method").unwrap_or_default(),
+            get(":path").unwrap_or_default(),
+        ) {
             None => return Ok(Action::Continue),
             Some(r) => r?,
         };
-        let key = auth::extract_key(
-            header("x-api-key").as_deref(),
-            header("authorization").as_deref(),
-        );
-        let provider_header = header("x-provider-name");
-        let tags = header(usage::TAGS_HEADER);
+        let key = auth::extract_key(get("x-api-key"), get("authorization"));
+        let provider_header = get("x-provider-name").map(str::to_string);
+        let tags = get(usage::TAGS_HEADER).map(str::to_string);
+        let content_length = get("content-length").and_then(|v| v.trim().parse::<usize>().ok());
         for h in gateway::STRIPPED_REQUEST_HEADERS {
-            set_header(h, None);
+            if get(h).is_some() {
+                set_header(h, None);
+            }
         }
         let hash = auth::key_hash(&self.plan, key.as_deref())?;
         let pending = Pending {
@@ -331,6 +337,7 @@ impl GatewayHttp {
             stale: None,
             body: None,
             tags,
+            content_length,
         };
         match self.authenticate(pending)? {
             Next::Ready(identity, p) => self.proceed(identity, *p),
@@ -399,9 +406,7 @@ impl GatewayHttp {
             Endpoint::ChatCompletions => {
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
                 let limit = self.plan.max_body_bytes;
-                let declared =
-                    header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-                if declared.is_some_and(|n| n > limit) {
+                if p.content_length.is_some_and(|n| n > limit) {
                     return Err(GatewayError::BodyTooLarge { limit });
                 }
                 if p.headers_ended {
