@@ -206,6 +206,11 @@ pub struct ProviderSpec {
     /// Providers to fall back to, in order, when this (hosted) provider fails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<String>,
+    /// Which API to speak for ANTHROPIC, GEMINI and VERTEXAIGEMINI: `native` (translated by the
+    /// gateway) or `openai` (the provider's OpenAI-compatible endpoint). Defaults: Anthropic native,
+    /// Gemini and Vertex `openai`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// A custom configuration: which providers and models a key may use, with optional overrides.
@@ -347,6 +352,9 @@ pub struct ResolvedProvider {
     pub cluster_id: Option<String>,
     #[serde(default)]
     pub fallback: Vec<String>,
+    /// Speaks the provider's native API (requests and responses translated by the gateway).
+    #[serde(default)]
+    pub native: bool,
 }
 
 impl std::fmt::Debug for ResolvedProvider {
@@ -605,6 +613,7 @@ struct Registered {
     spec: ProviderSpec,
     kind: ProviderKind,
     api_key: Option<String>,
+    native: bool,
 }
 
 fn compile_providers(
@@ -626,6 +635,18 @@ fn compile_providers(
         if p.models.is_empty() {
             return Err(format!("provider '{}': models must not be empty", p.name));
         }
+        let native = match (p.api.as_deref(), kind) {
+            (None, k) => crate::providers::native_by_default(k),
+            (Some("openai"), _) => false,
+            (Some("native"), k) if crate::providers::has_native_api(k) => true,
+            (Some(other), _) => {
+                return Err(format!(
+                    "provider '{}': api '{other}' is not available for {} (use native or openai)",
+                    p.name,
+                    kind.as_str()
+                ))
+            }
+        };
         let mut seen = hashbrown::HashSet::new();
         for m in &p.models {
             if m.name().is_empty() || !seen.insert(m.name()) {
@@ -664,6 +685,7 @@ fn compile_providers(
             spec: p.clone(),
             kind,
             api_key,
+            native,
         };
         // Validate the URL now so that requests never meet a bad one.
         base_url(&reg, None, clusters)?;
@@ -682,7 +704,7 @@ fn base_url(
     let raw = override_base
         .map(str::to_string)
         .or_else(|| reg.spec.url.clone())
-        .or_else(|| crate::providers::default_base(reg.kind).map(str::to_string))
+        .or_else(|| crate::providers::default_base(reg.kind, reg.native).map(str::to_string))
         .ok_or_else(|| {
             format!(
                 "provider '{}': url is required for {}",
@@ -736,6 +758,7 @@ fn resolve_entry(
         envoy_cluster,
         cluster_id: reg.spec.cluster_id.clone(),
         fallback: reg.spec.fallback.clone(),
+        native: reg.native,
     })
 }
 

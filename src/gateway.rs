@@ -4,7 +4,7 @@
 use crate::body;
 use crate::config::{Identity, ProviderKind};
 use crate::error::GatewayError;
-use crate::providers;
+use crate::providers::{self, Translation};
 use crate::select::select;
 use crate::usage;
 use serde_json::json;
@@ -41,6 +41,8 @@ pub struct Routed {
     pub authority: String,
     pub path: String,
     pub auth: Option<(&'static str, String)>,
+    /// Other request headers to set.
+    pub extra_headers: Vec<(&'static str, String)>,
     /// The rewritten body, when it differs from what the client sent.
     pub body: Option<Vec<u8>>,
     pub stream: bool,
@@ -50,6 +52,10 @@ pub struct Routed {
     pub strip_usage_chunk: bool,
     /// Size of the request body as the client sent it (for estimates).
     pub request_bytes: usize,
+    /// Native provider API: responses must be translated back.
+    pub translation: Option<Translation>,
+    /// Whether the client asked for the final usage chunk (translated streams).
+    pub client_wants_usage: bool,
 }
 
 /// Decides where a chat-completions request goes and how it must look.
@@ -60,13 +66,19 @@ pub fn route_chat(
 ) -> Result<Routed, GatewayError> {
     let req = body::inspect(raw_body)?;
     let sel = select(id, provider_header, req.model.as_deref())?;
-    let target = providers::chat_target(sel.provider, sel.model)?;
-    let mut new_body = match &target.body_model {
-        Some(m) => body::with_model(raw_body, req.model.as_deref(), m),
-        None => None,
+    let mut target = if sel.provider.native {
+        providers::native_target(sel.provider, sel.model, raw_body, req.stream)?
+    } else {
+        providers::chat_target(sel.provider, sel.model)?
+    };
+    let mut new_body = match (target.native_body.take(), &target.body_model) {
+        (Some(native), _) => Some(native),
+        (None, Some(m)) => body::with_model(raw_body, req.model.as_deref(), m),
+        (None, None) => None,
     };
     let mut strip_usage_chunk = false;
-    if req.stream && providers::supports_stream_usage(sel.provider.kind) {
+    let translated = target.translation.is_some();
+    if req.stream && !translated && providers::supports_stream_usage(sel.provider.kind) {
         let current = new_body.as_deref().unwrap_or(raw_body);
         let (with_usage, client_asked) = usage::ensure_stream_usage(current);
         strip_usage_chunk = !client_asked;
@@ -83,6 +95,7 @@ pub fn route_chat(
         authority: sel.provider.base.authority.clone(),
         path: target.path,
         auth: target.auth,
+        extra_headers: target.extra_headers,
         body: new_body,
         stream: req.stream,
         upstream_model: target
@@ -90,7 +103,56 @@ pub fn route_chat(
             .unwrap_or_else(|| sel.model.upstream.clone()),
         strip_usage_chunk,
         request_bytes: raw_body.len(),
+        translation: target.translation,
+        client_wants_usage: translated && crate::translate::include_usage(raw_body),
     })
+}
+
+/// Translates a whole native response body back to OpenAI's shape: a chat completion for 2xx, the
+/// OpenAI error shape otherwise. Returns the new body, usage, and the status to send.
+pub fn translate_response(
+    t: Translation,
+    status: u32,
+    body: &[u8],
+    model: &str,
+) -> (Vec<u8>, Option<crate::usage::Usage>, u32) {
+    use crate::translate::{anthropic, gemini};
+    if !(200..300).contains(&status) {
+        let out = match t {
+            Translation::Anthropic => anthropic::error(status, body),
+            Translation::Gemini => gemini::error(status, body),
+        };
+        return (out, None, status);
+    }
+    let done = match t {
+        Translation::Anthropic => anthropic::response(body, model),
+        Translation::Gemini => gemini::response(body, model),
+    };
+    match done {
+        Ok((out, u)) => (out, Some(from_translated(u)), status),
+        Err(e) => (e.body().into_bytes(), None, e.status()),
+    }
+}
+
+/// A stream translator for a native provider stream.
+pub fn stream_translator(
+    t: Translation,
+    model: &str,
+    include_usage: bool,
+) -> Box<dyn crate::translate::StreamTranslator> {
+    use crate::translate::{anthropic::AnthropicStream, gemini::GeminiStream};
+    match t {
+        Translation::Anthropic => Box::new(AnthropicStream::new(model, include_usage)),
+        Translation::Gemini => Box::new(GeminiStream::new(model, include_usage)),
+    }
+}
+
+pub fn from_translated(u: crate::translate::Usage) -> crate::usage::Usage {
+    crate::usage::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        cached_tokens: u.cached_tokens,
+    }
 }
 
 /// Models the caller may use, as OpenAI's `GET /v1/models` list (each name once, first provider wins).

@@ -255,6 +255,11 @@ struct Exchange {
     status: u32,
     tap: Option<StreamTap>,
     json: Vec<u8>,
+    /// Native provider stream being translated to OpenAI chunks.
+    translator: Option<Box<dyn crate::translate::StreamTranslator>>,
+    /// Native non-streamed (or error) response: held whole, then translated.
+    translate_whole: bool,
+    translated_usage: Option<usage::Usage>,
 }
 
 fn set_header(name: &str, value: Option<&str>) {
@@ -483,12 +488,23 @@ impl GatewayHttp {
             status: 0,
             tap: None,
             json: Vec::new(),
+            translator: None,
+            translate_whole: false,
+            translated_usage: None,
         }));
         set_header(":authority", Some(&routed.authority));
         set_header(":path", Some(&routed.path));
         set_header(gateway::CLUSTER_HEADER, Some(&routed.cluster));
         if let Some((name, value)) = &routed.auth {
             set_header(name, Some(value));
+        }
+        for (name, value) in &routed.extra_headers {
+            set_header(name, Some(value));
+        }
+        if routed.translation.is_some() {
+            set_header("content-type", Some("application/json"));
+            // Native APIs answer in their own encoding choices; ask for plain bodies to translate.
+            set_header("accept-encoding", None);
         }
         if let Some(new_body) = routed.body.take() {
             hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body).map_err(
@@ -579,6 +595,15 @@ fn dispatch_resolve(sidecar: &SidecarPlan, hash: &str) -> Result<u32, proxy_wasm
     )
 }
 
+impl GatewayHttp {
+    fn routed_translation(&self) -> Option<crate::providers::Translation> {
+        match &self.state {
+            State::Routed(r) => r.translation,
+            _ => None,
+        }
+    }
+}
+
 impl Context for GatewayHttp {
     fn on_http_call_response(
         &mut self,
@@ -626,10 +651,52 @@ impl HttpContext for GatewayHttp {
         if ex.first_byte_ms.is_none() && body_size > 0 {
             ex.first_byte_ms = Some(now_ms());
         }
+        if ex.translate_whole {
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let (State::Routed(r), Some(t)) = (&self.state, self.routed_translation()) else {
+                return Action::Continue;
+            };
+            let ex = match self.exchange.as_mut() {
+                Some(ex) => ex,
+                None => return Action::Continue,
+            };
+            let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let (out, u, status) = gateway::translate_response(t, ex.status, &body, &r.model);
+            ex.translated_usage = u;
+            if status != ex.status {
+                ex.status = status;
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpResponseHeaders,
+                    ":status",
+                    Some(&status.to_string()),
+                );
+            }
+            if let Err(e) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
+            {
+                log::warn!("llm-gateway: cannot set the translated response: {e:?}");
+            }
+            return Action::Continue;
+        }
         let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
             Ok(b) => b.unwrap_or_default(),
             Err(_) => return Action::Continue,
         };
+        if let Some(tr) = ex.translator.as_mut() {
+            let mut out = tr.push(&chunk);
+            if end_of_stream {
+                out.extend(tr.finish());
+            }
+            if let Err(e) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
+            {
+                log::warn!("llm-gateway: cannot set a translated chunk: {e:?}");
+            }
+            return Action::Continue;
+        }
         match ex.tap.as_mut() {
             Some(tap) => {
                 let mut replaced = tap.push(&chunk);
@@ -661,6 +728,10 @@ impl HttpContext for GatewayHttp {
             return;
         };
         let end = now_ms();
+        let translated = ex
+            .translator
+            .as_ref()
+            .map(|t| (t.usage().map(gateway::from_translated), !t.failed()));
         let (facts, done) = match &ex.tap {
             Some(t) => (
                 usage::ResponseFacts {
@@ -670,7 +741,25 @@ impl HttpContext for GatewayHttp {
                 },
                 t.done,
             ),
-            None => (usage::from_json_response(&ex.json), true),
+            None => match (translated, ex.translate_whole) {
+                (Some((u, ok)), _) => (
+                    usage::ResponseFacts {
+                        usage: u,
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    ok,
+                ),
+                (None, true) => (
+                    usage::ResponseFacts {
+                        usage: ex.translated_usage,
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    true,
+                ),
+                (None, false) => (usage::from_json_response(&ex.json), true),
+            },
         };
         let status = if ex.status == 0 { 502 } else { ex.status };
         let ok = (200..300).contains(&status);
@@ -765,7 +854,30 @@ impl HttpContext for GatewayHttp {
                 .ok()
                 .flatten()
                 .is_some_and(|c| c.contains("text/event-stream"));
-            if sse {
+            let ok = (200..300).contains(&ex.status);
+            if let Some(t) = r.translation {
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+                if ok && r.stream {
+                    ex.translator = Some(gateway::stream_translator(
+                        t,
+                        &r.model,
+                        r.client_wants_usage,
+                    ));
+                    let _ = hostcalls::set_map_value(
+                        MapType::HttpResponseHeaders,
+                        "content-type",
+                        Some("text/event-stream"),
+                    );
+                } else {
+                    ex.translate_whole = true;
+                    let _ = hostcalls::set_map_value(
+                        MapType::HttpResponseHeaders,
+                        "content-type",
+                        Some("application/json"),
+                    );
+                }
+            } else if sse {
                 ex.tap = Some(StreamTap::new(r.strip_usage_chunk));
                 if r.strip_usage_chunk {
                     let _ = hostcalls::set_map_value(
@@ -776,6 +888,7 @@ impl HttpContext for GatewayHttp {
                 }
             }
         }
+        let hold = self.exchange.as_ref().is_some_and(|ex| ex.translate_whole);
         if let State::Routed(r) = &self.state {
             for (name, value) in [
                 (gateway::PROVIDER_RESPONSE_HEADER, r.provider.as_str()),
@@ -788,6 +901,11 @@ impl HttpContext for GatewayHttp {
                 }
             }
         }
-        Action::Continue
+        if hold {
+            // The whole native body is translated first; status and headers may still change.
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 }

@@ -131,6 +131,7 @@ mod tests {
             envoy_cluster: "c".into(),
             cluster_id: None,
             fallback: vec![],
+            native: false,
         }
     }
 

@@ -26,7 +26,7 @@ PROVIDERS = {
                {"apiKey": "ya29.DDDD", "models": ["gemini-1.5-pro"]}),
     "mistral": ("MISTRAL", "/v1", {"apiKey": "mis-EEEE", "models": ["mistral-small"]}),
     "groq": ("GROQ", "/openai/v1", {"apiKey": "gsk_FFFF", "models": ["llama-3.1-8b-instant"]}),
-    "anthropic-compat": ("ANTHROPIC", "/v1", {"apiKey": "sk-ant-GGGG", "models": ["claude-sonnet"]}),
+    "anthropic-compat": ("ANTHROPIC", "/v1", {"apiKey": "sk-ant-GGGG", "api": "openai", "models": ["claude-sonnet"]}),
     "vllm-local": ("OPENAI_COMPATIBLE", "/v1", {"isHosted": True,
                                                "models": [{"name": "gpt-4o", "upstreamName": "llama3.1:8b"},
                                                           "qwen"]}),

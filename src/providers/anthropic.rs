@@ -1,7 +1,7 @@
 //! Anthropic through its OpenAI SDK compatibility endpoint: `{base}/chat/completions`, bearer key.
 //! (The native Messages API translation is a separate, later provider mode.)
 
-use super::{bearer, required_key, Target};
+use super::{bearer, required_key, Target, Translation};
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
@@ -12,6 +12,20 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
         path: p.base.join("/chat/completions"),
         auth: bearer(required_key(p)?),
         body_model: Some(model.upstream.clone()),
+        ..Default::default()
+    })
+}
+
+/// The native Messages API: `{base}/messages`, `x-api-key`, `anthropic-version`; body translated.
+pub fn native(p: &ResolvedProvider, model: &Model, body: &[u8]) -> Result<Target, GatewayError> {
+    let req = crate::translate::anthropic::request(body, &model.upstream)?;
+    Ok(Target {
+        path: p.base.join(&req.path_suffix),
+        auth: Some(("x-api-key", required_key(p)?.to_string())),
+        body_model: None,
+        extra_headers: req.headers,
+        native_body: Some(req.body),
+        translation: Some(Translation::Anthropic),
     })
 }
 

@@ -21,6 +21,7 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
         auth: Some(("api-key", required_key(p)?.to_string())),
         // The deployment in the path decides the model; the body is left as the client sent it.
         body_model: None,
+        ..Default::default()
     })
 }
 

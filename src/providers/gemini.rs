@@ -1,6 +1,6 @@
 //! Google Gemini API through its OpenAI-compatible endpoint: `{base}/chat/completions`, bearer key.
 
-use super::{bearer, required_key, Target};
+use super::{bearer, required_key, Target, Translation};
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
@@ -12,6 +12,29 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
         path: p.base.join("/chat/completions"),
         auth: bearer(required_key(p)?),
         body_model: Some(model.upstream.clone()),
+        ..Default::default()
+    })
+}
+
+/// Base of the native API (`generateContent`).
+pub const NATIVE_BASE: Option<&str> = Some(crate::translate::gemini::GEMINI_BASE);
+
+/// The native API: `{base}/models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`),
+/// `x-goog-api-key`; body translated.
+pub fn native(
+    p: &ResolvedProvider,
+    model: &Model,
+    body: &[u8],
+    stream: bool,
+) -> Result<Target, GatewayError> {
+    let req = crate::translate::gemini::request(body, &model.upstream, stream)?;
+    Ok(Target {
+        path: p.base.join(&req.path_suffix),
+        auth: Some(("x-goog-api-key", required_key(p)?.to_string())),
+        body_model: None,
+        extra_headers: req.headers,
+        native_body: Some(req.body),
+        translation: Some(Translation::Gemini),
     })
 }
 

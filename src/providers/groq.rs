@@ -11,6 +11,7 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
         path: p.base.join("/chat/completions"),
         auth: bearer(required_key(p)?),
         body_model: Some(model.upstream.clone()),
+        ..Default::default()
     })
 }
 

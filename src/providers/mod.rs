@@ -14,8 +14,15 @@ mod openai;
 mod openai_compatible;
 mod vertex;
 
+/// Response translation a native provider API needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    Anthropic,
+    Gemini,
+}
+
 /// Where and how one attempt goes upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Target {
     /// Upstream `:path` (with query string if any).
     pub path: String,
@@ -23,11 +30,32 @@ pub struct Target {
     pub auth: Option<(&'static str, String)>,
     /// The `model` the request body must carry; `None`: leave the body's model alone.
     pub body_model: Option<String>,
+    /// Other request headers the provider needs (e.g. `anthropic-version`).
+    pub extra_headers: Vec<(&'static str, String)>,
+    /// A whole new body (native APIs), replacing the client's.
+    pub native_body: Option<Vec<u8>>,
+    /// How responses must be translated back to OpenAI's shape.
+    pub translation: Option<Translation>,
+}
+
+/// Whether the provider type has a native API the gateway translates to.
+pub fn has_native_api(kind: ProviderKind) -> bool {
+    matches!(
+        kind,
+        ProviderKind::Anthropic | ProviderKind::Gemini | ProviderKind::VertexAiGemini
+    )
+}
+
+/// Native API unless the registration says `api: openai`: Anthropic's OpenAI compatibility is partial;
+/// Gemini's and Vertex's OpenAI endpoints are complete and need no translation.
+pub fn native_by_default(kind: ProviderKind) -> bool {
+    matches!(kind, ProviderKind::Anthropic)
 }
 
 /// Public base URL of a provider type; `None` where the user must give one.
-pub fn default_base(kind: ProviderKind) -> Option<&'static str> {
+pub fn default_base(kind: ProviderKind, native: bool) -> Option<&'static str> {
     match kind {
+        ProviderKind::Gemini if native => gemini::NATIVE_BASE,
         ProviderKind::OpenAi => openai::DEFAULT_BASE,
         ProviderKind::Azure => azure::DEFAULT_BASE,
         ProviderKind::Gemini => gemini::DEFAULT_BASE,
@@ -50,6 +78,21 @@ pub fn supports_stream_usage(kind: ProviderKind) -> bool {
         | ProviderKind::OpenAiCompatible => true,
         // Mistral reports usage in its last chunk unasked and refuses unknown fields.
         ProviderKind::Mistral | ProviderKind::Anthropic => false,
+    }
+}
+
+/// Shapes a request for a provider's native API, translating the OpenAI body.
+pub fn native_target(
+    provider: &ResolvedProvider,
+    model: &Model,
+    body: &[u8],
+    stream: bool,
+) -> Result<Target, GatewayError> {
+    match provider.kind {
+        ProviderKind::Anthropic => anthropic::native(provider, model, body),
+        ProviderKind::Gemini => gemini::native(provider, model, body, stream),
+        ProviderKind::VertexAiGemini => vertex::native(provider, model, body, stream),
+        _ => chat_target(provider, model),
     }
 }
 
@@ -113,6 +156,7 @@ pub(crate) mod test_support {
             envoy_cluster: "c".into(),
             cluster_id: None,
             fallback: vec![],
+            native: false,
         }
     }
 
@@ -141,7 +185,7 @@ mod tests {
             ProviderKind::VertexAiGemini,
             ProviderKind::OpenAiCompatible,
         ] {
-            assert!(default_base(kind).is_none());
+            assert!(default_base(kind, false).is_none());
         }
         for kind in [
             ProviderKind::OpenAi,
@@ -150,7 +194,7 @@ mod tests {
             ProviderKind::Groq,
             ProviderKind::Anthropic,
         ] {
-            assert!(default_base(kind).unwrap().starts_with("https://"));
+            assert!(default_base(kind, false).unwrap().starts_with("https://"));
         }
     }
 }

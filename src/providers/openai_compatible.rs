@@ -16,6 +16,7 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
             .filter(|k| !k.is_empty())
             .and_then(bearer),
         body_model: Some(model.upstream.clone()),
+        ..Default::default()
     })
 }
 

@@ -2,7 +2,7 @@
 //! `{url}/endpoints/openapi/chat/completions` where `url` is the regional
 //! `.../v1/projects/{project}/locations/{location}`; bearer access token; models are `google/<name>`.
 
-use super::{bearer, required_key, Target};
+use super::{bearer, required_key, Target, Translation};
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
@@ -18,6 +18,31 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
         path: p.base.join("/endpoints/openapi/chat/completions"),
         auth: bearer(required_key(p)?),
         body_model: Some(body_model),
+        ..Default::default()
+    })
+}
+
+/// The native Vertex API: `{url}/publishers/google/models/{model}:generateContent` (or
+/// `:streamGenerateContent?alt=sse`), bearer access token; body translated as for Gemini.
+pub fn native(
+    p: &ResolvedProvider,
+    model: &Model,
+    body: &[u8],
+    stream: bool,
+) -> Result<Target, GatewayError> {
+    let req = crate::translate::gemini::request(body, &model.upstream, stream)?;
+    let suffix = format!(
+        "{}{}",
+        crate::translate::gemini::vertex_prefix(),
+        req.path_suffix
+    );
+    Ok(Target {
+        path: p.base.join(&suffix),
+        auth: bearer(required_key(p)?),
+        body_model: None,
+        extra_headers: req.headers,
+        native_body: Some(req.body),
+        translation: Some(Translation::Gemini),
     })
 }
 
