@@ -315,6 +315,9 @@ struct ProviderIn {
     cluster_id: Option<String>,
     #[serde(default)]
     fallback: Option<OneOrMany>,
+    /// `native` or `openai` for ANTHROPIC, GEMINI and VERTEXAIGEMINI (the filter's `api`).
+    #[serde(default)]
+    api: Option<String>,
     /// Price overrides, USD per 1M tokens, by model (stored with the registration, not in the filter's spec).
     #[serde(default)]
     prices: Option<PriceOverrides>,
@@ -408,6 +411,7 @@ impl ProviderIn {
             cluster: None,
             cluster_id,
             fallback,
+            api: self.api.clone().filter(|a| !a.trim().is_empty()),
         })
     }
 }
@@ -422,6 +426,7 @@ fn provider_out(p: &StoredProvider) -> Value {
         "isHosted": p.spec.is_hosted,
         "clusterId": p.spec.cluster_id,
         "fallback": p.spec.fallback,
+        "api": p.spec.api,
         "prices": p.prices,
         "apiKeyLast4": p.last4,
         "createTime": rfc3339(p.created_at),
