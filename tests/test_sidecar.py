@@ -11,12 +11,24 @@ import urllib.request
 
 import pytest
 
-from harness import ROOT, Envoy, FakeUpstream, free_port, request
+from concurrent.futures import ThreadPoolExecutor
+
+from harness import ROOT, Envoy, FakeUpstream, chat_response, free_port, request, sse_chunks
 
 SIDECAR_BIN = os.path.join(ROOT, "target", "debug", "llm-gateway-sidecar")
 ADMIN = "lgw_test_admin_key_0123456789"
 TOKEN = "test-internal-token"
 TTL = 2  # seconds the filter may cache a resolved key
+
+
+def hosted_responder(rec):
+    body = json.loads(rec.body)
+    if body.get("stream"):
+        usage = {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10} \
+            if (body.get("stream_options") or {}).get("include_usage") else None
+        return 200, {"content-type": "text/event-stream"}, [(0.01, c) for c in sse_chunks(body["model"], ["a", "b"], usage)]
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    return 200, {"content-type": "application/json"}, json.dumps(chat_response(body["model"], usage=usage)).encode()
 
 
 class Sidecar:
@@ -30,7 +42,7 @@ class Sidecar:
         env = dict(os.environ, LLM_GATEWAY_ADMIN_KEY=ADMIN, LLM_GATEWAY_INTERNAL_TOKEN=TOKEN,
                    LLM_GATEWAY_CACHE_TTL=str(TTL))
         env.pop("DATABASE_URL", None)
-        self.log = open(os.path.join(self.dir, "sidecar.log"), "w")
+        self.log = open(os.path.join(self.dir, "sidecar.log"), "a")
         self.proc = subprocess.Popen([SIDECAR_BIN, "--data-dir", self.dir, "--listen", f"127.0.0.1:{self.port}"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.time() + 30
@@ -64,7 +76,7 @@ class Sidecar:
 
 @pytest.fixture(scope="module")
 def world():
-    hosted, saas, other = FakeUpstream(), FakeUpstream(), FakeUpstream()
+    hosted, saas, other = FakeUpstream(hosted_responder), FakeUpstream(), FakeUpstream()
     sc = Sidecar().start()
     gw = {"sidecar": {"token": TOKEN, "timeoutMs": 1000, "staleSeconds": 60}, "providers": [], "keys": []}
     envoy = Envoy(gw, sidecar_port=sc.port).start()
@@ -93,7 +105,7 @@ def chat(envoy, key, body, headers=None):
     hdrs = {"authorization": f"Bearer {key}", "content-type": "application/json"}
     hdrs.update(headers or {})
     s, h, b = request("POST", envoy.url + "/openai/v1/chat/completions", body, hdrs)
-    return s, h, json.loads(b) if b else None
+    return s, h, (json.loads(b) if b and not h.get("content-type", "").startswith("text/event-stream") else b)
 
 
 def test_api_registered_providers_route(world):
@@ -213,6 +225,41 @@ def test_unknown_key_is_401_and_bad_token_fails_closed(world):
     with Envoy(gw, sidecar_port=sc.port) as envoy2:
         s, h, err = chat(envoy2, key, {"model": "llama", "messages": []})
         assert s == 503 and err["error"]["code"] == "control_plane_unavailable"
+
+
+def test_usage_totals_reach_the_sidecar_across_a_restart(world):
+    sc, envoy = world["sc"], world["envoy"]
+    key, key_id = new_key(sc, {"config_id": "default"})
+
+    def one(i):
+        body = {"model": "llama", "messages": [{"role": "user", "content": "x"}], "stream": i % 2 == 1}
+        s, _, _ = chat(envoy, key, body, {"x-llm-gateway-tags": "team=search"})
+        return s
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(40))) == {200}
+    sc.stop()  # records of the next requests must wait in the filter's buffer
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(40, 60))) == {200}
+    time.sleep(2)
+    sc.start()
+    deadline = time.time() + 30
+    totals = {}
+    while time.time() < deadline:
+        s, doc = sc.api("GET", f"/v1/llm/usage?apiKeyId={key_id}")
+        assert s == 200, doc
+        totals = doc["totals"]
+        if totals.get("requests", 0) >= 60:
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # a duplicate would show up now
+    s, doc = sc.api("GET", f"/v1/llm/usage?apiKeyId={key_id}&group_by=tag:team")
+    totals = doc["totals"]
+    # 30 JSON requests (5 in, 3 out) and 30 streams (4 in, 6 out): exactly one record each.
+    assert totals["requests"] == 60
+    assert totals["promptTokens"] == 30 * 5 + 30 * 4
+    assert totals["completionTokens"] == 30 * 3 + 30 * 6
+    assert [r["group"] for r in doc["rows"]] == [{"tag:team": "search"}]
 
 
 def test_sidecar_killed_mid_run(world):
