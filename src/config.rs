@@ -407,6 +407,10 @@ pub struct Identity {
     /// hosted model, for a cluster-scoped key). Never selected or listed directly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback_providers: Vec<ResolvedProvider>,
+    /// Whether prompts and completions are stored with usage records (the sidecar's `storePrompts`,
+    /// off by default; static keys never store them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub store_prompts: bool,
 }
 
 impl Identity {
@@ -524,6 +528,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             org_settings: raw.settings.clone(),
             providers,
             fallback_providers,
+            store_prompts: false,
         };
         if keys.insert(hash, Rc::new(identity)).is_some() {
             return Err(format!("key '{}' has the same sha256 as another key", k.id));

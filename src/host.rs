@@ -260,6 +260,8 @@ struct Exchange {
     /// Native non-streamed (or error) response: held whole, then translated.
     translate_whole: bool,
     translated_usage: Option<usage::Usage>,
+    /// The request's messages, when the key stores prompts.
+    prompt: Option<String>,
 }
 
 fn set_header(name: &str, value: Option<&str>) {
@@ -481,7 +483,13 @@ impl GatewayHttp {
         body_size: usize,
     ) -> Result<(), GatewayError> {
         let mut routed = gateway::route_chat(&identity, provider_header, body)?;
+        let prompt = if identity.store_prompts {
+            usage::prompt_text(body)
+        } else {
+            None
+        };
         self.exchange = Some(Box::new(Exchange {
+            prompt,
             identity,
             start_ms: now_ms(),
             first_byte_ms: None,
@@ -806,7 +814,7 @@ impl HttpContext for GatewayHttp {
             *n += 1;
             format!("{}-{}", self.shared.id_prefix.borrow(), *n)
         };
-        let record = UsageRecord {
+        let mut record = UsageRecord {
             id: record_id,
             time: ex.start_ms,
             org_id: id.org_id.clone(),
@@ -829,7 +837,17 @@ impl HttpContext for GatewayHttp {
             fallback: false,
             truncated: r.stream && ok && !done,
             tags: std::mem::take(&mut self.tags),
+            prompt: None,
+            completion: None,
         };
+        if id.store_prompts {
+            record.prompt = ex.prompt.clone();
+            record.completion = match &ex.tap {
+                Some(t) => Some(t.text.clone()),
+                None => usage::completion_text(&ex.json),
+            }
+            .map(|t| usage::clip(&t, usage::MAX_STORED_TEXT));
+        }
         let mut reporter = self.shared.reporter.borrow_mut();
         let dropped_before = reporter.dropped;
         reporter.push(record);
@@ -878,7 +896,9 @@ impl HttpContext for GatewayHttp {
                     );
                 }
             } else if sse {
-                ex.tap = Some(StreamTap::new(r.strip_usage_chunk));
+                let mut tap = StreamTap::new(r.strip_usage_chunk);
+                tap.capture = ex.identity.store_prompts;
+                ex.tap = Some(tap);
                 if r.strip_usage_chunk {
                     let _ = hostcalls::set_map_value(
                         MapType::HttpResponseHeaders,

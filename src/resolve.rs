@@ -135,6 +135,16 @@ struct ResolveAnswer {
     identity: Identity,
     #[serde(default = "default_ttl")]
     ttl_seconds: u64,
+    #[serde(default)]
+    store_prompts: bool,
+}
+
+impl ResolveAnswer {
+    fn into_identity(self) -> Identity {
+        let mut identity = self.identity;
+        identity.store_prompts = self.store_prompts;
+        identity
+    }
 }
 
 fn default_ttl() -> u64 {
@@ -148,9 +158,10 @@ pub fn parse_answer(status: Option<u32>, body: &[u8]) -> Result<Resolved, Gatewa
         Some(200) => {
             let a: ResolveAnswer =
                 serde_json::from_slice(body).map_err(|_| GatewayError::ControlPlaneUnavailable)?;
+            let ttl_ms = a.ttl_seconds.saturating_mul(1000);
             Ok(Resolved::Known {
-                identity: Box::new(a.identity),
-                ttl_ms: a.ttl_seconds.saturating_mul(1000),
+                identity: Box::new(a.into_identity()),
+                ttl_ms,
             })
         }
         Some(404) => Ok(Resolved::Unknown),
@@ -172,7 +183,7 @@ pub fn decode_shared(bytes: &[u8]) -> Option<(u64, u64, Identity)> {
     let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
     let (f, s) = head.split_once(',')?;
     let answer: ResolveAnswer = serde_json::from_slice(bytes.get(nl + 1..)?).ok()?;
-    Some((f.parse().ok()?, s.parse().ok()?, answer.identity))
+    Some((f.parse().ok()?, s.parse().ok()?, answer.into_identity()))
 }
 
 /// Shared-data key for a key digest.
@@ -188,7 +199,7 @@ mod tests {
       "keySettings":{},"orgSettings":{"provider":"p"},
       "providers":[{"name":"p","kind":"OPENAI","base":{"tls":true,"authority":"api.openai.com","path":"/v1"},
         "models":[{"name":"m","upstream":"m"}],"isHosted":false,"apiKey":"sk-secret-9999",
-        "envoyCluster":"llm_gateway_dfp_https","fallback":[]}]},"ttlSeconds":7}"#;
+        "envoyCluster":"llm_gateway_dfp_https","fallback":[]}]},"ttlSeconds":7,"storePrompts":true}"#;
 
     #[test]
     fn parses_answers() {
@@ -201,6 +212,7 @@ mod tests {
                     Some("sk-secret-9999")
                 );
                 assert_eq!(identity.org_settings.provider.as_deref(), Some("p"));
+                assert!(identity.store_prompts);
             }
             other => panic!("{other:?}"),
         }

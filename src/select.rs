@@ -149,6 +149,7 @@ mod tests {
                 prov("hosted", true, &["gpt-4o", "llama"]),
             ],
             fallback_providers: vec![],
+            store_prompts: false,
         }
     }
 

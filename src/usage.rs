@@ -132,6 +132,9 @@ pub struct StreamTap {
     pub completion_chars: usize,
     pub done: bool,
     pub finished: bool,
+    /// With `capture`: the streamed text, for prompt storage.
+    pub capture: bool,
+    pub text: String,
 }
 
 impl StreamTap {
@@ -200,6 +203,11 @@ impl StreamTap {
             self.model = c.model;
         }
         let choices = c.choices.unwrap_or_default();
+        if self.capture && self.text.len() < MAX_STORED_TEXT {
+            if let Some(t) = completion_text(data.as_bytes()) {
+                self.text.push_str(&t);
+            }
+        }
         for ch in &choices {
             self.completion_chars += content_chars(&ch.delta);
             if ch.finish_reason.is_some() {
@@ -344,6 +352,62 @@ pub struct UsageRecord {
     pub fallback: bool,
     pub truncated: bool,
     pub tags: BTreeMap<String, String>,
+    /// Only when the key's `storePrompts` is on: the request's `messages` and the answer's text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+}
+
+/// Stored prompt and completion texts are cut at this many bytes.
+pub const MAX_STORED_TEXT: usize = 32 * 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn clip(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default().to_string()
+}
+
+#[derive(Deserialize)]
+struct MessagesPeek<'a> {
+    #[serde(default, borrow)]
+    messages: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The request's `messages`, as JSON text, for prompt storage.
+pub fn prompt_text(body: &[u8]) -> Option<String> {
+    let peek: MessagesPeek = serde_json::from_slice(body).ok()?;
+    peek.messages.map(|m| clip(m.get(), MAX_STORED_TEXT))
+}
+
+#[derive(Deserialize)]
+struct TextMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TextChoice {
+    #[serde(default)]
+    message: Option<TextMessage>,
+    #[serde(default)]
+    delta: Option<TextMessage>,
+}
+
+#[derive(Deserialize)]
+struct TextCompletion {
+    #[serde(default)]
+    choices: Vec<TextChoice>,
+}
+
+/// The text of the first choice of a completion (`message`) or a chunk (`delta`).
+pub fn completion_text(json: &[u8]) -> Option<String> {
+    let c: TextCompletion = serde_json::from_slice(json).ok()?;
+    let first = c.choices.into_iter().next()?;
+    first.message.or(first.delta).and_then(|m| m.content)
 }
 
 /// The batch body for the sidecar.
@@ -498,6 +562,24 @@ mod tests {
     }
 
     #[test]
+    fn prompt_and_completion_texts() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"secret plan"}]}"#;
+        assert_eq!(
+            prompt_text(body).unwrap(),
+            r#"[{"role":"user","content":"secret plan"}]"#
+        );
+        assert_eq!(
+            completion_text(br#"{"choices":[{"message":{"content":"hi"}}]}"#).as_deref(),
+            Some("hi")
+        );
+        let mut tap = StreamTap::new(false);
+        tap.capture = true;
+        run(&mut tap, &stream(true), &[10]);
+        assert_eq!(tap.text, "Hello wörld");
+        assert_eq!(clip("héllo", 2), "h");
+    }
+
+    #[test]
     fn batch_shape() {
         let r = UsageRecord {
             id: "1".into(),
@@ -506,6 +588,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&batch_body(&[r])).unwrap();
         assert_eq!(v["records"][0]["id"], "1");
         assert!(v["records"][0]["ttftMs"].is_null());
+        assert!(
+            v["records"][0].get("prompt").is_none(),
+            "no prompt field unless stored"
+        );
         assert_eq!(v["records"][0]["promptTokens"], 0);
     }
 }

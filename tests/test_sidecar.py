@@ -262,6 +262,38 @@ def test_usage_totals_reach_the_sidecar_across_a_restart(world):
     assert [r["group"] for r in doc["rows"]] == [{"tag:team": "search"}]
 
 
+def test_prompts_stored_only_when_the_setting_is_on(world):
+    sc, envoy = world["sc"], world["envoy"]
+    key, key_id = new_key(sc, {"config_id": "default"})
+    secret = "the launch code is 1234"
+
+    def records():
+        s, doc = sc.api("GET", f"/v1/llm/usage/records?apiKeyId={key_id}&limit=100")
+        assert s == 200, doc
+        return doc.get("records", doc.get("items", []))
+
+    def wait_records(n):
+        deadline = time.time() + 15
+        while time.time() < deadline and len(records()) < n:
+            time.sleep(0.3)
+        return records()
+
+    assert chat(envoy, key, {"model": "llama", "messages": [{"role": "user", "content": secret}]})[0] == 200
+    recs = wait_records(1)
+    assert len(recs) == 1 and secret not in json.dumps(recs)
+    s, _ = sc.api("PUT", f"/v1/llm/api-keys/{key_id}/settings", {"storePrompts": True})
+    assert s == 200
+    time.sleep(TTL + 0.5)  # the filter picks the setting up within the cache TTL
+    for stream in (False, True):
+        body = {"model": "llama", "messages": [{"role": "user", "content": secret}], "stream": stream}
+        assert chat(envoy, key, body)[0] == 200
+    recs = wait_records(3)
+    stored = [r for r in recs if secret in json.dumps(r)]
+    assert len(stored) == 2, recs
+    assert any("hi there" in json.dumps(r) for r in stored)  # a JSON completion
+    assert any('"ab"' in json.dumps(r) or "ab" in json.dumps(r.get("completion")) for r in stored)  # streamed
+
+
 def test_sidecar_killed_mid_run(world):
     """Runs last in this module: cached keys keep serving, unknown keys fail closed with 503, fast."""
     sc, envoy = world["sc"], world["envoy"]

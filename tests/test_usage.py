@@ -139,6 +139,8 @@ def test_one_record_per_request_json_and_sse(gw):
     assert plain[0]["ttftMs"] is None
     assert r["tags"]["env"] == "test" and r["tags"]["team"] in ("t0", "t1", "t2")
     assert "sk-up-7777" not in json.dumps(records)
+    # storePrompts is off by default: no prompt or completion text leaves the filter.
+    assert all("prompt" not in r and "completion" not in r for r in records)
 
 
 def test_usage_chunk_is_stripped_unless_the_client_asked(gw):
