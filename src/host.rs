@@ -93,19 +93,7 @@ impl GatewayRoot {
             return;
         };
         let body = usage::batch_body(batch);
-        let sent = hostcalls::dispatch_http_call(
-            &sidecar.cluster,
-            vec![
-                (":method", "POST"),
-                (":path", report::USAGE_PATH),
-                (":authority", &sidecar.authority),
-                ("content-type", "application/json"),
-                (resolve::TOKEN_HEADER, &sidecar.token),
-            ],
-            Some(&body),
-            vec![],
-            Duration::from_secs(5),
-        );
+        let sent = call_sidecar(&sidecar, report::USAGE_PATH, &body, Duration::from_secs(5));
         if let Err(e) = sent {
             log::warn!("llm-gateway: cannot send usage records: {e:?}");
             reporter.nack();
@@ -588,18 +576,33 @@ fn read_body(size: usize) -> Result<Vec<u8>, GatewayError> {
 
 fn dispatch_resolve(sidecar: &SidecarPlan, hash: &str) -> Result<u32, proxy_wasm::types::Status> {
     let body = resolve::request_body(hash);
+    call_sidecar(
+        sidecar,
+        resolve::RESOLVE_PATH,
+        &body,
+        Duration::from_millis(sidecar.timeout_ms),
+    )
+}
+
+/// A JSON POST to one of the sidecar's internal endpoints.
+fn call_sidecar(
+    sidecar: &SidecarPlan,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u32, proxy_wasm::types::Status> {
     hostcalls::dispatch_http_call(
         &sidecar.cluster,
         vec![
             (":method", "POST"),
-            (":path", resolve::RESOLVE_PATH),
+            (":path", path),
             (":authority", &sidecar.authority),
             ("content-type", "application/json"),
             (resolve::TOKEN_HEADER, &sidecar.token),
         ],
-        Some(&body),
+        Some(body),
         vec![],
-        Duration::from_millis(sidecar.timeout_ms),
+        timeout,
     )
 }
 

@@ -1,19 +1,14 @@
 //! Anthropic through its OpenAI SDK compatibility endpoint: `{base}/chat/completions`, bearer key.
 //! (The native Messages API translation is a separate, later provider mode.)
 
-use super::{bearer, required_key, Target, Translation};
+use super::{required_key, Target, Translation};
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
 pub const DEFAULT_BASE: Option<&str> = Some("https://api.anthropic.com/v1");
 
 pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
-    Ok(Target {
-        path: p.base.join("/chat/completions"),
-        auth: bearer(required_key(p)?),
-        body_model: Some(model.upstream.clone()),
-        ..Default::default()
-    })
+    super::openai_style(p, model)
 }
 
 /// The native Messages API: `{base}/messages`, `x-api-key`, `anthropic-version`; body translated.

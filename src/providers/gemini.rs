@@ -1,6 +1,6 @@
 //! Google Gemini API through its OpenAI-compatible endpoint: `{base}/chat/completions`, bearer key.
 
-use super::{bearer, required_key, Target, Translation};
+use super::{required_key, Target, Translation};
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
@@ -8,12 +8,7 @@ pub const DEFAULT_BASE: Option<&str> =
     Some("https://generativelanguage.googleapis.com/v1beta/openai");
 
 pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
-    Ok(Target {
-        path: p.base.join("/chat/completions"),
-        auth: bearer(required_key(p)?),
-        body_model: Some(model.upstream.clone()),
-        ..Default::default()
-    })
+    super::openai_style(p, model)
 }
 
 /// Base of the native API (`generateContent`).

@@ -1,18 +1,13 @@
 //! Mistral: `POST {base}/chat/completions`, bearer key.
 
-use super::{bearer, required_key, Target};
+use super::Target;
 use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
 
 pub const DEFAULT_BASE: Option<&str> = Some("https://api.mistral.ai/v1");
 
 pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
-    Ok(Target {
-        path: p.base.join("/chat/completions"),
-        auth: bearer(required_key(p)?),
-        body_model: Some(model.upstream.clone()),
-        ..Default::default()
-    })
+    super::openai_style(p, model)
 }
 
 #[cfg(test)]

@@ -110,6 +110,17 @@ pub fn chat_target(provider: &ResolvedProvider, model: &Model) -> Result<Target,
     }
 }
 
+/// The common OpenAI-style shape: `{base}/chat/completions`, `Authorization: Bearer <key>` (required),
+/// the model's upstream name in the body.
+pub(crate) fn openai_style(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
+    Ok(Target {
+        path: p.base.join("/chat/completions"),
+        auth: bearer(required_key(p)?),
+        body_model: Some(model.upstream.clone()),
+        ..Default::default()
+    })
+}
+
 /// The provider's key, or a clear error for providers that cannot work without one.
 pub(crate) fn required_key(p: &ResolvedProvider) -> Result<&str, GatewayError> {
     p.api_key
