@@ -65,8 +65,10 @@ class FakeUpstream:
     responder(rec) returns (status, headers, body) where body is bytes, or a list of
     (delay_seconds, bytes) chunks sent with chunked encoding."""
 
-    def __init__(self, responder=None):
+    def __init__(self, responder=None, tls=None):
+        """tls: (certfile, keyfile) to serve HTTPS; the SNI names seen are kept in self.sni."""
         self.requests = []
+        self.sni = []
         self.responder = responder or self.default_responder
         self.lock = threading.Lock()
         outer = self
@@ -108,6 +110,13 @@ class FakeUpstream:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        if tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            ctx.sni_callback = lambda sock, name, _ctx: self.sni.append(name) and None
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://localhost:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -136,13 +145,15 @@ class Envoy:
     """A real Envoy with the built wasm and the given gateway config."""
 
     def __init__(self, gateway_config, as_string=False, extra_clusters=(), env=None, env_keys=None,
-                 sidecar_port=None):
+                 sidecar_port=None, patch=None):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="llmgw-envoy-")
         cfg = envoy_config.render(self.port, self.admin_port, gateway_config, as_string=as_string,
                                   extra_clusters=extra_clusters, env_keys=env_keys,
                                   sidecar_port=sidecar_port or free_port())
+        if patch:
+            cfg = patch(cfg)
         self.config_path = envoy_config.write(cfg, os.path.join(self.dir, "envoy.yaml"))
         self.log_path = os.path.join(self.dir, "envoy.log")
         self.env = dict(os.environ, **(env or {}))

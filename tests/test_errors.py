@@ -217,3 +217,17 @@ def test_shipped_envoy_configs_validate():
     for f in files:
         code, out = validate(f, env={"LLM_GATEWAY_INTERNAL_TOKEN": "validate-token"})
         assert code == 0, f"{f}:\n{out[-2000:]}"
+
+
+def test_example_gateway_config_is_valid(tmp_path):
+    import yaml
+    with open(os.path.join(ROOT, "config", "gateway.example.yaml")) as f:
+        example = yaml.safe_load(f)
+    keys = ["OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY"]
+    cfg = envoy_config.render(10000, 9901, example, env_keys=keys)
+    path = envoy_config.write(cfg, str(tmp_path / "example.yaml"))
+    code, out = validate(path, env={k: "sk-test-" + k for k in keys})
+    assert code == 0, out[-2000:]
+    # Without the referenced keys the filter refuses to start and says which one is missing.
+    code, out = validate(path, env={k: "" for k in keys})
+    assert code != 0 and "OPENAI_API_KEY" in out

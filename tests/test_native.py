@@ -79,16 +79,27 @@ def anthropic_responder(rec):
     ])
 
 
+VERTEX_PREFIX = "/v1/projects/p1/locations/us-central1/publishers/google"
+
+
 def gemini_responder(rec):
     problems = []
     stream = ":streamGenerateContent" in rec.path
-    want = "/v1beta/models/gemini-2.0-flash:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
-    if rec.path != want:
-        problems.append(f"path {rec.path}")
-    if rec.headers.get("x-goog-api-key") != "gem-REAL":
-        problems.append("x-goog-api-key")
-    if "authorization" in rec.headers:
-        problems.append("authorization must not be sent")
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    if rec.path.startswith(VERTEX_PREFIX):  # Vertex AI: regional project path, bearer access token
+        if rec.path != f"{VERTEX_PREFIX}/models/gemini-2.0-flash:{method}":
+            problems.append(f"path {rec.path}")
+        if rec.headers.get("authorization") != "Bearer ya29.VERTEX":
+            problems.append("authorization")
+        if "x-goog-api-key" in rec.headers:
+            problems.append("x-goog-api-key must not be sent to Vertex")
+    else:
+        if rec.path != f"/v1beta/models/gemini-2.0-flash:{method}":
+            problems.append(f"path {rec.path}")
+        if rec.headers.get("x-goog-api-key") != "gem-REAL":
+            problems.append("x-goog-api-key")
+        if "authorization" in rec.headers:
+            problems.append("authorization must not be sent")
     body = rec.json()
     if "contents" not in body:
         problems.append("contents")
@@ -122,7 +133,10 @@ def gw():
         {"name": "claude", "supportedProvider": "ANTHROPIC", "url": ant.url + "/v1", "apiKey": "sk-ant-REAL",
          "models": [{"name": "claude", "upstreamName": "claude-sonnet-4-5"}]},
         {"name": "gemini", "supportedProvider": "GEMINI", "api": "native", "url": gem.url + "/v1beta",
-         "apiKey": "gem-REAL", "models": ["gemini-2.0-flash"]}],
+         "apiKey": "gem-REAL", "models": ["gemini-2.0-flash"]},
+        {"name": "vertex", "supportedProvider": "VERTEXAIGEMINI", "api": "native",
+         "url": gem.url + "/v1/projects/p1/locations/us-central1", "apiKey": "ya29.VERTEX",
+         "models": [{"name": "vertex-flash", "upstreamName": "gemini-2.0-flash"}]}],
         "keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "config": "default"}]}
     envoy = Envoy(cfg).start()
     yield envoy, ant, gem
@@ -215,3 +229,13 @@ def test_gemini_native_stream_with_function_call(gw):
     assert calls[0].function.name == "get_weather"
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
     assert finish == "tool_calls"
+
+
+def test_vertex_native(gw):
+    envoy, _, gem = gw
+    r = client(envoy).chat.completions.create(model="vertex-flash", messages=MESSAGES)
+    assert r.choices[0].message.content == "Bonjour!"
+    assert r.model == "vertex-flash"
+    assert gem.last().path.startswith(VERTEX_PREFIX)
+    stream = client(envoy).chat.completions.create(model="vertex-flash", messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Checking"
