@@ -56,6 +56,10 @@ pub struct RawConfig {
     /// The control-plane sidecar that resolves keys not listed in `keys`.
     #[serde(default)]
     pub sidecar: Option<SidecarSpec>,
+    /// Set only in the filter instances of the fallback attempt listeners: this instance shapes
+    /// attempt number `attemptSlot` (0-based) of a fallback chain.
+    #[serde(default)]
+    pub attempt_slot: Option<usize>,
 }
 
 /// Where and how the filter reaches the control-plane sidecar.
@@ -211,6 +215,10 @@ pub struct ProviderSpec {
     /// Gemini and Vertex `openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
+    /// Also fall back when this provider answers 429 (rate limited); 5xx and connection failures
+    /// always fall back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback_on429: bool,
 }
 
 /// A custom configuration: which providers and models a key may use, with optional overrides.
@@ -355,6 +363,8 @@ pub struct ResolvedProvider {
     /// Speaks the provider's native API (requests and responses translated by the gateway).
     #[serde(default)]
     pub native: bool,
+    #[serde(default)]
+    pub fallback_on429: bool,
 }
 
 impl std::fmt::Debug for ResolvedProvider {
@@ -429,6 +439,8 @@ pub struct Plan {
     pub keys: HashMap<String, Rc<Identity>>,
     /// Set when unknown keys are resolved through the control-plane sidecar.
     pub sidecar: Option<SidecarPlan>,
+    /// Attempt role: which attempt of a fallback chain this filter instance shapes.
+    pub attempt_slot: Option<usize>,
 }
 
 impl Plan {
@@ -569,6 +581,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         fallback_key_hash,
         keys,
         sidecar,
+        attempt_slot: raw.attempt_slot,
     })
 }
 
@@ -764,6 +777,7 @@ fn resolve_entry(
         cluster_id: reg.spec.cluster_id.clone(),
         fallback: reg.spec.fallback.clone(),
         native: reg.native,
+        fallback_on429: reg.spec.fallback_on429,
     })
 }
 

@@ -2,7 +2,7 @@
 //! (`host.rs`) only moves headers and bytes in and out of these functions.
 
 use crate::body;
-use crate::config::{Identity, ProviderKind};
+use crate::config::{Identity, Model, ProviderKind, ResolvedProvider};
 use crate::error::GatewayError;
 use crate::providers::{self, Translation};
 use crate::select::select;
@@ -66,6 +66,17 @@ pub fn route_chat(
 ) -> Result<Routed, GatewayError> {
     let req = body::inspect(raw_body)?;
     let sel = select(id, provider_header, req.model.as_deref())?;
+    route_to(sel.provider, sel.model, &req, raw_body)
+}
+
+/// Shapes the request for one provider and model (the first attempt, or a fallback attempt).
+pub fn route_to(
+    provider: &ResolvedProvider,
+    model: &Model,
+    req: &body::ChatRequest,
+    raw_body: &[u8],
+) -> Result<Routed, GatewayError> {
+    let sel = crate::select::Selection { provider, model };
     let mut target = if sel.provider.native {
         providers::native_target(sel.provider, sel.model, raw_body, req.stream)?
     } else {

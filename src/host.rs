@@ -5,6 +5,7 @@ use crate::auth;
 use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
+use crate::fallback;
 use crate::gateway::{self, Routed};
 use crate::metrics;
 use crate::report::{self, Reporter};
@@ -222,8 +223,18 @@ enum State {
         identity: Rc<Identity>,
         provider_header: Option<String>,
     },
+    /// Attempt role: the attempt to shape, waiting for the replayed body.
+    AwaitingAttempt(Box<AttemptSlot>),
     /// Sent upstream.
     Routed(Box<Routed>),
+}
+
+/// Attempt role: which attempt of which plan this request is.
+struct AttemptSlot {
+    attempt: fallback::Attempt,
+    index: usize,
+    last: bool,
+    org: String,
 }
 
 struct GatewayHttp {
@@ -237,7 +248,15 @@ struct GatewayHttp {
 
 /// A routed request's upstream exchange, observed as the response passes.
 struct Exchange {
-    identity: Rc<Identity>,
+    /// Main role: the caller. Attempt role: none (the main filter accounts for the request).
+    identity: Option<Rc<Identity>>,
+    /// Main role, fallback chain: name, type and key suffix of each provider that may serve.
+    chain: Vec<(String, &'static str, Option<String>)>,
+    /// Main role, fallback chain: the provider that answered and whether it was a fallback.
+    served_by: Option<String>,
+    fallback: bool,
+    /// Attempt role: the attempt this request is.
+    attempt: Option<Box<AttemptSlot>>,
     start_ms: u64,
     first_byte_ms: Option<u64>,
     status: u32,
@@ -303,9 +322,41 @@ impl GatewayHttp {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        // Callers must never choose the upstream cluster themselves.
+        if let Some(slot) = self.plan.attempt_slot {
+            let plan = get(fallback::ATTEMPTS_HEADER).map(fallback::decode);
+            set_header(fallback::ATTEMPTS_HEADER, None);
+            set_header(gateway::CLUSTER_HEADER, None);
+            let plan = plan.ok_or(GatewayError::Internal {
+                reason: "no attempt plan".into(),
+            })??;
+            let last = slot + 1 >= plan.attempts.len();
+            let attempt = plan
+                .attempts
+                .get(slot)
+                .cloned()
+                .ok_or(GatewayError::Internal {
+                    reason: format!("no attempt {slot} in the plan"),
+                })?;
+            if end_of_stream {
+                return Err(GatewayError::InvalidBody {
+                    reason: "the body is empty".into(),
+                });
+            }
+            let org = plan.org;
+            self.state = State::AwaitingAttempt(Box::new(AttemptSlot {
+                attempt,
+                index: slot,
+                last,
+                org,
+            }));
+            return Ok(Action::Pause);
+        }
+        // Callers must never choose the upstream cluster themselves (nor smuggle an attempt plan).
         if get(gateway::CLUSTER_HEADER).is_some() {
             set_header(gateway::CLUSTER_HEADER, None);
+        }
+        if get(fallback::ATTEMPTS_HEADER).is_some() {
+            set_header(fallback::ATTEMPTS_HEADER, None);
         }
         let endpoint = match entry::classify(
             get(":method").unwrap_or_default(),
@@ -440,6 +491,36 @@ impl GatewayHttp {
             State::AwaitingBody { .. } | State::Resolving(_) if body_size > limit => {
                 Err(GatewayError::BodyTooLarge { limit })
             }
+            State::AwaitingAttempt(_) if !end_of_stream => Ok(Action::Pause),
+            State::AwaitingAttempt(_) => {
+                let State::AwaitingAttempt(slot) =
+                    std::mem::replace(&mut self.state, State::PassThrough)
+                else {
+                    return Ok(Action::Continue);
+                };
+                let body = read_body(body_size)?;
+                let req = crate::body::inspect(&body)?;
+                let routed =
+                    gateway::route_to(&slot.attempt.provider, &slot.attempt.model, &req, &body)?;
+                self.exchange = Some(Box::new(Exchange {
+                    prompt: None,
+                    identity: None,
+                    chain: Vec::new(),
+                    served_by: None,
+                    fallback: false,
+                    attempt: Some(slot),
+                    start_ms: now_ms(),
+                    first_byte_ms: None,
+                    status: 0,
+                    tap: None,
+                    json: Vec::new(),
+                    translator: None,
+                    translate_whole: false,
+                    translated_usage: None,
+                }));
+                self.apply(routed, body_size)?;
+                Ok(Action::Continue)
+            }
             State::Resolving(p) => {
                 if end_of_stream {
                     p.body = Some((read_body(body_size)?, body_size));
@@ -470,15 +551,29 @@ impl GatewayHttp {
         body: &[u8],
         body_size: usize,
     ) -> Result<(), GatewayError> {
-        let mut routed = gateway::route_chat(&identity, provider_header, body)?;
+        let routed = gateway::route_chat(&identity, provider_header, body)?;
         let prompt = if identity.store_prompts {
             usage::prompt_text(body)
         } else {
             None
         };
+        let chain = fallback_chain(&identity, &routed);
         self.exchange = Some(Box::new(Exchange {
             prompt,
-            identity,
+            identity: Some(identity),
+            chain: chain
+                .iter()
+                .map(|a| {
+                    (
+                        a.provider.name.clone(),
+                        a.provider.kind.as_str(),
+                        a.provider.key_last4(),
+                    )
+                })
+                .collect(),
+            served_by: None,
+            fallback: false,
+            attempt: None,
             start_ms: now_ms(),
             first_byte_ms: None,
             status: 0,
@@ -488,6 +583,33 @@ impl GatewayHttp {
             translate_whole: false,
             translated_usage: None,
         }));
+        if chain.len() > 1 {
+            // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
+            // the replayed request for its provider.
+            let org = self
+                .exchange
+                .as_ref()
+                .and_then(|e| e.identity.as_ref())
+                .map(|i| i.org_id.clone());
+            let plan = fallback::AttemptPlan {
+                attempts: chain,
+                org: org.unwrap_or_default(),
+            };
+            set_header(fallback::ATTEMPTS_HEADER, Some(&fallback::encode(&plan)));
+            let cluster = format!("{}_{}", fallback::CHAIN_CLUSTER, plan.attempts.len());
+            set_header(gateway::CLUSTER_HEADER, Some(&cluster));
+            // The attempt filters shape, translate and mark the usage chunk; this one accounts.
+            let mut routed = routed;
+            routed.translation = None;
+            routed.strip_usage_chunk = false;
+            self.state = State::Routed(Box::new(routed));
+            return Ok(());
+        }
+        self.apply(routed, body_size)
+    }
+
+    /// Sends the request to the provider `routed` describes: host, path, auth, headers, body.
+    fn apply(&mut self, mut routed: Routed, body_size: usize) -> Result<(), GatewayError> {
         set_header(":authority", Some(&routed.authority));
         set_header(":path", Some(&routed.path));
         set_header(gateway::CLUSTER_HEADER, Some(&routed.cluster));
@@ -563,6 +685,40 @@ impl GatewayHttp {
             },
         };
         self.proceed(identity, *p)
+    }
+}
+
+/// The attempts for a routed request: its provider and, if it names fallbacks, their chain (healthy
+/// providers first). A single attempt means no fallback.
+fn fallback_chain(identity: &Identity, routed: &Routed) -> Vec<fallback::Attempt> {
+    let Some(provider) = identity.provider(&routed.provider) else {
+        return Vec::new();
+    };
+    let Some(model) = provider.model(&routed.model) else {
+        return Vec::new();
+    };
+    if provider.fallback.is_empty() {
+        return Vec::new();
+    }
+    let now = now_ms();
+    fallback::chain(identity, provider, model, |name| {
+        health(&identity.org_id, name).ejected(now)
+    })
+}
+
+fn health(org: &str, provider: &str) -> fallback::Health {
+    match hostcalls::get_shared_data(&fallback::health_key(org, provider)) {
+        Ok((Some(b), _)) => fallback::Health::decode(&b),
+        _ => fallback::Health::default(),
+    }
+}
+
+/// Records one attempt's outcome for its provider (shared by all workers; last writer wins).
+fn record_health(org: &str, provider: &str, ok: bool) {
+    let key = fallback::health_key(org, provider);
+    let next = health(org, provider).after(ok, now_ms());
+    if let Err(e) = hostcalls::set_shared_data(&key, Some(&next.encode()), None) {
+        log::warn!("llm-gateway: cannot record provider health: {e:?}");
     }
 }
 
@@ -738,6 +894,25 @@ impl HttpContext for GatewayHttp {
         let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.take()) else {
             return;
         };
+        if let Some(slot) = &ex.attempt {
+            // Attempt role: only the provider's health; the main filter accounts for the request.
+            let ok = ex.status != 0
+                && !fallback::fails_over(ex.status, slot.attempt.provider.fallback_on429);
+            record_health(&slot.org, &slot.attempt.provider.name, ok);
+            return;
+        }
+        let Some(id) = ex.identity.clone() else {
+            return;
+        };
+        // Which provider served: the chain's answer, else the one selected.
+        let provider = ex.served_by.clone().unwrap_or_else(|| r.provider.clone());
+        let (provider_type, key_last4) = match ex.chain.iter().find(|(n, _, _)| *n == provider) {
+            Some((_, kind, last4)) => (kind.to_string(), last4.clone()),
+            None => (
+                r.kind.as_str().to_string(),
+                id.provider(&provider).and_then(|p| p.key_last4()),
+            ),
+        };
         let end = now_ms();
         let translated = ex
             .translator
@@ -794,24 +969,26 @@ impl HttpContext for GatewayHttp {
         };
         {
             let mut m = self.shared.metrics.borrow_mut();
-            m.add(&metrics::requests(&r.provider, &r.model, status), 1);
+            m.add(&metrics::requests(&provider, &r.model, status), 1);
+            if ex.fallback {
+                m.add(&metrics::fallbacks(&provider), 1);
+            }
             m.add(
-                &metrics::tokens(&r.provider, &r.model, "input"),
+                &metrics::tokens(&provider, &r.model, "input"),
                 u.prompt_tokens,
             );
             m.add(
-                &metrics::tokens(&r.provider, &r.model, "output"),
+                &metrics::tokens(&provider, &r.model, "output"),
                 u.completion_tokens,
             );
-            m.record(&metrics::duration(&r.provider, &r.model), latency);
+            m.record(&metrics::duration(&provider, &r.model), latency);
             if let Some(t) = ttft {
-                m.record(&metrics::ttft(&r.provider, &r.model), t);
+                m.record(&metrics::ttft(&provider, &r.model), t);
             }
         }
         if self.plan.sidecar.is_none() {
             return;
         }
-        let id = &ex.identity;
         let record_id = {
             let mut n = self.shared.next_id.borrow_mut();
             *n += 1;
@@ -824,9 +1001,9 @@ impl HttpContext for GatewayHttp {
             cluster_id: id.cluster_id.clone(),
             api_key_id: id.key_id.clone(),
             config_id: id.config_id.clone(),
-            provider: r.provider.clone(),
-            provider_type: r.kind.as_str().to_string(),
-            provider_key_last4: id.provider(&r.provider).and_then(|p| p.key_last4()),
+            provider,
+            provider_type,
+            provider_key_last4: key_last4,
             model_requested: r.model.clone(),
             model_used: facts.model.unwrap_or_else(|| r.upstream_model.clone()),
             prompt_tokens: u.prompt_tokens,
@@ -837,7 +1014,7 @@ impl HttpContext for GatewayHttp {
             latency_ms: latency,
             ttft_ms: ttft,
             stream: r.stream,
-            fallback: false,
+            fallback: ex.fallback,
             truncated: r.stream && ok && !done,
             tags: std::mem::take(&mut self.tags),
             prompt: None,
@@ -865,66 +1042,80 @@ impl HttpContext for GatewayHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) {
-            ex.status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+        let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
+            return Action::Continue;
+        };
+        let get = |name: &str| {
+            hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
                 .ok()
                 .flatten()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let sse = hostcalls::get_map_value(MapType::HttpResponseHeaders, "content-type")
-                .ok()
-                .flatten()
-                .is_some_and(|c| c.contains("text/event-stream"));
-            let ok = (200..300).contains(&ex.status);
-            if let Some(t) = r.translation {
-                let _ =
-                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        };
+        let set = |name: &str, value: Option<&str>| {
+            if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
+                log::warn!("llm-gateway: cannot set response header {name}: {e:?}");
+            }
+        };
+        ex.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let sse = get("content-type").is_some_and(|c| c.contains("text/event-stream"));
+        let ok = (200..300).contains(&ex.status);
+        let chained = !ex.chain.is_empty() && ex.attempt.is_none();
+        // Main role after a fallback chain: the attempt filter says who answered and how.
+        let mut strip = r.strip_usage_chunk;
+        if chained {
+            ex.served_by = get(gateway::PROVIDER_RESPONSE_HEADER);
+            ex.fallback = get(fallback::FALLBACK_RESPONSE_HEADER).is_some();
+            strip = get(fallback::USAGE_INJECTED_HEADER).is_some();
+            set(fallback::USAGE_INJECTED_HEADER, None);
+        }
+        match (r.translation, &ex.attempt) {
+            (Some(t), _) => {
+                set("content-length", None);
                 if ok && r.stream {
                     ex.translator = Some(gateway::stream_translator(
                         t,
                         &r.model,
                         r.client_wants_usage,
                     ));
-                    let _ = hostcalls::set_map_value(
-                        MapType::HttpResponseHeaders,
-                        "content-type",
-                        Some("text/event-stream"),
-                    );
+                    set("content-type", Some("text/event-stream"));
                 } else {
                     ex.translate_whole = true;
-                    let _ = hostcalls::set_map_value(
-                        MapType::HttpResponseHeaders,
-                        "content-type",
-                        Some("application/json"),
-                    );
+                    set("content-type", Some("application/json"));
                 }
-            } else if sse {
-                let mut tap = StreamTap::new(r.strip_usage_chunk);
-                tap.capture = ex.identity.store_prompts;
-                ex.tap = Some(tap);
+            }
+            // Attempt role: the main filter reads usage and strips the chunk it did not ask for.
+            (None, Some(_)) => {
                 if r.strip_usage_chunk {
-                    let _ = hostcalls::set_map_value(
-                        MapType::HttpResponseHeaders,
-                        "content-length",
-                        None,
-                    );
+                    set(fallback::USAGE_INJECTED_HEADER, Some("1"));
                 }
             }
-        }
-        let hold = self.exchange.as_ref().is_some_and(|ex| ex.translate_whole);
-        if let State::Routed(r) = &self.state {
-            for (name, value) in [
-                (gateway::PROVIDER_RESPONSE_HEADER, r.provider.as_str()),
-                (gateway::MODEL_RESPONSE_HEADER, r.model.as_str()),
-            ] {
-                if let Err(e) =
-                    hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value))
-                {
-                    log::warn!("llm-gateway: cannot set response header {name}: {e:?}");
+            (None, None) if sse => {
+                let mut tap = StreamTap::new(strip);
+                tap.capture = ex.identity.as_ref().is_some_and(|i| i.store_prompts);
+                ex.tap = Some(tap);
+                if strip {
+                    set("content-length", None);
                 }
             }
+            (None, None) => {}
         }
-        if hold {
+        if let Some(slot) = &ex.attempt {
+            set(
+                fallback::ATTEMPT_RESPONSE_HEADER,
+                Some(&slot.index.to_string()),
+            );
+            if slot.index > 0 {
+                set(fallback::FALLBACK_RESPONSE_HEADER, Some("true"));
+            }
+            // A 429 of a provider configured to fall back on it: let Envoy try the next one.
+            if ex.status == 429 && slot.attempt.provider.fallback_on429 && !slot.last {
+                set(":status", Some("503"));
+            }
+        }
+        if !chained {
+            set(gateway::PROVIDER_RESPONSE_HEADER, Some(&r.provider));
+            set(gateway::MODEL_RESPONSE_HEADER, Some(&r.model));
+        }
+        if ex.translate_whole {
             // The whole native body is translated first; status and headers may still change.
             Action::Pause
         } else {

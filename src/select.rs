@@ -132,6 +132,7 @@ mod tests {
             cluster_id: None,
             fallback: vec![],
             native: false,
+            fallback_on429: false,
         }
     }
 

@@ -168,6 +168,7 @@ pub(crate) mod test_support {
             cluster_id: None,
             fallback: vec![],
             native: false,
+            fallback_on429: false,
         }
     }
 
