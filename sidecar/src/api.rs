@@ -318,6 +318,9 @@ struct ProviderIn {
     /// `native` or `openai` for ANTHROPIC, GEMINI and VERTEXAIGEMINI (the filter's `api`).
     #[serde(default)]
     api: Option<String>,
+    /// Fall back to the next provider on 429 too (5xx and connection failures always fall back).
+    #[serde(default, alias = "fallback_on_429")]
+    fallback_on429: bool,
     /// Price overrides, USD per 1M tokens, by model (stored with the registration, not in the filter's spec).
     #[serde(default)]
     prices: Option<PriceOverrides>,
@@ -412,6 +415,7 @@ impl ProviderIn {
             cluster_id,
             fallback,
             api: self.api.clone().filter(|a| !a.trim().is_empty()),
+            fallback_on429: self.fallback_on429,
         })
     }
 }
@@ -427,6 +431,7 @@ fn provider_out(p: &StoredProvider) -> Value {
         "clusterId": p.spec.cluster_id,
         "fallback": p.spec.fallback,
         "api": p.spec.api,
+        "fallbackOn429": p.spec.fallback_on429,
         "prices": p.prices,
         "apiKeyLast4": p.last4,
         "createTime": rfc3339(p.created_at),
