@@ -99,6 +99,10 @@ class FakeUpstream:
                 self.end_headers()
                 for delay, data in payload:
                     time.sleep(delay)
+                    if data is None:  # cut the stream: close without the final chunk
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     self.wfile.flush()
                 self.wfile.write(b"0\r\n\r\n")
