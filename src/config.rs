@@ -56,10 +56,39 @@ pub struct RawConfig {
     /// The control-plane sidecar that resolves keys not listed in `keys`.
     #[serde(default)]
     pub sidecar: Option<SidecarSpec>,
+    /// Model prices (USD per 1M tokens) for the cost metric, by model name (upstream or public).
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, Price>,
     /// Set only in the filter instances of the fallback attempt listeners: this instance shapes
     /// attempt number `attemptSlot` (0-based) of a fallback chain.
     #[serde(default)]
     pub attempt_slot: Option<usize>,
+}
+
+/// A model's price in USD per 1M tokens; `cached` (input tokens served from cache) defaults to `input`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<f64>,
+}
+
+impl Price {
+    /// Cost in nano-USD ($1 per 1M tokens is 1,000 nano-USD per token).
+    pub fn cost_nano_usd(&self, prompt: u64, completion: u64, cached: u64) -> u64 {
+        let cached = cached.min(prompt);
+        let usd_per_m = (prompt - cached) as f64 * self.input
+            + cached as f64 * self.cached.unwrap_or(self.input)
+            + completion as f64 * self.output;
+        let nano = usd_per_m * 1000.0;
+        if nano.is_finite() && nano > 0.0 {
+            nano.round() as u64
+        } else {
+            0
+        }
+    }
 }
 
 /// Where and how the filter reaches the control-plane sidecar.
@@ -421,6 +450,9 @@ pub struct Identity {
     /// off by default; static keys never store them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub store_prompts: bool,
+    /// Prices by `provider/model` (the sidecar's catalog and overrides), for the cost metric.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub prices: std::collections::BTreeMap<String, Price>,
 }
 
 impl Identity {
@@ -441,6 +473,26 @@ pub struct Plan {
     pub sidecar: Option<SidecarPlan>,
     /// Attempt role: which attempt of a fallback chain this filter instance shapes.
     pub attempt_slot: Option<usize>,
+    /// Static model prices (USD per 1M tokens) by model name.
+    pub prices: HashMap<String, Price>,
+}
+
+impl Plan {
+    /// The price of `model` (upstream name first, then public name) at `provider`.
+    pub fn price(
+        &self,
+        id: &Identity,
+        provider: &str,
+        upstream: &str,
+        public: &str,
+    ) -> Option<Price> {
+        [upstream, public]
+            .iter()
+            .find_map(|m| id.prices.get(&format!("{provider}/{m}")))
+            .or_else(|| self.prices.get(upstream))
+            .or_else(|| self.prices.get(public))
+            .copied()
+    }
 }
 
 impl Plan {
@@ -541,6 +593,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             providers,
             fallback_providers,
             store_prompts: false,
+            prices: Default::default(),
         };
         if keys.insert(hash, Rc::new(identity)).is_some() {
             return Err(format!("key '{}' has the same sha256 as another key", k.id));
@@ -582,6 +635,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         keys,
         sidecar,
         attempt_slot: raw.attempt_slot,
+        prices: raw.prices.iter().map(|(k, v)| (k.clone(), *v)).collect(),
     })
 }
 
@@ -1002,6 +1056,22 @@ mod tests {
         let dbg = format!("{k2:?}");
         assert!(!dbg.contains("sk-override"), "{dbg}");
         assert!(dbg.contains("...ride"));
+    }
+
+    #[test]
+    fn prices_and_cost() {
+        let json = base().replacen(
+            '{',
+            r#"{"prices":{"gpt-4o-mini":{"input":0.15,"output":0.6,"cached":0.075}},"#,
+            1,
+        );
+        let plan = cfg(&json).unwrap();
+        let id = plan.identity_for_hash(&hash_key("two")).unwrap();
+        let p = plan.price(&id, "oa", "gpt-4o-mini", "gpt-4o-mini").unwrap();
+        // 1000 prompt (200 cached) + 500 completion: 800*0.15 + 200*0.075 + 500*0.6 = 435 USD/1M = 435,000 nano.
+        assert_eq!(p.cost_nano_usd(1000, 500, 200), 435_000);
+        assert!(plan.price(&id, "oa", "nope", "nope").is_none());
+        assert!(cfg(r#"{"prices":{"m":{"input":1}}}"#).is_err());
     }
 
     #[test]

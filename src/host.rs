@@ -982,6 +982,12 @@ impl HttpContext for GatewayHttp {
                 u.completion_tokens,
             );
             m.record(&metrics::duration(&provider, &r.model), latency);
+            let upstream = &r.upstream_model;
+            if let Some(price) = self.plan.price(&id, &provider, upstream, &r.model) {
+                let cost =
+                    price.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
+                m.add(&metrics::cost(&provider, &r.model), cost);
+            }
             if let Some(t) = ttft {
                 m.record(&metrics::ttft(&provider, &r.model), t);
             }

@@ -55,6 +55,14 @@ pub fn tokens(provider: &str, model: &str, kind: &str) -> String {
     )
 }
 
+/// Cost in nano-USD (integers keep the counter exact), from the price of the model that served.
+pub fn cost(provider: &str, model: &str) -> String {
+    format!(
+        "{PREFIX}.gen_ai.client.cost_nano_usd.{}",
+        pm(provider, model)
+    )
+}
+
 pub fn duration(provider: &str, model: &str) -> String {
     format!(
         "{PREFIX}.gen_ai.client.operation.duration_ms.{}",

@@ -137,12 +137,15 @@ struct ResolveAnswer {
     ttl_seconds: u64,
     #[serde(default)]
     store_prompts: bool,
+    #[serde(default)]
+    prices: std::collections::BTreeMap<String, crate::config::Price>,
 }
 
 impl ResolveAnswer {
     fn into_identity(self) -> Identity {
         let mut identity = self.identity;
         identity.store_prompts = self.store_prompts;
+        identity.prices = self.prices;
         identity
     }
 }

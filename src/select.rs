@@ -151,6 +151,7 @@ mod tests {
             ],
             fallback_providers: vec![],
             store_prompts: false,
+            prices: Default::default(),
         }
     }
 

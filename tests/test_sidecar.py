@@ -120,6 +120,10 @@ def test_api_registered_providers_route(world):
     rec = saas.last()
     assert rec.headers["authorization"] == "Bearer sk-saas-key-1111"
     assert key not in json.dumps(rec.headers) and ADMIN not in json.dumps(rec.headers)
+    # The filter also learns the prices of what the key can reach (for its cost metric).
+    s, doc = world["sc"].api("POST", "/internal/v1/resolve",
+                             {"keySha256": hashlib.sha256(key.encode()).hexdigest()}, key=None, token=TOKEN)
+    assert s == 200 and doc["prices"]["openai/gpt-4o"]["input"] > 0
 
 
 def test_config_inheritance_and_key_override(world):

@@ -40,7 +40,8 @@ class FakeSidecar:
         if rec.path == "/internal/v1/resolve":
             if rec.json()["keySha256"] == hashlib.sha256(KEY.encode()).hexdigest():
                 return 200, {"content-type": "application/json"}, \
-                    json.dumps({"identity": self.identity, "ttlSeconds": 60}).encode()
+                    json.dumps({"identity": self.identity, "ttlSeconds": 60,
+                                "prices": {"hosted/m-up": {"input": 1.0, "output": 2.0}}}).encode()
             return 404, {"content-type": "application/json"}, b'{"error":{}}'
         if rec.path == "/internal/v1/usage":
             if self.refuse:
@@ -205,3 +206,6 @@ def test_metrics_on_prometheus(gw):
     assert req >= 3 and inp >= 15
     assert any(k.startswith("llmgw_gen_ai_client_operation_duration_ms_count") for k in lines)
     assert 'llmgw_usage_records_sent' in " ".join(lines)
+    # Cost from the price the sidecar sent: JSON requests cost (5*1 + 3*2) USD/1M = 11,000 nano-USD each.
+    cost = lines['llmgw_gen_ai_client_cost_nano_usd{gen_ai_provider_name="hosted",gen_ai_request_model="m"}']
+    assert cost >= 3 * 11_000 and cost % 1000 == 0

@@ -1392,11 +1392,43 @@ async fn resolve(
         .await?
         .ok_or_else(|| ApiError::not_found("unknown or revoked API key"))?;
     let (identity, store_prompts) = identity_for(&st.vault, &mut conn, &key).await?;
+    let prices = identity_prices(
+        &st.pricing,
+        &db::providers(&mut conn, &key.org_id).await?,
+        &identity,
+    );
     Ok(Json(json!({
         "identity": identity,
         "ttlSeconds": st.ttl_seconds,
         "storePrompts": store_prompts,
+        "prices": prices,
     })))
+}
+
+/// Prices (USD per 1M tokens) of every model the identity can reach, keyed `provider/upstream model`,
+/// for the filter's cost metric: the same price the usage records are costed with.
+fn identity_prices(
+    pricing: &crate::prices::Pricing,
+    stored: &[db::StoredProvider],
+    identity: &Identity,
+) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    for p in identity
+        .providers
+        .iter()
+        .chain(identity.fallback_providers.iter())
+    {
+        let sp = stored.iter().find(|s| s.spec.name == p.name);
+        for m in &p.models {
+            if let (Some(price), _) = pricing.price(sp, Some(p.kind.as_str()), &m.upstream) {
+                out.insert(
+                    format!("{}/{}", p.name, m.upstream),
+                    json!({"input": price.input, "output": price.output, "cached": price.cached}),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Assembles the organization's `RawConfig` for one key (provider keys decrypted) and compiles it with
