@@ -122,6 +122,13 @@ def test_5xx_falls_back(gw, mode):
     assert json.loads(b)["choices"][0]["message"]["content"] == "saas-a"
     assert len(ups["hosted"].requests) == 1 and len(ups["a"].requests) == 1
     assert_shapes(ups)
+    # Accounting attributes the request to the provider that served it, and counts the fallback.
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    assert 'llmgw_fallbacks{gen_ai_provider_name="saas-a"} 1' in text
+    assert 'llmgw_requests{gen_ai_provider_name="saas-a",gen_ai_request_model="gpt-4o",http_status_class="2xx"} 1' in text
+    assert 'gen_ai_provider_name="hosted"' not in text
 
 
 def test_refused_connection_falls_back(gw):
