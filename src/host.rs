@@ -248,6 +248,8 @@ struct GatewayHttp {
 
 /// A routed request's upstream exchange, observed as the response passes.
 struct Exchange {
+    /// The request's messages, when the key stores prompts.
+    prompt: Option<String>,
     /// Main role: the caller. Attempt role: none (the main filter accounts for the request).
     identity: Option<Rc<Identity>>,
     /// Main role, fallback chain: name, type and key suffix of each provider that may serve.
@@ -267,8 +269,27 @@ struct Exchange {
     /// Native non-streamed (or error) response: held whole, then translated.
     translate_whole: bool,
     translated_usage: Option<usage::Usage>,
-    /// The request's messages, when the key stores prompts.
-    prompt: Option<String>,
+}
+
+impl Exchange {
+    fn new(identity: Option<Rc<Identity>>, attempt: Option<Box<AttemptSlot>>) -> Self {
+        Exchange {
+            prompt: None,
+            identity,
+            chain: Vec::new(),
+            served_by: None,
+            fallback: false,
+            attempt,
+            start_ms: now_ms(),
+            first_byte_ms: None,
+            status: 0,
+            tap: None,
+            json: Vec::new(),
+            translator: None,
+            translate_whole: false,
+            translated_usage: None,
+        }
+    }
 }
 
 fn set_header(name: &str, value: Option<&str>) {
@@ -502,22 +523,7 @@ impl GatewayHttp {
                 let req = crate::body::inspect(&body)?;
                 let routed =
                     gateway::route_to(&slot.attempt.provider, &slot.attempt.model, &req, &body)?;
-                self.exchange = Some(Box::new(Exchange {
-                    prompt: None,
-                    identity: None,
-                    chain: Vec::new(),
-                    served_by: None,
-                    fallback: false,
-                    attempt: Some(slot),
-                    start_ms: now_ms(),
-                    first_byte_ms: None,
-                    status: 0,
-                    tap: None,
-                    json: Vec::new(),
-                    translator: None,
-                    translate_whole: false,
-                    translated_usage: None,
-                }));
+                self.exchange = Some(Box::new(Exchange::new(None, Some(slot))));
                 self.apply(routed, body_size)?;
                 Ok(Action::Continue)
             }
@@ -558,31 +564,19 @@ impl GatewayHttp {
             None
         };
         let chain = fallback_chain(&identity, &routed);
-        self.exchange = Some(Box::new(Exchange {
-            prompt,
-            identity: Some(identity),
-            chain: chain
-                .iter()
-                .map(|a| {
-                    (
-                        a.provider.name.clone(),
-                        a.provider.kind.as_str(),
-                        a.provider.key_last4(),
-                    )
-                })
-                .collect(),
-            served_by: None,
-            fallback: false,
-            attempt: None,
-            start_ms: now_ms(),
-            first_byte_ms: None,
-            status: 0,
-            tap: None,
-            json: Vec::new(),
-            translator: None,
-            translate_whole: false,
-            translated_usage: None,
-        }));
+        let mut exchange = Exchange::new(Some(identity), None);
+        exchange.prompt = prompt;
+        exchange.chain = chain
+            .iter()
+            .map(|a| {
+                (
+                    a.provider.name.clone(),
+                    a.provider.kind.as_str(),
+                    a.provider.key_last4(),
+                )
+            })
+            .collect();
+        self.exchange = Some(Box::new(exchange));
         if chain.len() > 1 {
             // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
             // the replayed request for its provider.
