@@ -76,11 +76,10 @@ pub fn route_to(
     req: &body::ChatRequest,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
-    let sel = crate::select::Selection { provider, model };
-    let mut target = if sel.provider.native {
-        providers::native_target(sel.provider, sel.model, raw_body, req.stream)?
+    let mut target = if provider.native {
+        providers::native_target(provider, model, raw_body, req.stream)?
     } else {
-        providers::chat_target(sel.provider, sel.model)?
+        providers::chat_target(provider, model)?
     };
     let mut new_body = match (target.native_body.take(), &target.body_model) {
         (Some(native), _) => Some(native),
@@ -89,7 +88,7 @@ pub fn route_to(
     };
     let mut strip_usage_chunk = false;
     let translated = target.translation.is_some();
-    if req.stream && !translated && providers::supports_stream_usage(sel.provider.kind) {
+    if req.stream && !translated && providers::supports_stream_usage(provider.kind) {
         let current = new_body.as_deref().unwrap_or(raw_body);
         let (with_usage, client_asked) = usage::ensure_stream_usage(current);
         strip_usage_chunk = !client_asked;
@@ -98,20 +97,18 @@ pub fn route_to(
         }
     }
     Ok(Routed {
-        provider: sel.provider.name.clone(),
-        kind: sel.provider.kind,
-        is_hosted: sel.provider.is_hosted,
-        model: sel.model.name.clone(),
-        cluster: sel.provider.envoy_cluster.clone(),
-        authority: sel.provider.base.authority.clone(),
+        provider: provider.name.clone(),
+        kind: provider.kind,
+        is_hosted: provider.is_hosted,
+        model: model.name.clone(),
+        cluster: provider.envoy_cluster.clone(),
+        authority: provider.base.authority.clone(),
         path: target.path,
         auth: target.auth,
         extra_headers: target.extra_headers,
         body: new_body,
         stream: req.stream,
-        upstream_model: target
-            .body_model
-            .unwrap_or_else(|| sel.model.upstream.clone()),
+        upstream_model: target.body_model.unwrap_or_else(|| model.upstream.clone()),
         strip_usage_chunk,
         request_bytes: raw_body.len(),
         translation: target.translation,

@@ -756,15 +756,6 @@ fn call_sidecar(
     )
 }
 
-impl GatewayHttp {
-    fn routed_translation(&self) -> Option<crate::providers::Translation> {
-        match &self.state {
-            State::Routed(r) => r.translation,
-            _ => None,
-        }
-    }
-}
-
 impl Context for GatewayHttp {
     fn on_http_call_response(
         &mut self,
@@ -806,23 +797,16 @@ impl HttpContext for GatewayHttp {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let (State::Routed(_), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
+        let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
             return Action::Continue;
         };
         if ex.first_byte_ms.is_none() && body_size > 0 {
             ex.first_byte_ms = Some(now_ms());
         }
-        if ex.translate_whole {
+        if let (true, Some(t)) = (ex.translate_whole, r.translation) {
             if !end_of_stream {
                 return Action::Pause;
             }
-            let (State::Routed(r), Some(t)) = (&self.state, self.routed_translation()) else {
-                return Action::Continue;
-            };
-            let ex = match self.exchange.as_mut() {
-                Some(ex) => ex,
-                None => return Action::Continue,
-            };
             let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
                 .ok()
                 .flatten()
