@@ -204,7 +204,12 @@ impl StreamTap {
         }
         let choices = c.choices.unwrap_or_default();
         if self.capture && self.text.len() < MAX_STORED_TEXT {
-            if let Some(t) = completion_text(data.as_bytes()) {
+            // The first choice's delta, already parsed above: only its string is decoded here.
+            let raw = choices
+                .first()
+                .and_then(|ch| ch.delta.as_ref())
+                .and_then(|d| d.content);
+            if let Some(t) = raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok()) {
                 self.text.push_str(&t);
             }
         }
