@@ -46,23 +46,7 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
 
     for (i, m) in messages(&req)?.iter().enumerate() {
         match role_of(m, i)? {
-            "system" | "developer" => {
-                for p in content_parts(m.get("content"))? {
-                    match p {
-                        Part::Text { text: "", .. } => {}
-                        Part::Text {
-                            text,
-                            cache_control,
-                        } => system.push(text_block(text, cache_control)),
-                        _ => {
-                            return Err(super::invalid_at(
-                                i,
-                                ": system content may only contain text",
-                            ))
-                        }
-                    }
-                }
-            }
+            "system" | "developer" => system.extend(text_only_blocks(m, i, "system")?),
             "user" => {
                 let mut blocks = Vec::new();
                 for p in content_parts(m.get("content"))? {
@@ -73,22 +57,7 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
                 push_turn(&mut turns, "user", blocks);
             }
             "assistant" => {
-                let mut blocks = Vec::new();
-                for p in content_parts(m.get("content"))? {
-                    match p {
-                        Part::Text { text: "", .. } => {}
-                        Part::Text {
-                            text,
-                            cache_control,
-                        } => blocks.push(text_block(text, cache_control)),
-                        _ => {
-                            return Err(super::invalid_at(
-                                i,
-                                ": assistant content may only contain text",
-                            ))
-                        }
-                    }
-                }
+                let mut blocks = text_only_blocks(m, i, "assistant")?;
                 for (id, name, args) in tool_calls(m, i)? {
                     if id.is_empty() {
                         return Err(super::invalid_at(i, ".tool_calls[].id is required"));
@@ -220,6 +189,25 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
         body: Value::Object(body).to_string().into_bytes(),
         headers: vec![("anthropic-version", ANTHROPIC_VERSION.to_string())],
     })
+}
+
+/// The text blocks of a message whose content may only be text (system and assistant turns).
+fn text_only_blocks(m: &Value, i: usize, role: &str) -> Result<Vec<Value>, GatewayError> {
+    let mut blocks = Vec::new();
+    for p in content_parts(m.get("content"))? {
+        match p {
+            Part::Text { text: "", .. } => {}
+            Part::Text {
+                text,
+                cache_control,
+            } => blocks.push(text_block(text, cache_control)),
+            _ => {
+                let what = format!(": {role} content may only contain text");
+                return Err(super::invalid_at(i, &what));
+            }
+        }
+    }
+    Ok(blocks)
 }
 
 fn text_block(text: &str, cache_control: Option<&Value>) -> Value {
@@ -631,12 +619,8 @@ impl StreamTranslator for AnthropicStream {
             if self.finish_sent {
                 self.end(&mut out);
             } else {
-                self.fail(
-                    &mut out,
-                    "The provider's stream ended before the response was complete.",
-                    "server_error",
-                    "upstream_stream_incomplete",
-                );
+                let (message, kind, code) = super::STREAM_INCOMPLETE;
+                self.fail(&mut out, message, kind, code);
             }
         }
         out

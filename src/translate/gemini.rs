@@ -803,12 +803,8 @@ impl StreamTranslator for GeminiStream {
                 }
                 self.end(&mut out);
             } else {
-                self.fail(
-                    &mut out,
-                    "The provider's stream ended before the response was complete.",
-                    "server_error",
-                    "upstream_stream_incomplete",
-                );
+                let (message, kind, code) = super::STREAM_INCOMPLETE;
+                self.fail(&mut out, message, kind, code);
             }
         }
         out

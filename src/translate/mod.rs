@@ -104,6 +104,14 @@ pub(crate) fn invalid(reason: impl Into<String>) -> GatewayError {
     }
 }
 
+/// The error event a translated stream ends with when the provider's stream stops before finishing:
+/// message, type, code.
+pub(crate) const STREAM_INCOMPLETE: (&str, &str, &str) = (
+    "The provider's stream ended before the response was complete.",
+    "server_error",
+    "upstream_stream_incomplete",
+);
+
 /// `messages[i]<what>`: one formatting site for every per-message error.
 #[cold]
 #[inline(never)]
