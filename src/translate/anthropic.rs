@@ -405,6 +405,9 @@ pub struct AnthropicStream {
     /// Anthropic content block index → what it is.
     blocks: Vec<(u64, Block)>,
     tools: u64,
+    /// OpenAI tool-call indexes whose arguments have started (a tool use with no input must still
+    /// end with `"{}"`, as in the non-streamed answer and in OpenAI's own streams).
+    args_sent: Vec<u64>,
     finish_sent: bool,
     done: bool,
     failed: bool,
@@ -424,6 +427,7 @@ impl AnthropicStream {
             started: false,
             blocks: Vec::new(),
             tools: 0,
+            args_sent: Vec::new(),
             finish_sent: false,
             done: false,
             failed: false,
@@ -548,6 +552,9 @@ impl AnthropicStream {
                     (Some("input_json_delta"), Block::Tool(n)) => {
                         let p = field("partial_json");
                         if !p.is_empty() {
+                            if !self.args_sent.contains(&n) {
+                                self.args_sent.push(n);
+                            }
                             let tc = j!([{"index": n, "function": {"arguments": p}}]);
                             self.w.delta(out, 0, j!({"tool_calls": tc}), None);
                         }
@@ -596,7 +603,16 @@ impl AnthropicStream {
                     .unwrap_or("The provider reported an error during the stream.");
                 self.fail(out, m, error_kind(et, 500), et);
             }
-            _ => {} // ping, content_block_stop, unknown future events
+            "content_block_stop" => {
+                if let Block::Tool(n) = self.block(index) {
+                    if !self.args_sent.contains(&n) {
+                        self.args_sent.push(n);
+                        let tc = j!([{"index": n, "function": {"arguments": "{}"}}]);
+                        self.w.delta(out, 0, j!({"tool_calls": tc}), None);
+                    }
+                }
+            }
+            _ => {} // ping, unknown future events
         }
     }
 }

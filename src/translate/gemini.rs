@@ -22,9 +22,16 @@
 //! - `tools` → one `functionDeclarations` tool (JSON schemas reduced to Gemini's OpenAPI subset, see
 //!   [`schema`]); `tool_choice` → `toolConfig.functionCallingConfig` AUTO/NONE/ANY(+allowed names).
 //!
-//! Tool call ids: Gemini has none, so ids are generated (`call_{response}_{n}`). Gemini's
-//! `thoughtSignature` on a function call is appended to its id (`_ts` + URL-safe base64) and sent
-//! back on that call when the client replays the conversation (required by thinking models).
+//! Tool call ids: Gemini has none, so ids are generated (`call_{response}_{n}`, at most 40 characters,
+//! which OpenAI requires of replayed ids — so a conversation started on Gemini can continue on an
+//! OpenAI provider, through fallback too). Gemini's `thoughtSignature` on a function call (often over
+//! 1,000 characters) is not put in the id: the id gets a short digest of it (`_s` + 8 hex digits) and
+//! the signature is kept in a bounded per-worker store keyed by that id ([`signatures`]). When the
+//! client replays the conversation, the signature goes back on that call from the store, or from
+//! `extra_content.google.thought_signature` if the client carries Google's own field, or from a
+//! legacy `_ts` id; if it was lost (another worker, evicted), Google's documented sentinel
+//! `skip_thought_signature_validator` is sent instead, so Gemini 3 accepts the replay. Calls made by
+//! other providers replayed to a `gemini-3*` model get the sentinel too.
 
 use super::{
     bad_upstream, completion, content_parts, excerpt, kind_for_status, max_tokens, message,
@@ -102,9 +109,11 @@ pub fn request(
                         }
                     }
                 }
+                let carried = carried_signatures(m);
                 for (id, name, args) in tool_calls(m, i)? {
                     let mut p = j!({"functionCall": {"name": name, "args": args}});
-                    if let (Some(sig), Some(o)) = (signature_of(id), p.as_object_mut()) {
+                    let sig = replay_signature(id, &carried, upstream_model);
+                    if let (Some(sig), Some(o)) = (sig, p.as_object_mut()) {
                         o.insert("thoughtSignature".into(), j!(sig));
                     }
                     parts.push(p);
@@ -376,24 +385,81 @@ pub fn schema(v: &Value) -> Value {
     Value::Object(out)
 }
 
-/// Tool call id carrying an optional thought signature.
+/// Google's documented value for a function call whose real signature is not available.
+pub const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// A short tool call id (≤ 40 characters); a thought signature is remembered under it.
 fn make_id(base: &str, n: u64, sig: Option<&str>) -> String {
     let mut id = format!("call_{base}_{n}");
     if let Some(s) = sig.filter(|s| !s.is_empty()) {
-        id.push_str("_ts");
-        for c in s.chars() {
-            match c {
-                '+' => id.push('-'),
-                '/' => id.push('_'),
-                '=' => {}
-                c => id.push(c),
-            }
-        }
+        id.push_str(&format!("_s{:08x}", signatures::digest(s)));
+        signatures::remember(&id, s);
     }
     id
 }
 
-/// The thought signature stored in an id made by [`make_id`], back in standard base64.
+/// Whether `id` is one of ours that was made for a call carrying a signature.
+fn signed_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("call_") else {
+        return false;
+    };
+    let Some((_, tail)) = rest.rsplit_once("_s") else {
+        return false;
+    };
+    tail.len() == 8 && tail.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// `extra_content.google.thought_signature` of an assistant message's tool calls, by id (the field
+/// Google's own OpenAI-compatible API uses; some clients round-trip it).
+fn carried_signatures(m: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for tc in m
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let id = tc.get("id").and_then(Value::as_str);
+        let sig = tc
+            .get("extra_content")
+            .and_then(|e| e.get("google"))
+            .and_then(|g| g.get("thought_signature"))
+            .and_then(Value::as_str);
+        if let (Some(id), Some(sig)) = (id, sig.filter(|s| !s.is_empty())) {
+            out.push((id.to_string(), sig.to_string()));
+        }
+    }
+    out
+}
+
+/// The signature to send back on a replayed call with this id (see the module docs).
+fn replay_signature(
+    id: &str,
+    carried: &[(String, String)],
+    upstream_model: &str,
+) -> Option<String> {
+    if let Some(s) = signatures::recall(id) {
+        return Some(s);
+    }
+    if let Some((_, s)) = carried.iter().find(|(k, _)| k == id) {
+        return Some(s.clone());
+    }
+    if let Some(s) = signature_of(id) {
+        return Some(s);
+    }
+    if signed_id(id) {
+        return Some(SKIP_SIGNATURE.to_string());
+    }
+    let ours = id.starts_with("call_");
+    let gemini3 = upstream_model
+        .rsplit('/')
+        .next()
+        .is_some_and(|m| m.starts_with("gemini-3"));
+    (!ours && gemini3).then(|| SKIP_SIGNATURE.to_string())
+}
+
+/// The thought signature in a legacy id (`_ts` + URL-safe base64, made by earlier versions), back
+/// in standard base64.
 fn signature_of(id: &str) -> Option<String> {
     let rest = id.strip_prefix("call_")?;
     let (head, sig) = rest.split_once("_ts")?;
@@ -426,7 +492,7 @@ fn id_base(v: &Value) -> String {
         .unwrap_or("")
         .chars()
         .filter(char::is_ascii_alphanumeric)
-        .take(24)
+        .take(16)
         .collect();
     if s.is_empty() {
         "gemini".to_string()
@@ -470,7 +536,17 @@ fn text_of(p: &Value) -> Option<&str> {
 fn finish_reason(reason: &str, tool_calls: bool) -> &'static str {
     match reason {
         "MAX_TOKENS" => "length",
-        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY"
+        // Every reason in the API references (Gemini API and Vertex AI) that means the answer was
+        // blocked or cut by a safety/policy system.
+        "SAFETY"
+        | "RECITATION"
+        | "BLOCKLIST"
+        | "PROHIBITED_CONTENT"
+        | "SPII"
+        | "IMAGE_SAFETY"
+        | "IMAGE_PROHIBITED_CONTENT"
+        | "IMAGE_RECITATION"
+        | "MODEL_ARMOR"
         | "LANGUAGE" => "content_filter",
         _ if tool_calls => "tool_calls",
         _ => "stop",
@@ -816,5 +892,84 @@ impl StreamTranslator for GeminiStream {
 
     fn failed(&self) -> bool {
         self.failed
+    }
+}
+
+/// Thought signatures of the calls this worker has answered, by tool call id. Bounded (entries and
+/// bytes, oldest dropped first): a replay that misses gets [`SKIP_SIGNATURE`].
+pub mod signatures {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    /// Most signatures kept per worker.
+    pub const MAX_ENTRIES: usize = 4096;
+    /// Most signature bytes kept per worker.
+    pub const MAX_BYTES: usize = 8 * 1024 * 1024;
+    /// Longest signature kept (longer ones are not remembered).
+    pub const MAX_SIGNATURE: usize = 64 * 1024;
+
+    #[derive(Default)]
+    struct Store {
+        entries: VecDeque<(String, String)>,
+        bytes: usize,
+    }
+
+    thread_local! {
+        static STORE: RefCell<Store> = RefCell::new(Store::default());
+    }
+
+    /// FNV-1a, 32 bits: only makes ids of different signatures differ.
+    pub fn digest(s: &str) -> u32 {
+        s.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        })
+    }
+
+    pub fn remember(id: &str, sig: &str) {
+        if sig.len() > MAX_SIGNATURE {
+            return;
+        }
+        STORE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.entries.iter().any(|(k, _)| k == id) {
+                return;
+            }
+            s.bytes = s.bytes.saturating_add(id.len() + sig.len());
+            s.entries.push_back((id.to_string(), sig.to_string()));
+            while s.entries.len() > MAX_ENTRIES || s.bytes > MAX_BYTES {
+                match s.entries.pop_front() {
+                    Some((k, v)) => s.bytes = s.bytes.saturating_sub(k.len() + v.len()),
+                    None => break,
+                }
+            }
+        });
+    }
+
+    pub fn recall(id: &str) -> Option<String> {
+        STORE.with(|s| {
+            s.borrow()
+                .entries
+                .iter()
+                .rev()
+                .find(|(k, _)| k == id)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    /// Forgets everything (tests; a worker restart does the same).
+    pub fn clear() {
+        STORE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.entries.clear();
+            s.bytes = 0;
+        });
+    }
+
+    /// (entries, bytes) held now.
+    pub fn held() -> (usize, usize) {
+        STORE.with(|s| {
+            let s = s.borrow();
+            (s.entries.len(), s.bytes)
+        })
     }
 }

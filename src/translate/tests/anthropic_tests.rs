@@ -444,3 +444,31 @@ fn errors_keep_status_and_map_type() {
     let out: Value = serde_json::from_slice(&error(404, b"")).unwrap();
     assert_eq!(out["error"]["message"], "Anthropic returned HTTP 404");
 }
+
+#[test]
+fn stream_tool_use_without_input_ends_with_empty_object_arguments() {
+    // Recorded shape: a tool with no parameters streams `input: {}` then one empty partial_json.
+    let input = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_e\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_empty\",\"name\":\"get_time\",\"input\":{}}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}\n\n\
+event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_args\",\"name\":\"get_weather\",\"input\":{}}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\": \\\"Oslo\\\"}\"}}\n\n\
+event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":12}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    let evs = assert_split_invariant(&|| stream(false), input);
+    let r = rebuild(&evs, 0);
+    assert_eq!(
+        r.tools,
+        vec![
+            ("toolu_empty".into(), "get_time".into(), "{}".into()),
+            (
+                "toolu_args".into(),
+                "get_weather".into(),
+                "{\"city\": \"Oslo\"}".into()
+            ),
+        ]
+    );
+    assert_eq!(r.finish.as_deref(), Some("tool_calls"));
+}

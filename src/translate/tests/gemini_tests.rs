@@ -271,7 +271,7 @@ fn response_parallel_function_calls_round_trip_their_signature() {
     assert_eq!(
         msg["tool_calls"],
         json!([
-            {"id": "call_resp9_0_tsCiQB0e2Kb-_abc", "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris\"}"}},
+            {"id": signed_id(), "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris\"}"}},
             {"id": "call_resp9_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
         ])
     );
@@ -279,7 +279,7 @@ fn response_parallel_function_calls_round_trip_their_signature() {
     let next = json!({"messages": [
         {"role": "user", "content": "x"},
         msg,
-        {"role": "tool", "tool_call_id": "call_resp9_0_tsCiQB0e2Kb-_abc", "content": "sunny"},
+        {"role": "tool", "tool_call_id": signed_id(), "content": "sunny"},
         {"role": "tool", "tool_call_id": "call_resp9_1", "content": "[1,2]"}
     ]});
     let b = body_of(&request(&req(next), "g", false).unwrap());
@@ -375,7 +375,7 @@ fn stream_parallel_tool_calls_survive_any_chunking() {
         r.tools,
         vec![
             (
-                "call_resp9_0_tsCiQB0e2Kb-_abc".into(),
+                signed_id(),
                 "get_weather".into(),
                 "{\"location\":\"Paris\"}".into()
             ),
@@ -463,4 +463,115 @@ fn errors_keep_status_and_map_type() {
     let out: Value = serde_json::from_slice(&error(500, b"oops")).unwrap();
     assert_eq!(out["error"]["message"], "Gemini returned HTTP 500: oops");
     assert_eq!(out["error"]["code"], "upstream_error");
+}
+
+/// The id the translator gives the recorded call carrying signature `CiQB0e2Kb+/abc==`.
+fn signed_id() -> String {
+    format!(
+        "call_resp9_0_s{:08x}",
+        super::super::gemini::signatures::digest("CiQB0e2Kb+/abc==")
+    )
+}
+
+#[test]
+fn long_thought_signatures_stay_out_of_ids_and_come_back_on_replay() {
+    let sig: String = "Q2lRQjBlMktiKy9hYmM9PQ".repeat(70); // ~1,500 characters
+    let native = format!(
+        r#"{{"candidates":[{{"content":{{"role":"model","parts":[
+          {{"functionCall":{{"name":"get_weather","args":{{"location":"Paris"}}}},"thoughtSignature":"{sig}"}}]}},
+          "finishReason":"STOP","index":0}}],"responseId":"AbCdEfGhIjKlMnOpQrStUvWx0123"}}"#
+    );
+    let (out, _) = response_at(native.as_bytes(), "g", 0).unwrap();
+    let out: Value = serde_json::from_slice(&out).unwrap();
+    let msg = out["choices"][0]["message"].clone();
+    let id = msg["tool_calls"][0]["id"].as_str().unwrap().to_string();
+    assert!(
+        id.len() <= 40,
+        "OpenAI refuses replayed ids over 40 characters: {id}"
+    );
+    assert!(id.starts_with("call_"));
+    let next = json!({"messages": [
+        {"role": "user", "content": "x"}, msg,
+        {"role": "tool", "tool_call_id": id, "content": "sunny"}]});
+    let b = body_of(&request(&req(next.clone()), "gemini-3-pro", false).unwrap());
+    assert_eq!(
+        b["contents"][1]["parts"][0]["thoughtSignature"],
+        sig.as_str()
+    );
+    // Lost (another worker, evicted): Google's documented sentinel, so the replay is accepted.
+    super::super::gemini::signatures::clear();
+    let b = body_of(&request(&req(next), "gemini-2.5-pro", false).unwrap());
+    assert_eq!(
+        b["contents"][1]["parts"][0]["thoughtSignature"],
+        super::super::gemini::SKIP_SIGNATURE
+    );
+    // Google's own field, when the client round-trips it, is used as it is.
+    let carried = json!({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "call_x_0", "type": "function", "function": {"name": "f", "arguments": "{}"},
+         "extra_content": {"google": {"thought_signature": "c2ln"}}}]},
+        {"role": "tool", "tool_call_id": "call_x_0", "content": "ok"}]});
+    let b = body_of(&request(&req(carried), "gemini-2.5-pro", false).unwrap());
+    assert_eq!(b["contents"][0]["parts"][0]["thoughtSignature"], "c2ln");
+    // Calls of other providers: the sentinel only for Gemini 3 models, which require a signature.
+    let foreign = json!({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "toolu_01", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "toolu_01", "content": "ok"}]});
+    let b = body_of(&request(&req(foreign.clone()), "gemini-3-flash", false).unwrap());
+    assert_eq!(
+        b["contents"][0]["parts"][0]["thoughtSignature"],
+        super::super::gemini::SKIP_SIGNATURE
+    );
+    let b = body_of(&request(&req(foreign), "gemini-2.5-flash", false).unwrap());
+    assert!(b["contents"][0]["parts"][0]
+        .get("thoughtSignature")
+        .is_none());
+}
+
+#[test]
+fn signature_store_is_bounded() {
+    use super::super::gemini::signatures;
+    signatures::clear();
+    let big = "x".repeat(60 * 1024);
+    for i in 0..400 {
+        signatures::remember(&format!("call_b_{i}_s00000000"), &big);
+    }
+    let (n, bytes) = signatures::held();
+    assert!(bytes <= signatures::MAX_BYTES && n < 400, "{n} {bytes}");
+    assert!(signatures::recall("call_b_399_s00000000").is_some());
+    assert!(signatures::recall("call_b_0_s00000000").is_none());
+    signatures::remember(
+        "call_huge_s00000000",
+        &"y".repeat(signatures::MAX_SIGNATURE + 1),
+    );
+    assert!(signatures::recall("call_huge_s00000000").is_none());
+    for i in 0..(signatures::MAX_ENTRIES + 10) {
+        signatures::remember(&format!("call_c_{i}"), "s");
+    }
+    assert!(signatures::held().0 <= signatures::MAX_ENTRIES);
+    signatures::clear();
+}
+
+#[test]
+fn blocking_finish_reasons_are_content_filter() {
+    for fr in [
+        "MODEL_ARMOR",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_SAFETY",
+        "IMAGE_RECITATION",
+        "PROHIBITED_CONTENT",
+        "BLOCKLIST",
+        "SPII",
+    ] {
+        let native = format!(
+            r#"{{"candidates":[{{"content":{{"role":"model","parts":[{{"text":"x"}}]}},"finishReason":"{fr}","index":0}}]}}"#
+        );
+        let (out, _) = response_at(native.as_bytes(), "g", 0).unwrap();
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(out["choices"][0]["finish_reason"], "content_filter", "{fr}");
+        let sse = format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"x\"}}]}},\"finishReason\":\"{fr}\",\"index\":0}}]}}\n\n"
+        );
+        let r = rebuild(&run(stream(false).as_mut(), sse.as_bytes(), &[]), 0);
+        assert_eq!(r.finish.as_deref(), Some("content_filter"), "{fr}");
+    }
 }
