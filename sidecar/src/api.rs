@@ -17,6 +17,7 @@ use llm_gateway::config::{
     compile, flatten_configs, hash_key, last4, ConfigProviderSpec, ConfigSpec, Identity, KeySpec,
     ModelSpec, ProviderKind, ProviderSpec, RawConfig, SecretSource, DEFAULT_CONFIG_ID,
 };
+use llm_gateway::destination::Policy;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
@@ -33,6 +34,8 @@ pub struct Inner {
     pub write_lock: tokio::sync::Mutex<()>,
     pub model_specs: Value,
     pub pricing: crate::prices::Pricing,
+    /// Where provider URLs may point (`LLM_GATEWAY_ALLOWED_DESTINATIONS`, see docs/security.md).
+    pub destinations: llm_gateway::destination::Policy,
 }
 
 pub type AppState = Arc<Inner>;
@@ -369,7 +372,7 @@ impl ProviderIn {
     }
 
     /// The registration without its key (keys go to the vault separately).
-    fn to_spec(&self, name: &str) -> ApiResult<ProviderSpec> {
+    fn to_spec(&self, name: &str, policy: &Policy) -> ApiResult<ProviderSpec> {
         if !valid_name(name) {
             return Err(ApiError::bad_request(
                 "invalid_name",
@@ -396,6 +399,45 @@ impl ProviderIn {
             )
             .with_param("clusterId"));
         }
+        let url = self.url.clone().filter(|u| !u.trim().is_empty());
+        if let Some(u) = &url {
+            check_destination(policy, u, self.is_hosted).map_err(|e| e.with_param("url"))?;
+        }
+        let api_version = self.api_version.clone().filter(|v| !v.trim().is_empty());
+        if let Some(v) = &api_version {
+            if v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!("provider '{name}': apiVersion must be 1-64 letters, digits or -_."),
+                )
+                .with_param("apiVersion"));
+            }
+        }
+        for m in &self.models {
+            let names = match m {
+                ModelSpec::Name(n) => [n.as_str(), n.as_str()],
+                ModelSpec::Mapped {
+                    name,
+                    upstream_name,
+                } => [name.as_str(), upstream_name.as_str()],
+            };
+            if names
+                .iter()
+                .any(|n| n.is_empty() || n.len() > 256 || !n.chars().all(|c| c.is_ascii_graphic()))
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!(
+                        "provider '{name}': model names must be 1-256 printable ASCII characters without spaces"
+                    ),
+                )
+                .with_param("models"));
+            }
+        }
         let fallback = match &self.fallback {
             None => Vec::new(),
             Some(OneOrMany::One(s)) if s.is_empty() => Vec::new(),
@@ -405,8 +447,8 @@ impl ProviderIn {
         Ok(ProviderSpec {
             name: name.to_string(),
             supported_provider: kind.as_str().to_string(),
-            url: self.url.clone().filter(|u| !u.trim().is_empty()),
-            api_version: self.api_version.clone().filter(|v| !v.trim().is_empty()),
+            url,
+            api_version,
             models: self.models.clone(),
             is_hosted: self.is_hosted,
             api_key: None,
@@ -418,6 +460,27 @@ impl ProviderIn {
             fallback_on429: self.fallback_on429,
         })
     }
+}
+
+/// The destination policy applied to a provider URL (or a config's `api_base`): 400 when refused.
+fn check_destination(policy: &Policy, url: &str, hosted: bool) -> ApiResult<()> {
+    policy
+        .check_url(url.trim(), hosted)
+        .map(|_| ())
+        .map_err(|m| ApiError::bad_request("forbidden_destination", m))
+}
+
+/// Providers the gateway could not use without a key of their own.
+fn requires_key(spec: &ProviderSpec) -> bool {
+    ProviderKind::parse(&spec.supported_provider) == Some(ProviderKind::Azure) && !spec.is_hosted
+}
+
+fn missing_key(name: &str) -> ApiError {
+    ApiError::bad_request(
+        "missing_api_key",
+        format!("provider '{name}': AZURE providers need an apiKey (the gateway cannot call Azure OpenAI without one)"),
+    )
+    .with_param("apiKey")
 }
 
 fn provider_out(p: &StoredProvider) -> Value {
@@ -467,16 +530,13 @@ async fn create_providers(
     for (i, p) in body.providers.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
         let spec = p
-            .to_spec(&name)
+            .to_spec(&name, &st.destinations)
             .map_err(|e| e.with_param(format!("providers[{i}]")))?;
+        let key = p.api_key.clone().filter(|k| !k.trim().is_empty());
         let prices = p
             .prices(&spec)
             .map_err(|e| e.with_param(format!("providers[{i}].prices")))?;
-        new.push((
-            spec,
-            p.api_key.clone().filter(|k| !k.trim().is_empty()),
-            prices,
-        ));
+        new.push((spec, key, prices));
     }
     let org = caller.org_id.as_str();
     let _w = st.write_lock.lock().await;
@@ -500,6 +560,13 @@ async fn create_providers(
     }
     validate_org(&all, &config_specs(&configs))
         .map_err(|m| ApiError::bad_request("invalid_provider", m))?;
+    if let Some(i) = new
+        .iter()
+        .position(|(spec, key, _)| key.is_none() && requires_key(spec))
+    {
+        let name = new.get(i).map(|n| n.0.name.as_str()).unwrap_or_default();
+        return Err(missing_key(name).with_param(format!("providers[{i}].apiKey")));
+    }
     let now = now_ms();
     let mut out = Vec::with_capacity(new.len());
     for (i, (spec, key, prices)) in new.into_iter().enumerate() {
@@ -571,7 +638,7 @@ async fn update_provider(
             .with_param("name"));
         }
     }
-    let spec = body.to_spec(&name)?;
+    let spec = body.to_spec(&name, &st.destinations)?;
     let prices = body.prices(&spec)?;
     let org = caller.org_id.as_str();
     let _w = st.write_lock.lock().await;
@@ -604,6 +671,9 @@ async fn update_provider(
             (Some(s), Some(l))
         }
     };
+    if key_enc.is_none() && requires_key(&spec) {
+        return Err(missing_key(&name));
+    }
     let sp = StoredProvider {
         spec,
         prices,
@@ -777,6 +847,24 @@ fn build_config(
     })
 }
 
+/// A config's `api_base` overrides meet the same destination policy as the provider URLs.
+fn check_config_destinations(
+    policy: &Policy,
+    providers: &[StoredProvider],
+    c: &StoredConfig,
+) -> ApiResult<()> {
+    for (i, e) in c.entries.iter().enumerate() {
+        if let Some(base) = &e.api_base {
+            let hosted = providers
+                .iter()
+                .any(|p| p.spec.name == e.name && p.spec.is_hosted);
+            check_destination(policy, base, hosted)
+                .map_err(|err| err.with_param(format!("providers[{i}].api_base")))?;
+        }
+    }
+    Ok(())
+}
+
 fn config_out(c: &StoredConfig) -> Value {
     json!({
         "config_id": c.id,
@@ -849,6 +937,7 @@ async fn create_config(
     let mut tx = st.pool.begin().await?;
     db::lock_org(&mut tx, org).await?;
     let providers = db::providers(&mut tx, org).await?;
+    check_config_destinations(&st.destinations, &providers, &stored)?;
     let mut configs = db::configs(&mut tx, org).await?;
     let mut specs = config_specs(&configs);
     specs.push(config_spec(&stored, None));
@@ -928,6 +1017,7 @@ async fn replace_config(
         .position(|c| c.id == id)
         .ok_or_else(|| config_not_found(id))?;
     let stored = build_config(&st.vault, org, id, input, configs.get(idx))?;
+    check_config_destinations(&st.destinations, &providers, &stored)?;
     let specs: Vec<ConfigSpec> = configs
         .iter()
         .map(|c| {

@@ -33,7 +33,10 @@ Environment:
   LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start
   LLM_GATEWAY_CACHE_TTL        ttlSeconds returned by /internal/v1/resolve (default 30)
   LLM_GATEWAY_MODEL_SPECS      hosted model catalog (default config/hosted-model-specs.json, else built in)
-  LLM_GATEWAY_MODEL_PRICES     list-price catalog (default config/model-prices.json, else built in)";
+  LLM_GATEWAY_MODEL_PRICES     list-price catalog (default config/model-prices.json, else built in)
+  LLM_GATEWAY_ALLOWED_DESTINATIONS  operator allow-list of provider destinations (loopback, link-local,
+                               private ranges for SaaS providers), e.g. 127.0.0.1:8000,10.0.0.0/8
+                               (see docs/security.md)";
 
 struct Options {
     data_dir: PathBuf,
@@ -100,6 +103,10 @@ async fn run() -> Result<(), String> {
             .map_err(|_| format!("LLM_GATEWAY_CACHE_TTL '{v}' is not a number of seconds"))?,
         None => 30,
     };
+    let destinations = llm_gateway::destination::Policy::parse(
+        &env_nonempty(llm_gateway::destination::ALLOW_ENV).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", llm_gateway::destination::ALLOW_ENV))?;
     let hosted_specs = specs::load()?;
     let pricing = prices::Pricing::new(prices::load()?, &hosted_specs);
     let model_specs = serde_json::to_value(hosted_specs).map_err(|e| e.to_string())?;
@@ -136,6 +143,7 @@ async fn run() -> Result<(), String> {
         write_lock: tokio::sync::Mutex::new(()),
         model_specs,
         pricing,
+        destinations,
     });
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await

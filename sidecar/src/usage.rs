@@ -833,11 +833,19 @@ fn sums_json(s: &Sums, m: &mut Map<String, Value>) {
     m.insert("fallbacks".into(), json!(s.fallbacks));
 }
 
+/// One CSV cell of user-controlled text (tag values, model and provider names). A cell a spreadsheet
+/// would read as a formula (`= + - @`, tab, CR at the start) gets a leading `'` so that it stays text
+/// (OWASP's CSV injection advice); cells with separators, quotes or line breaks are quoted.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -1040,6 +1048,22 @@ pub async fn prices(State(st): State<AppState>, _caller: Caller) -> Json<Value> 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        use super::csv_field;
+        assert_eq!(csv_field("search"), "search");
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+        assert_eq!(
+            csv_field("+HYPERLINK(\"http://x\",\"y\")"),
+            "\"'+HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""
+        );
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("-2"), "'-2");
+        assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_field("\rx"), "\"'\rx\"");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
     use super::*;
 
     #[test]
