@@ -5,13 +5,15 @@
 //! `POST /internal/v1/resolve` with an [`llm_gateway::config::Identity`] compiled by the filter's own
 //! compiler.
 
-mod api;
+mod caller;
 mod db;
 mod error;
+mod org;
 mod prices;
-mod report;
+mod routes;
 mod specs;
-mod usage;
+mod state;
+mod tx;
 mod util;
 mod vault;
 
@@ -135,7 +137,7 @@ async fn run() -> Result<(), String> {
         }
     }
 
-    let state = Arc::new(api::Inner {
+    let state = Arc::new(state::Inner {
         pool,
         vault,
         internal_token,
@@ -154,7 +156,7 @@ async fn run() -> Result<(), String> {
         if is_pg { "postgresql" } else { "sqlite" }
     );
     let _ = std::io::stdout().flush();
-    axum::serve(listener, api::router(state))
+    axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(|e| format!("server: {e}"))

@@ -1,15 +1,17 @@
 //! Usage records: ingestion from the filter (`POST /internal/v1/usage`), aggregation
 //! (`GET /v1/llm/usage`, JSON or CSV) shared with the savings report.
 
-use crate::api::{check_internal_token, AppState, Caller};
+use crate::caller::{check_internal_token, Caller};
 use crate::db::{self, StoredProvider};
 use crate::error::{ApiError, ApiResult};
 use crate::prices::Tokens;
+use crate::state::AppState;
 use crate::util::{now_ms, parse_json, rfc3339};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sqlx::{AnyConnection, Row};
@@ -1090,4 +1092,11 @@ mod tests {
         assert_eq!(usd_text(1_500_000_001), "1.500000001");
         assert_eq!(usd_text(-5), "-0.000000005");
     }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/llm/usage", axum::routing::get(usage))
+        .route("/v1/llm/usage/records", axum::routing::get(records))
+        .route("/v1/llm/prices", axum::routing::get(prices))
 }
