@@ -786,6 +786,12 @@ async fn build(st: &AppState, headers: &HeaderMap, uri: &Uri) -> ApiResult<Strin
     Ok(render(&page))
 }
 
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/llm/report", axum::routing::get(report))
+        .route("/v1/llm/report/link", axum::routing::post(create_link))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,10 +807,4 @@ mod tests {
         assert_eq!(nice_axis(0.0), (0.25, 1.0));
         assert_eq!(from_url_token(&to_url_token("v1:ab+/cQ==")), "v1:ab+/cQ==");
     }
-}
-
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/llm/report", axum::routing::get(report))
-        .route("/v1/llm/report/link", axum::routing::post(create_link))
 }
