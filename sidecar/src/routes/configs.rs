@@ -272,7 +272,7 @@ async fn replace_config(
     input: ConfigIn,
 ) -> ApiResult<Json<Value>> {
     let org = caller.org_id.as_str();
-    let mut w = OrgWrite::begin(&st, org).await?;
+    let mut w = OrgWrite::begin(st, org).await?;
     let providers = std::mem::take(&mut w.providers);
     let mut configs = std::mem::take(&mut w.configs);
     let idx = configs

@@ -1047,6 +1047,13 @@ pub async fn prices(State(st): State<AppState>, _caller: Caller) -> Json<Value> 
     Json(serde_json::to_value(&st.pricing.catalog).unwrap_or(Value::Null))
 }
 
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/llm/usage", axum::routing::get(usage))
+        .route("/v1/llm/usage/records", axum::routing::get(records))
+        .route("/v1/llm/prices", axum::routing::get(prices))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1092,11 +1099,4 @@ mod tests {
         assert_eq!(usd_text(1_500_000_001), "1.500000001");
         assert_eq!(usd_text(-5), "-0.000000005");
     }
-}
-
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/llm/usage", axum::routing::get(usage))
-        .route("/v1/llm/usage/records", axum::routing::get(records))
-        .route("/v1/llm/prices", axum::routing::get(prices))
 }
