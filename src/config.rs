@@ -152,6 +152,7 @@ pub struct UpstreamClusters {
 }
 
 /// Routing preferences; used at org level and per API key.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
@@ -177,6 +178,7 @@ pub struct Settings {
 }
 
 /// A model entry: either a plain name, or a public name mapped to the name the provider expects.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ModelSpec {
@@ -280,6 +282,7 @@ pub struct ConfigSpec {
     pub providers: Vec<ConfigProviderSpec>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigProviderSpec {
@@ -315,6 +318,7 @@ pub struct KeySpec {
 // ----------------------------------------------------------------------------------------------
 
 /// Provider API flavours the gateway can shape requests for.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProviderKind {
     #[serde(rename = "OPENAI")]

@@ -182,7 +182,7 @@ pub fn routing(s: &Settings) -> Settings {
 }
 
 /// Per-model price override of a provider registration, USD per 1M tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceOverride {
     pub input: f64,

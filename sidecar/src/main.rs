@@ -23,7 +23,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-const USAGE: &str = "usage: llm-gateway-sidecar [--data-dir DIR] [--listen ADDR]
+const USAGE: &str = "usage: llm-gateway-sidecar [serve] [--data-dir DIR] [--listen ADDR]
+       llm-gateway-sidecar openapi      print the OpenAPI document (what sidecar/openapi.json holds)
 
   --data-dir DIR   data directory (env LLM_GATEWAY_DATA_DIR, default ./.run/sidecar)
   --listen ADDR    listen address (env SIDECAR_ADDR, default 127.0.0.1:8081; port 0 picks a free port)
@@ -56,7 +57,10 @@ fn options() -> Result<Option<Options>, String> {
     let mut data_dir =
         env_nonempty("LLM_GATEWAY_DATA_DIR").unwrap_or_else(|| "./.run/sidecar".to_string());
     let mut listen = env_nonempty("SIDECAR_ADDR").unwrap_or_else(|| "127.0.0.1:8081".to_string());
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("serve") {
+        args.next();
+    }
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) => (f.to_string(), Some(v.to_string())),
@@ -85,6 +89,10 @@ fn options() -> Result<Option<Options>, String> {
 }
 
 async fn run() -> Result<(), String> {
+    if std::env::args().nth(1).as_deref() == Some("openapi") {
+        print!("{}", routes::openapi_json());
+        return Ok(());
+    }
     let Some(opts) = options()? else {
         return Ok(());
     };
@@ -146,6 +154,7 @@ async fn run() -> Result<(), String> {
         model_specs,
         pricing,
         destinations,
+        openapi: routes::openapi_json(),
     });
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await

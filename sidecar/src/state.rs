@@ -17,6 +17,8 @@ pub struct Inner {
     pub pricing: crate::prices::Pricing,
     /// Where provider URLs may point (`LLM_GATEWAY_ALLOWED_DESTINATIONS`, see docs/security.md).
     pub destinations: llm_gateway::destination::Policy,
+    /// The generated OpenAPI document served at `/openapi.json`.
+    pub openapi: String,
 }
 
 pub type AppState = Arc<Inner>;

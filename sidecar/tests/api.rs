@@ -1275,3 +1275,41 @@ fn destinations_and_unusable_registrations_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("LLM_GATEWAY_ALLOWED_DESTINATIONS"));
 }
+
+/// Issue 16: the OpenAPI document is generated from the types and handlers; the committed file, the
+/// `openapi` command and `GET /openapi.json` are the same document.
+#[test]
+fn openapi_document_is_generated_and_committed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = include_str!("../openapi.json");
+    assert!(
+        generated == committed,
+        "sidecar/openapi.json is stale: regenerate it with \
+         `cargo run -q -p llm-gateway-sidecar -- openapi > sidecar/openapi.json`"
+    );
+    let s = Server::start();
+    let r = s.request("GET", "/openapi.json", &[], None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.raw, committed);
+    let doc: Value = serde_json::from_str(committed).unwrap();
+    // Request types are as strict as the server: unknown members are refused in both.
+    for t in [
+        "ProviderIn",
+        "ProvidersIn",
+        "ConfigIn",
+        "KeyIn",
+        "Settings",
+        "RecordIn",
+    ] {
+        assert_eq!(
+            doc["components"]["schemas"][t]["additionalProperties"],
+            json!(false),
+            "{t}"
+        );
+    }
+}

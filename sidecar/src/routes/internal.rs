@@ -10,20 +10,30 @@ use crate::util::{new_api_key, parse_json};
 use crate::vault::Vault;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use llm_gateway::config::{compile, Identity, KeySpec, RawConfig};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResolveIn {
     #[serde(rename = "keySha256", alias = "key_sha256")]
     key_sha256: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/internal/v1/resolve",
+    tag = "internal",
+    request_body = ResolveIn,
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("gatewayToken" = []))
+)]
 async fn resolve(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -148,7 +158,7 @@ fn compile_identity(raw: &RawConfig, sha256: &str) -> ApiResult<Identity> {
         .ok_or_else(|| ApiError::internal("compiled plan lacks the key"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OrgIn {
     #[serde(default)]
@@ -156,6 +166,14 @@ struct OrgIn {
 }
 
 /// Operator endpoint: a new organization with its first organization-scoped key.
+#[utoipa::path(
+    post,
+    path = "/internal/v1/organizations",
+    tag = "internal",
+    request_body = OrgIn,
+    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("gatewayToken" = []))
+)]
 async fn create_organization(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -181,9 +199,9 @@ async fn create_organization(
     ))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/internal/v1/usage", post(super::usage::ingest))
-        .route("/internal/v1/resolve", post(resolve))
-        .route("/internal/v1/organizations", post(create_organization))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(super::usage::ingest))
+        .routes(routes!(resolve))
+        .routes(routes!(create_organization))
 }

@@ -11,11 +11,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub const MAX_BATCH: usize = 500;
 const MAX_TAGS: usize = 64;
@@ -30,7 +32,15 @@ struct BatchIn {
     records: Vec<Value>,
 }
 
-#[derive(Deserialize)]
+/// The batch as documented: each record is validated on its own (a bad record fails the batch with its
+/// index), so the handler reads `records` as raw JSON first.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct BatchDoc {
+    records: Vec<RecordIn>,
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RecordIn {
     id: String,
@@ -167,6 +177,14 @@ async fn org_exists(conn: &mut AnyConnection, org: &str) -> ApiResult<bool> {
 }
 
 /// `POST /internal/v1/usage`: idempotent on record id; `{"accepted":N,"duplicates":M}`.
+#[utoipa::path(
+    post,
+    path = "/internal/v1/usage",
+    tag = "internal",
+    request_body = BatchDoc,
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("gatewayToken" = []))
+)]
 pub async fn ingest(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -852,6 +870,23 @@ fn csv_field(s: &str) -> String {
 }
 
 /// `GET /v1/llm/usage`.
+#[utoipa::path(
+    get,
+    path = "/v1/llm/usage",
+    tag = "usage",
+    params(
+        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
+        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
+        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
+        ("tag" = Option<String>, Query, description = "key=value"),
+        ("group_by" = Option<String>, Query, description = "up to 4 of provider, provider_type, model, model_requested, api_key, cluster, config, day, tag:<key>, comma-separated"),
+        ("format" = Option<String>, Query, description = "json or csv")
+    ),
+    responses((status = 200, description = "sums (JSON) or CSV", content((serde_json::Value = "application/json"), (String = "text/csv"))), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiResult<Response> {
     let q = parse_query(&query_pairs(&uri), &[])?;
     let mut conn = st.pool.acquire().await?;
@@ -954,6 +989,22 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
 }
 
 /// `GET /v1/llm/usage/records`: individual records, newest first (`limit` 1-1000, default 100).
+#[utoipa::path(
+    get,
+    path = "/v1/llm/usage/records",
+    tag = "usage",
+    params(
+        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
+        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
+        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
+        ("tag" = Option<String>, Query, description = "key=value"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000)
+    ),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn records(
     State(st): State<AppState>,
     caller: Caller,
@@ -1043,15 +1094,22 @@ pub async fn records(
 }
 
 /// `GET /v1/llm/prices`: the list-price catalog in force.
+#[utoipa::path(
+    get,
+    path = "/v1/llm/prices",
+    tag = "usage",
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn prices(State(st): State<AppState>, _caller: Caller) -> Json<Value> {
     Json(serde_json::to_value(&st.pricing.catalog).unwrap_or(Value::Null))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/llm/usage", axum::routing::get(usage))
-        .route("/v1/llm/usage/records", axum::routing::get(records))
-        .route("/v1/llm/prices", axum::routing::get(prices))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(usage))
+        .routes(routes!(records))
+        .routes(routes!(prices))
 }
 
 #[cfg(test)]
