@@ -369,6 +369,12 @@ fn group_by_filters_and_csv() {
     );
     assert_error(&s.get("/v1/llm/usage?tag=team", &a), 400, "invalid_value");
     assert_error(&s.get("/v1/llm/usage?from=soon", &a), 400, "invalid_value");
+    // Strict dates (issue 12): no rolling over into the next month.
+    for bad in ["2025-02-31", "2025-11-31", "2025-13-01", "2025-11-24T25:00:00Z"] {
+        let r = s.get(&format!("/v1/llm/usage?from={bad}"), &a);
+        assert_error(&r, 400, "invalid_value");
+        assert_eq!(r.body["error"]["param"], "from", "{bad}");
+    }
     assert_error(&s.get("/v1/llm/usage?format=xml", &a), 400, "invalid_value");
     assert_error(&s.get("/v1/llm/usage?colour=red", &a), 400, "unknown_field");
     assert_error(

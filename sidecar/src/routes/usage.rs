@@ -391,66 +391,32 @@ pub fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
         .collect()
 }
 
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Unix milliseconds, an RFC 3339 time (`2025-11-24T10:00:00Z`, offsets allowed) or a UTC date.
+/// Unix milliseconds, an RFC 3339 time (`2025-11-24T10:00:00Z`, offsets allowed) or a UTC date,
+/// parsed strictly by the `time` crate: `2025-02-31` is refused, not read as March 3.
 pub fn parse_time(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
     let s = s.trim();
     if let Ok(ms) = s.parse::<i64>() {
         return Some(ms);
     }
-    let num = |a: usize, b: usize| s.get(a..b).and_then(|x| x.parse::<i64>().ok());
-    if s.len() < 10 || s.as_bytes().get(4) != Some(&b'-') || s.as_bytes().get(7) != Some(&b'-') {
-        return None;
-    }
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let mut ms = days_from_civil(y, mo, d) * 86_400_000;
-    if s.len() == 10 {
-        return Some(ms);
-    }
-    let rest = s.get(10..)?;
-    let rest = rest.strip_prefix('T').or_else(|| rest.strip_prefix(' '))?;
-    let (h, mi, se) = (
-        rest.get(0..2)?.parse::<i64>().ok()?,
-        rest.get(3..5)?.parse::<i64>().ok()?,
-        rest.get(6..8)?.parse::<i64>().ok()?,
-    );
-    if h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    ms += (h * 3600 + mi * 60 + se) * 1000;
-    let mut tail = rest.get(8..)?;
-    if let Some(frac) = tail.strip_prefix('.') {
-        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
-        let padded = format!("{:0<3}", digits.chars().take(3).collect::<String>());
-        ms += padded.parse::<i64>().ok()?;
-        tail = &frac[digits.len()..];
-    }
-    match tail {
-        "Z" | "z" => Some(ms),
-        t if t.len() == 6 && (t.starts_with('+') || t.starts_with('-')) => {
-            let oh = t.get(1..3)?.parse::<i64>().ok()?;
-            let om = t.get(4..6)?.parse::<i64>().ok()?;
-            let off = (oh * 60 + om) * 60_000;
-            Some(if t.starts_with('+') {
-                ms - off
-            } else {
-                ms + off
-            })
-        }
-        _ => None,
-    }
+    let nanos = if s.len() == 10 {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        time::Date::parse(s, &format)
+            .ok()?
+            .midnight()
+            .assume_utc()
+            .unix_timestamp_nanos()
+    } else {
+        // RFC 3339 also allows a space between date and time.
+        let t = match (s.get(..10), s.get(10..11), s.get(11..)) {
+            (Some(d), Some(" "), Some(rest)) => format!("{d}T{rest}"),
+            _ => s.to_string(),
+        };
+        time::OffsetDateTime::parse(&t, &Rfc3339)
+            .ok()?
+            .unix_timestamp_nanos()
+    };
+    i64::try_from(nanos / 1_000_000).ok()
 }
 
 /// A grouping dimension of `group_by`.
@@ -1146,6 +1112,15 @@ mod tests {
             Some(1_731_069_405_258)
         );
         assert_eq!(parse_time("2024-13-01"), None);
+        assert_eq!(parse_time("2025-02-31"), None);
+        assert_eq!(parse_time("2025-02-29"), None);
+        assert_eq!(parse_time("2024-02-29"), Some(1_709_164_800_000));
+        assert_eq!(parse_time("2024-11-08T24:00:00Z"), None);
+        assert_eq!(parse_time("2024-11-08T12:00:00"), None);
+        assert_eq!(
+            parse_time("2024-11-08 12:36:45.258Z"),
+            Some(1_731_069_405_258)
+        );
         assert_eq!(parse_time("yesterday"), None);
     }
 
