@@ -21,7 +21,7 @@ pub struct OrgWrite<'a> {
 impl<'a> OrgWrite<'a> {
     pub async fn begin(st: &'a AppState, org: &'a str) -> ApiResult<OrgWrite<'a>> {
         let guard = st.write_lock.lock().await;
-        let mut tx = st.pool.begin().await?;
+        let mut tx = db::begin_write(&st.pool).await?;
         db::lock_org(&mut tx, org).await?;
         let providers = db::providers(&mut tx, org).await?;
         let configs = db::configs(&mut tx, org).await?;

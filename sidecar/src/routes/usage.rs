@@ -212,7 +212,7 @@ pub async fn ingest(
     }
 
     let _w = st.write_lock.lock().await;
-    let mut tx = st.pool.begin().await?;
+    let mut tx = db::begin_write(&st.pool).await?;
     let mut providers: HashMap<String, Vec<StoredProvider>> = HashMap::new();
     let mut prompts: HashMap<(String, Option<String>), bool> = HashMap::new();
     let mut known: HashMap<String, bool> = HashMap::new();
