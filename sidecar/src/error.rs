@@ -80,7 +80,7 @@ impl ApiError {
 
     /// A server-side failure: the detail goes to the log, the caller gets a generic message.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
-        eprintln!("llm-gateway-sidecar: internal error: {detail}");
+        tracing::error!(detail = %detail, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "api_error",
@@ -102,7 +102,7 @@ impl From<sqlx::Error> for ApiError {
         }
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                eprintln!("llm-gateway-sidecar: database unavailable: {e}");
+                tracing::error!(error = %e, "database unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "api_error",

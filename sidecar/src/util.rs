@@ -28,9 +28,9 @@ pub fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Resu
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
             if meta.permissions().mode() & 0o077 != 0 {
-                eprintln!(
-                    "llm-gateway-sidecar: warning: {} is readable by group/others; chmod 600 it",
-                    path.display()
+                tracing::warn!(
+                    path = %path.display(),
+                    "secret file is readable by group/others; chmod 600 it"
                 );
             }
             std::fs::read_to_string(path)

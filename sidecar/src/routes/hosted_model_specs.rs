@@ -16,7 +16,7 @@ use utoipa_axum::routes;
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn hosted_model_specs(State(st): State<AppState>, _caller: Caller) -> Json<Value> {
-    Json(st.model_specs.clone())
+    Json(st.catalogs().model_specs.clone())
 }
 
 pub fn router() -> OpenApiRouter<AppState> {

@@ -4,6 +4,7 @@
 use crate::caller::check_internal_token;
 use crate::db::{self, StoredKey, StoredSettings};
 use crate::error::{ApiError, ApiResult};
+use crate::metrics;
 use crate::org::{config_secrets, config_spec, NoSecrets};
 use crate::state::AppState;
 use crate::util::{new_api_key, parse_json};
@@ -48,16 +49,18 @@ async fn resolve(
                 .with_param("keySha256"),
         );
     }
+    let started = std::time::Instant::now();
     let mut conn = st.pool.acquire().await?;
-    let key = db::active_key_by_hash(&mut conn, &hash)
-        .await?
-        .ok_or_else(|| ApiError::not_found("unknown or revoked API key"))?;
+    let Some(key) = db::active_key_by_hash(&mut conn, &hash).await? else {
+        st.metrics.db_resolve.observe(started.elapsed());
+        metrics::add(&st.metrics.resolve_misses, 1);
+        return Err(ApiError::not_found("unknown or revoked API key"));
+    };
     let (identity, store_prompts) = identity_for(&st.vault, &mut conn, &key).await?;
-    let prices = identity_prices(
-        &st.pricing,
-        &db::providers(&mut conn, &key.org_id).await?,
-        &identity,
-    );
+    let stored = db::providers(&mut conn, &key.org_id).await?;
+    st.metrics.db_resolve.observe(started.elapsed());
+    metrics::add(&st.metrics.resolve_hits, 1);
+    let prices = identity_prices(&st.catalogs().pricing, &stored, &identity);
     Ok(Json(json!({
         "identity": identity,
         "ttlSeconds": st.ttl_seconds,

@@ -4,7 +4,9 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use axum::extract::{MatchedPath, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Router;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -65,10 +67,27 @@ impl Modify for SecuritySchemes {
     }
 }
 
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Everything on one port (the default).
+    All,
+    /// The public API (no `/internal`, no `/metrics`).
+    Public,
+    /// `/internal/*`, health and `/metrics`: the port Envoy and Prometheus reach.
+    Internal,
+}
+
 /// Every resource router, with the document they describe.
 fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
+        .merge(public())
+        .merge(internal::router())
+}
+
+fn public() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .merge(providers::router())
         .merge(configs::router())
         .merge(api_keys::router())
@@ -76,7 +95,6 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(hosted_model_specs::router())
         .merge(usage::router())
         .merge(report::router())
-        .merge(internal::router())
 }
 
 /// The OpenAPI document (what `GET /openapi.json` serves and `llm-gateway-sidecar openapi` prints).
@@ -95,12 +113,65 @@ pub fn openapi_json() -> String {
     text
 }
 
-pub fn router(state: AppState) -> Router {
-    let (router, _) = api().split_for_parts();
+pub fn router(state: AppState, listener: Listener) -> Router {
+    let (router, _) = match listener {
+        Listener::All => api(),
+        Listener::Public => OpenApiRouter::new().merge(health::router()).merge(public()),
+        Listener::Internal => OpenApiRouter::new()
+            .merge(health::router())
+            .merge(internal::router()),
+    }
+    .split_for_parts();
+    let router = if listener == Listener::Public {
+        router
+    } else {
+        router.route("/metrics", axum::routing::get(metrics))
+    };
     router
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_log,
+        ))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus text (not in the OpenAPI document: it is the operators' port).
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+}
+
+/// The request log: one JSON line per request with method, route template, status and duration. Never
+/// headers, bodies or query strings (keys, prompts and report tokens travel there).
+async fn request_log(
+    State(st): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    st.metrics.http(method.as_str(), &route, status);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(target: "request", method = %method, route = %route, status, ms, "request");
+    } else {
+        tracing::info!(target: "request", method = %method, route = %route, status, ms, "request");
+    }
+    resp
 }
 
 async fn unknown_route() -> ApiError {

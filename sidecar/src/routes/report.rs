@@ -807,10 +807,13 @@ async fn build(st: &AppState, headers: &HeaderMap, uri: &Uri) -> ApiResult<Strin
         by_provider,
         by_model,
         savings,
-        catalog: format!(
-            "{} ({})",
-            st.pricing.catalog.version, st.pricing.catalog.date
-        ),
+        catalog: {
+            let catalogs = st.catalogs();
+            format!(
+                "{} ({})",
+                catalogs.pricing.catalog.version, catalogs.pricing.catalog.date
+            )
+        },
         range_links,
     };
     Ok(render(&page))

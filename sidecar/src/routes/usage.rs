@@ -4,6 +4,7 @@
 use crate::caller::{check_internal_token, Caller};
 use crate::db::{self, StoredProvider};
 use crate::error::{ApiError, ApiResult};
+use crate::metrics;
 use crate::prices::Tokens;
 use crate::state::AppState;
 use crate::util::{now_ms, parse_json, rfc3339};
@@ -202,16 +203,26 @@ pub async fn ingest(
         )
         .with_param("records"));
     }
+    metrics::add(&st.metrics.ingest_batches, 1);
+    let n = batch.records.len() as u64;
     let mut records = Vec::with_capacity(batch.records.len());
     for (i, v) in batch.records.into_iter().enumerate() {
         let id = v.get("id").and_then(Value::as_str).map(str::to_string);
-        let r: RecordIn =
-            serde_json::from_value(v).map_err(|e| record_error(i, id.as_deref(), e))?;
-        validate(i, &r)?;
-        records.push(r);
+        let r: Result<RecordIn, ApiError> =
+            serde_json::from_value(v).map_err(|e| record_error(i, id.as_deref(), e));
+        match r.and_then(|r| validate(i, &r).map(|_| r)) {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                metrics::add(&st.metrics.ingest_refused, n);
+                tracing::warn!(records = n, index = i, "usage batch refused: {}", e.message);
+                return Err(e);
+            }
+        }
     }
 
+    let catalogs = st.catalogs();
     let _w = st.write_lock.lock().await;
+    let started = std::time::Instant::now();
     let mut tx = db::begin_write(&st.pool).await?;
     let mut providers: HashMap<String, Vec<StoredProvider>> = HashMap::new();
     let mut prompts: HashMap<(String, Option<String>), bool> = HashMap::new();
@@ -256,7 +267,7 @@ pub async fn ingest(
             completion: r.completion_tokens,
             cached: r.cached_tokens.unwrap_or(0),
         };
-        let costed = st.pricing.cost(
+        let costed = catalogs.pricing.cost(
             provider,
             r.provider_type.as_deref(),
             &model_used,
@@ -306,7 +317,7 @@ pub async fn ingest(
         .bind(costed.cost_nusd)
         .bind(costed.list_cost_nusd)
         .bind(costed.source.as_str())
-        .bind(st.pricing.catalog.version.clone())
+        .bind(catalogs.pricing.catalog.version.clone())
         .bind(received)
         .execute(&mut *tx)
         .await?
@@ -330,9 +341,14 @@ pub async fn ingest(
         }
     }
     tx.commit().await?;
+    st.metrics.db_ingest.observe(started.elapsed());
+    metrics::add(&st.metrics.ingest_accepted, accepted);
+    metrics::add(&st.metrics.ingest_duplicates, duplicates);
+    metrics::add(&st.metrics.ingest_orphans, orphans);
     if orphans > 0 {
-        eprintln!(
-            "llm-gateway-sidecar: stored {orphans} usage record(s) of unknown organization(s)"
+        tracing::warn!(
+            records = orphans,
+            "stored usage records of unknown organization(s)"
         );
     }
     Ok(Json(
@@ -947,7 +963,7 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
         "to": if q.filter.to == i64::MAX { Value::Null } else { json!(rfc3339(q.filter.to)) },
         "groupBy": names,
         "currency": "USD",
-        "catalogVersion": st.pricing.catalog.version,
+        "catalogVersion": st.catalogs().pricing.catalog.version,
         "rows": json_rows,
         "totals": Value::Object(t),
     }))
@@ -1068,7 +1084,7 @@ pub async fn records(
     security(("apiKey" = []), ("bearer" = []))
 )]
 pub async fn prices(State(st): State<AppState>, _caller: Caller) -> Json<Value> {
-    Json(serde_json::to_value(&st.pricing.catalog).unwrap_or(Value::Null))
+    Json(serde_json::to_value(&st.catalogs().pricing.catalog).unwrap_or(Value::Null))
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
