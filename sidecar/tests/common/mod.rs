@@ -104,6 +104,15 @@ impl Server {
         Self::launch(dir, db_url, env, true)
     }
 
+    /// A server on an existing data dir (a restored backup); SQLite unless DATABASE_URL is given in `env`.
+    pub fn start_in(dir: PathBuf, env: &[(&str, &str)]) -> Server {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::launch(dir, None, env, true)
+    }
+
     /// A server with extra arguments whose log (stderr) is kept in `dir/stderr.log`.
     pub fn start_logged(env: &[(&str, &str)], args: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(unique("llm-sidecar-test"));
