@@ -1557,3 +1557,62 @@ fn migrations_backup_and_restore() {
     drop(s);
     let _ = std::fs::remove_dir_all(&lost);
 }
+
+/// Issue 12 on PostgreSQL: `pg_dump` while serving → `pg_restore` into a new database → a sidecar with the
+/// same vault key decrypts the provider keys. Runs in the PostgreSQL pass of sidecar/test.sh (pg_dump on
+/// PATH there).
+#[test]
+fn postgres_pg_dump_backup_and_restore() {
+    let Some(base) = common::pg_base() else {
+        return;
+    };
+    let have = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        have("pg_dump") && have("pg_restore"),
+        "pg_dump/pg_restore must be on PATH for the PostgreSQL pass"
+    );
+    let s = Server::start_with(&[("LLM_GATEWAY_VAULT_KEY", VAULT_KEY)]);
+    let a = s.admin.clone();
+    let body = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-pg-provider-5678","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", &a, body).status, 201);
+    let dump = s.dir.join("sidecar.dump");
+    let src = s.db_url.clone().unwrap();
+    let out = std::process::Command::new("pg_dump")
+        .args([
+            "--format=custom",
+            "--no-owner",
+            "--file",
+            dump.to_str().unwrap(),
+            &src,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = common::fresh_pg_database(&base);
+    let out = std::process::Command::new("pg_restore")
+        .args(["--no-owner", "--dbname", &target, dump.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::env::temp_dir().join(common::unique("llm-sidecar-pgrestore"));
+    let restored = Server::start_on(dir, Some(target), &[("LLM_GATEWAY_VAULT_KEY", VAULT_KEY)]);
+    let r = restored.resolve(&a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["identity"]["providers"][0]["apiKey"],
+        "sk-pg-provider-5678"
+    );
+}
