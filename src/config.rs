@@ -152,6 +152,7 @@ pub struct UpstreamClusters {
 }
 
 /// Routing preferences; used at org level and per API key.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
@@ -165,9 +166,19 @@ pub struct Settings {
     /// Model to use when the request names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Store request messages and answers with the usage records. The control plane acts on it (absent =
+    /// inherit: key -> cluster context -> organization -> false); routing ignores it. One definition of
+    /// settings for the filter and the sidecar: a new setting is added here once.
+    #[serde(
+        default,
+        alias = "store_prompts",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub store_prompts: Option<bool>,
 }
 
 /// A model entry: either a plain name, or a public name mapped to the name the provider expects.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ModelSpec {
@@ -271,6 +282,7 @@ pub struct ConfigSpec {
     pub providers: Vec<ConfigProviderSpec>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigProviderSpec {
@@ -306,6 +318,7 @@ pub struct KeySpec {
 // ----------------------------------------------------------------------------------------------
 
 /// Provider API flavours the gateway can shape requests for.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProviderKind {
     #[serde(rename = "OPENAI")]

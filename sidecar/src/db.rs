@@ -11,18 +11,45 @@ use sqlx::{AnyPool, Row};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../migrations/0001_init.sql")),
-    (2, include_str!("../migrations/0002_usage.sql")),
-];
+/// The schema migrations (`sidecar/migrations/`), embedded with their checksums: a migration file changed
+/// after it was applied is refused at start (`_sqlx_migrations` records what ran).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// PostgreSQL advisory lock held while migrating and bootstrapping (replicas start concurrently).
 const STARTUP_LOCK: i64 = 7_426_001;
 
+/// True when the pool is SQLite (set once by [`connect`]).
+static SQLITE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A write transaction. On SQLite it starts with `BEGIN IMMEDIATE`: the write lock is taken up front, so a
+/// second writer (another process on the same file) waits up to the busy timeout instead of failing with
+/// "database is locked" when its read transaction would have to be upgraded.
+pub async fn begin_write(
+    pool: &AnyPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    } else {
+        pool.begin().await
+    }
+}
+
 pub async fn connect(url: &str, is_pg: bool) -> Result<AnyPool, String> {
     sqlx::any::install_default_drivers();
+    SQLITE.store(!is_pg, std::sync::atomic::Ordering::Relaxed);
     let pool = AnyPoolOptions::new()
         .max_connections(if is_pg { 8 } else { 4 })
         .acquire_timeout(Duration::from_secs(5))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if !is_pg {
+                    // Writers of other processes wait (up to 15 s) rather than fail.
+                    sqlx::query("PRAGMA busy_timeout = 15000")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
         .connect(url)
         .await
         .map_err(|e| format!("cannot open the database: {e}"))?;
@@ -69,32 +96,7 @@ async fn init_locked(
     conn: &mut AnyConnection,
     admin_key: Option<String>,
 ) -> Result<Option<Bootstrap>, sqlx::Error> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<i64, _>("version"))
-        .collect::<Result<_, _>>()?;
-    for (version, sql) in MIGRATIONS {
-        if applied.contains(version) {
-            continue;
-        }
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        for stmt in split_sql(sql) {
-            sqlx::query(&stmt).execute(&mut *tx).await?;
-        }
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-            .bind(*version)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
+    migrate_locked(&mut *conn).await?;
     let n: i64 = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM organizations")
         .fetch_one(&mut *conn)
         .await?
@@ -113,17 +115,76 @@ async fn init_locked(
     }))
 }
 
-/// Splits a migration file into statements (no `;` inside literals in our migrations).
-fn split_sql(sql: &str) -> Vec<String> {
-    sql.lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+/// Applies pending migrations (what `llm-gateway-sidecar migrate` runs before an upgrade).
+pub async fn migrate(pool: &AnyPool, is_pg: bool) -> Result<Vec<i64>, String> {
+    let mut conn = pool.acquire().await.map_err(|e| format!("database: {e}"))?;
+    if is_pg {
+        sqlx::query("SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock($1)) AS l")
+            .bind(STARTUP_LOCK)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| format!("database lock: {e}"))?;
+    }
+    let res = migrate_locked(&mut conn).await;
+    if is_pg {
+        let _ = sqlx::query("SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_unlock($1)) AS l")
+            .bind(STARTUP_LOCK)
+            .fetch_all(&mut *conn)
+            .await;
+    }
+    res.map_err(|e| format!("migrations: {e}"))?;
+    let applied =
+        sqlx::query("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| format!("migrations: {e}"))?;
+    applied
+        .iter()
+        .map(|r| r.try_get::<i64, _>("version").map_err(|e| e.to_string()))
         .collect()
+}
+
+async fn migrate_locked(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    adopt_legacy_migrations(&mut *conn).await?;
+    MIGRATOR
+        .run(&mut *conn)
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
+}
+
+/// Databases created before `sqlx::migrate!` recorded their versions in `schema_migrations`: record those
+/// versions (with the embedded checksums) in sqlx's table once, so they are not run again.
+async fn adopt_legacy_migrations(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    use sqlx::migrate::Migrate;
+    let Ok(rows) = sqlx::query("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *conn)
+        .await
+    else {
+        return Ok(()); // no legacy table
+    };
+    let legacy: Vec<i64> = rows
+        .iter()
+        .map(|r| r.try_get::<i64, _>("version"))
+        .collect::<Result<_, _>>()?;
+    conn.ensure_migrations_table()
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    for m in MIGRATOR.iter().filter(|m| legacy.contains(&m.version)) {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, TRUE, $3, 0)",
+        )
+        .bind(m.version)
+        .bind(m.description.to_string())
+        .bind(m.checksum.to_vec())
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DROP TABLE schema_migrations")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
 /// Creates an organization with an organization-scoped admin key bound to its `default` config.
@@ -134,7 +195,11 @@ pub async fn create_org(
 ) -> Result<String, sqlx::Error> {
     let org_id = new_id("org");
     let now = now_ms();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
+        sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?
+    } else {
+        sqlx::Connection::begin(&mut *conn).await?
+    };
     sqlx::query(
         "INSERT INTO organizations (id, name, settings, created_at) VALUES ($1, $2, $3, $4)",
     )
@@ -169,39 +234,20 @@ pub fn key_prefix(secret: &str) -> String {
 // Rows.
 // ----------------------------------------------------------------------------------------------
 
-/// Settings as stored and served: the filter's routing [`Settings`] plus `storePrompts`, which only
-/// the sidecar acts on (absent = inherit: key -> cluster context -> organization -> false).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StoredSettings {
-    #[serde(
-        default,
-        alias = "providerName",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub provider: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(
-        default,
-        alias = "store_prompts",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub store_prompts: Option<bool>,
-}
+/// Settings as stored and served: the filter's [`Settings`] itself (one definition); `storePrompts` is
+/// only acted on here.
+pub type StoredSettings = Settings;
 
-impl StoredSettings {
-    /// The routing part the filter sees in `Identity`.
-    pub fn routing(&self) -> Settings {
-        Settings {
-            provider: self.provider.clone(),
-            model: self.model.clone(),
-        }
+/// The routing part the filter sees in `Identity` (`storePrompts` travels separately).
+pub fn routing(s: &Settings) -> Settings {
+    Settings {
+        store_prompts: None,
+        ..s.clone()
     }
 }
 
 /// Per-model price override of a provider registration, USD per 1M tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceOverride {
     pub input: f64,
@@ -224,7 +270,7 @@ pub struct StoredProvider {
 }
 
 /// A config's own provider entry as stored (its key override, if any, is in the sealed secrets).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoredEntry {
     pub name: String,

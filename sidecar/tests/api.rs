@@ -1161,3 +1161,519 @@ fn hosted_model_specs_catalog() {
         }
     }
 }
+
+/// Issue 9.4 / 9.10: forbidden destinations and registrations the gateway cannot use are refused with 400.
+#[test]
+fn destinations_and_unusable_registrations_are_refused() {
+    // The default harness allow-list is `127.0.0.1`; this server allows one private port for SaaS.
+    let s = Server::start_with(&[(
+        "LLM_GATEWAY_ALLOWED_DESTINATIONS",
+        "127.0.0.1 10.9.0.0/16:8000",
+    )]);
+    let a = &s.admin;
+    let one = |url: &str, hosted: bool| {
+        let body = json!({"providers": [{"name": "p", "supportedProvider": "OPENAI_COMPATIBLE", "url": url,
+            "isHosted": hosted, "models": ["m"]}]});
+        s.post("/v1/llm/providers", a, &body.to_string())
+    };
+    for url in [
+        "http://169.254.169.254/latest",
+        "http://metadata.google.internal/computeMetadata/v1",
+        "http://0.0.0.0:9901",
+        "http://[::1]:9901",
+        "http://localhost:8081/internal",
+        "http://2130706433",
+        "http://0x7f.0.0.1",
+        "http://127.1",
+        "http://[::ffff:127.0.0.1]",
+        "http://169.254.1.1",
+        "http://api.example.com/v1\r\nX-Injected: 1",
+        "http://api.example.com/v 1",
+    ] {
+        let r = one(url, true);
+        assert_error(&r, 400, "forbidden_destination");
+        assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    }
+    // Private ranges: hosted providers yes, SaaS only when allow-listed.
+    assert_error(
+        &one("http://192.168.1.5/v1", false),
+        400,
+        "forbidden_destination",
+    );
+    assert_eq!(one("http://192.168.1.5/v1", true).status, 201);
+    assert_eq!(s.delete("/v1/llm/providers/p", a).status, 204);
+    assert_eq!(one("http://10.9.1.1:8000/v1", false).status, 201);
+    assert_eq!(s.delete("/v1/llm/providers/p", a).status, 204);
+    assert_eq!(one("http://127.0.0.1:9/v1", false).status, 201);
+    // Updates meet the same policy.
+    let r = s.put(
+        "/v1/llm/providers/p",
+        a,
+        r#"{"supportedProvider":"OPENAI_COMPATIBLE","url":"http://169.254.169.254","models":["m"]}"#,
+    );
+    assert_error(&r, 400, "forbidden_destination");
+    // So do a config's api_base overrides.
+    let r = s.post(
+        "/config",
+        a,
+        r#"{"inherits":"default","providers":[{"name":"p","api_base":"http://[fe80::1]/v1"}]}"#,
+    );
+    assert_error(&r, 400, "forbidden_destination");
+
+    // Azure without a key, or with an apiVersion that would break the query string.
+    let azure = |extra: &str| {
+        format!(
+            r#"{{"providers":[{{"name":"az","supportedProvider":"AZURE","url":"https://x.openai.azure.com","models":["gpt-4o"]{extra}}}]}}"#
+        )
+    };
+    assert_error(
+        &s.post("/v1/llm/providers", a, &azure("")),
+        400,
+        "missing_api_key",
+    );
+    assert_error(
+        &s.post(
+            "/v1/llm/providers",
+            a,
+            &azure(r#","apiKey":"k-1234","apiVersion":"2024-02-01\r\nx: y""#),
+        ),
+        400,
+        "invalid_value",
+    );
+    let r = s.post(
+        "/v1/llm/providers",
+        a,
+        r#"{"providers":[{"name":"m","supportedProvider":"OPENAI_COMPATIBLE","url":"https://x.example","models":["gpt 4o\n"]}]}"#,
+    );
+    assert_error(&r, 400, "invalid_value");
+    assert!(r.raw.contains("model names"), "{}", r.raw);
+    assert_eq!(
+        s.post("/v1/llm/providers", a, &azure(r#","apiKey":"k-1234""#))
+            .status,
+        201
+    );
+    // Removing the key of an Azure provider is refused too.
+    let r = s.put(
+        "/v1/llm/providers/az",
+        a,
+        r#"{"supportedProvider":"AZURE","url":"https://x.openai.azure.com","models":["gpt-4o"],"apiKey":""}"#,
+    );
+    assert_error(&r, 400, "missing_api_key");
+
+    // An invalid allow-list refuses to start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .args([
+            "--data-dir",
+            s.dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("LLM_GATEWAY_ALLOWED_DESTINATIONS", "10.0.0.0/99")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LLM_GATEWAY_ALLOWED_DESTINATIONS"));
+}
+
+/// Issue 16: the OpenAPI document is generated from the types and handlers; the committed file, the
+/// `openapi` command and `GET /openapi.json` are the same document.
+#[test]
+fn openapi_document_is_generated_and_committed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = include_str!("../openapi.json");
+    assert!(
+        generated == committed,
+        "sidecar/openapi.json is stale: regenerate it with \
+         `cargo run -q -p llm-gateway-sidecar -- openapi > sidecar/openapi.json`"
+    );
+    let s = Server::start();
+    let r = s.request("GET", "/openapi.json", &[], None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.raw, committed);
+    let doc: Value = serde_json::from_str(committed).unwrap();
+    // Request types are as strict as the server: unknown members are refused in both.
+    for t in [
+        "ProviderIn",
+        "ProvidersIn",
+        "ConfigIn",
+        "KeyIn",
+        "Settings",
+        "RecordIn",
+    ] {
+        assert_eq!(
+            doc["components"]["schemas"][t]["additionalProperties"],
+            json!(false),
+            "{t}"
+        );
+    }
+}
+
+/// Issue 12: the sidecar as an operated service. `/internal` and `/metrics` on their own port, JSON logs
+/// with a request log that never holds keys, the admin key from a secret file never printed, catalogs
+/// reloaded on SIGHUP without a restart (a bad file keeps the previous catalog).
+#[test]
+fn operated_service_listeners_logs_metrics_and_reload() {
+    let tmp = std::env::temp_dir().join(common::unique("llm-sidecar-ops"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let admin = "lgw_admin_from_a_secret_file_0123456789";
+    let key_file = tmp.join("admin.key");
+    std::fs::write(&key_file, format!("{admin}\n")).unwrap();
+    let specs = tmp.join("specs.json");
+    let catalog = |model: &str| {
+        json!({"items": [{"model": model, "description": "d", "cpu": 1, "memoryMib": 1024,
+            "provider": "ollama", "tokensPerSecond": 1, "createTime": "2024-11-08T12:36:45Z",
+            "quantization": "Q4_K_M", "regions": []}]})
+        .to_string()
+    };
+    std::fs::write(&specs, catalog("first-model")).unwrap();
+    let s = Server::start_logged(
+        &[
+            ("LLM_GATEWAY_ADMIN_KEY_FILE", key_file.to_str().unwrap()),
+            ("LLM_GATEWAY_MODEL_SPECS", specs.to_str().unwrap()),
+            // Only SIGHUP reloads here (the file watch has its own test).
+            ("LLM_GATEWAY_CATALOG_POLL_SECONDS", "0"),
+        ],
+        &["--internal-listen", "127.0.0.1:0"],
+    );
+    assert_ne!(s.port, s.internal_port);
+    let a = admin;
+
+    // Separate listeners: the public port refuses /internal and /metrics, the internal port serves only them.
+    let provider = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-secret-provider-key-9876","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", a, provider).status, 201);
+    let r = s.resolve(a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let body = format!("{{\"keySha256\":\"{}\"}}", llm_gateway::config::hash_key(a));
+    let public = s.request(
+        "POST",
+        "/internal/v1/resolve",
+        &[("x-gateway-token", &s.token)],
+        Some(&body),
+    );
+    assert_error(&public, 404, "not_found");
+    assert_eq!(s.request("GET", "/metrics", &[], None).status, 404);
+    let on_internal = s.request_on(
+        s.internal_port,
+        "GET",
+        "/v1/llm/providers",
+        &[("X-API-Key", a)],
+        None,
+    );
+    assert_eq!(on_internal.status, 404);
+    assert_eq!(
+        s.request_on(s.internal_port, "GET", "/readyz", &[], None)
+            .status,
+        200
+    );
+    let unknown = format!("{{\"keySha256\":\"{}\"}}", "ab".repeat(32));
+    let miss = s.request_on(
+        s.internal_port,
+        "POST",
+        "/internal/v1/resolve",
+        &[("x-gateway-token", &s.token)],
+        Some(&unknown),
+    );
+    assert_eq!(miss.status, 404);
+
+    // Usage ingestion: accepted, duplicate, refused (an invalid batch).
+    let org = r.body["identity"]["orgId"].as_str().unwrap().to_string();
+    let rec = |id: &str| {
+        json!({"id": id, "time": 1_764_000_000_000i64, "orgId": org, "provider": "p", "modelUsed": "m",
+               "promptTokens": 1, "completionTokens": 1, "status": 200})
+    };
+    let batch = |records: Vec<Value>| json!({ "records": records }).to_string();
+    let ingest = |body: String| {
+        s.request_on(
+            s.internal_port,
+            "POST",
+            "/internal/v1/usage",
+            &[("x-gateway-token", &s.token)],
+            Some(&body),
+        )
+    };
+    assert_eq!(ingest(batch(vec![rec("u1"), rec("u2")])).status, 200);
+    assert_eq!(ingest(batch(vec![rec("u2")])).status, 200);
+    let mut bad = rec("u3");
+    bad["promptTokens"] = json!(-1);
+    assert_eq!(ingest(batch(vec![rec("u4"), bad])).status, 400);
+
+    // Metrics in Prometheus text.
+    let m = s.request_on(s.internal_port, "GET", "/metrics", &[], None);
+    assert_eq!(m.status, 200);
+    for line in [
+        "llmgw_sidecar_resolve_total{result=\"hit\"} 1",
+        "llmgw_sidecar_resolve_total{result=\"miss\"} 1",
+        "# TYPE llmgw_sidecar_db_duration_seconds histogram",
+        "llmgw_sidecar_db_duration_seconds_count{operation=\"write\"} 1",
+        "llmgw_sidecar_http_requests_total{method=\"POST\",route=\"/v1/llm/providers\",status=\"201\"} 1",
+        "llmgw_sidecar_usage_records_total{outcome=\"accepted\"} 2",
+        "llmgw_sidecar_usage_records_total{outcome=\"duplicate\"} 1",
+        "llmgw_sidecar_usage_records_total{outcome=\"refused\"} 2",
+        "llmgw_sidecar_usage_batches_total 3",
+        "llmgw_sidecar_db_duration_seconds_count{operation=\"ingest\"} 2",
+    ] {
+        assert!(m.raw.contains(line), "metrics lack {line}:\n{}", m.raw);
+    }
+
+    // Catalog reload on SIGHUP; a broken file is refused and the last good catalog keeps serving.
+    let model = |s: &Server| {
+        s.get("/ai-optimizer/v1beta/hosted-model-specs", a).body["items"][0]["model"].clone()
+    };
+    assert_eq!(model(&s), "first-model");
+    std::fs::write(&specs, catalog("second-model")).unwrap();
+    let pid = s.pid().to_string();
+    let hup = || {
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while model(&s) != "second-model" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(model(&s), "second-model");
+    std::fs::write(&specs, "{not json").unwrap();
+    hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.log().contains("catalog reload failed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(model(&s), "second-model");
+
+    // Structured JSON logs; the request log has routes and statuses, never keys.
+    let log = s.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["level"] == "INFO" && l["route"] == "/v1/llm/providers" && l["status"] == 201));
+    assert!(lines.iter().any(|l| l["level"] == "ERROR"
+        && l["message"]
+            .as_str()
+            .unwrap()
+            .contains("catalog reload failed")));
+    for secret in [admin, "sk-secret-provider-key-9876", &s.token] {
+        assert!(!log.contains(secret), "the log holds a secret");
+        assert!(
+            !s.stdout.join("\n").contains(secret),
+            "stdout holds a secret"
+        );
+    }
+}
+
+fn sidecar_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("LLM_GATEWAY_VAULT_KEY")
+        .env_remove("LLM_GATEWAY_ADMIN_KEY")
+        .output()
+        .unwrap()
+}
+
+async fn sqlite_exec(path: &std::path::Path, sql: &[&str]) {
+    use sqlx::Connection;
+    let mut c = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    for q in sql {
+        sqlx::query(q).execute(&mut c).await.unwrap();
+    }
+    c.close().await.unwrap();
+}
+
+/// Issue 12: `migrate` (sqlx migrations with checksums; databases of the earlier runner are adopted; a
+/// modified migration is refused), `backup` (online SQLite copy + vault.key) and restore: provider keys
+/// still decrypt after a restore, and do not without the backed-up vault.key.
+#[test]
+fn migrations_backup_and_restore() {
+    if is_pg() {
+        return; // SQLite files; PostgreSQL is pg_dump's (docs/operations.md)
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = std::env::temp_dir().join(common::unique("llm-sidecar-migrate"));
+    let d = dir.to_str().unwrap();
+    for _ in 0..2 {
+        let out = sidecar_cmd(&["migrate", "--data-dir", d]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2]"));
+    }
+    // A database of the earlier runner (schema_migrations) is adopted, not migrated twice.
+    rt.block_on(sqlite_exec(
+        &dir.join("sidecar.db"),
+        &[
+            "DROP TABLE _sqlx_migrations",
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            "INSERT INTO schema_migrations VALUES (1, 0), (2, 0)",
+        ],
+    ));
+    let out = sidecar_cmd(&["migrate", "--data-dir", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2]"));
+    // A migration changed after it ran is refused (checksums).
+    rt.block_on(sqlite_exec(
+        &dir.join("sidecar.db"),
+        &["UPDATE _sqlx_migrations SET checksum = X'00' WHERE version = 1"],
+    ));
+    let out = sidecar_cmd(&["migrate", "--data-dir", d]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("modified"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Backup while serving, restore into a new data dir: provider keys still decrypt.
+    let s = Server::start();
+    let a = s.admin.clone();
+    let body = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-provider-secret-1234","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", &a, body).status, 201);
+    let backup = std::env::temp_dir().join(common::unique("llm-sidecar-backup"));
+    let out = sidecar_cmd(&[
+        "backup",
+        "--to",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        s.dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(backup.join("sidecar.db").exists() && backup.join("vault.key").exists());
+    drop(s);
+    let lost = std::env::temp_dir().join(common::unique("llm-sidecar-nokey"));
+    std::fs::create_dir_all(&lost).unwrap();
+    std::fs::copy(backup.join("sidecar.db"), lost.join("sidecar.db")).unwrap();
+    let restored = Server::start_in(backup.clone(), &[]);
+    let r = restored.resolve(&a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["identity"]["providers"][0]["apiKey"],
+        "sk-provider-secret-1234"
+    );
+    drop(restored);
+
+    // The same database without its vault.key: the sidecar starts with a new key and cannot decrypt.
+    let s = Server::start_in(lost.clone(), &[]);
+    let r = s.resolve(&a);
+    assert_error(&r, 500, "internal_error");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&lost);
+}
+
+/// Issue 12 on PostgreSQL: `pg_dump` while serving → `pg_restore` into a new database → a sidecar with the
+/// same vault key decrypts the provider keys. Runs in the PostgreSQL pass of sidecar/test.sh (pg_dump on
+/// PATH there).
+#[test]
+fn postgres_pg_dump_backup_and_restore() {
+    let Some(base) = common::pg_base() else {
+        return;
+    };
+    let have = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        have("pg_dump") && have("pg_restore"),
+        "pg_dump/pg_restore must be on PATH for the PostgreSQL pass"
+    );
+    let s = Server::start_with(&[("LLM_GATEWAY_VAULT_KEY", VAULT_KEY)]);
+    let a = s.admin.clone();
+    let body = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-pg-provider-5678","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", &a, body).status, 201);
+    let dump = s.dir.join("sidecar.dump");
+    let src = s.db_url.clone().unwrap();
+    let out = std::process::Command::new("pg_dump")
+        .args([
+            "--format=custom",
+            "--no-owner",
+            "--file",
+            dump.to_str().unwrap(),
+            &src,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = common::fresh_pg_database(&base);
+    let out = std::process::Command::new("pg_restore")
+        .args(["--no-owner", "--dbname", &target, dump.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::env::temp_dir().join(common::unique("llm-sidecar-pgrestore"));
+    let restored = Server::start_on(dir, Some(target), &[("LLM_GATEWAY_VAULT_KEY", VAULT_KEY)]);
+    let r = restored.resolve(&a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["identity"]["providers"][0]["apiKey"],
+        "sk-pg-provider-5678"
+    );
+}
+
+/// Issue 12: catalog files changed on disk (a ConfigMap update sends no signal) are picked up by the
+/// file watch.
+#[test]
+fn catalogs_reload_when_their_files_change() {
+    let tmp = std::env::temp_dir().join(common::unique("llm-sidecar-watch"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let specs = tmp.join("specs.json");
+    let catalog = |model: &str| {
+        json!({"items": [{"model": model, "description": "d", "cpu": 1, "memoryMib": 1024,
+            "provider": "ollama", "tokensPerSecond": 1, "createTime": "2024-11-08T12:36:45Z",
+            "quantization": "Q4_K_M", "regions": []}]})
+        .to_string()
+    };
+    std::fs::write(&specs, catalog("before")).unwrap();
+    let s = Server::start_with(&[
+        ("LLM_GATEWAY_MODEL_SPECS", specs.to_str().unwrap()),
+        ("LLM_GATEWAY_CATALOG_POLL_SECONDS", "1"),
+    ]);
+    let model = || {
+        s.get("/ai-optimizer/v1beta/hosted-model-specs", &s.admin)
+            .body["items"][0]["model"]
+            .clone()
+    };
+    assert_eq!(model(), "before");
+    std::fs::write(&specs, catalog("after-the-change")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while model() != "after-the-change" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(model(), "after-the-change");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
