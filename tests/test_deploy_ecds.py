@@ -84,7 +84,11 @@ def test_ecds_reload_applies_and_refuses_invalid():
             time.sleep(0.2)
         logs = envoy.logs()
         assert "unknown supportedProvider" in logs, logs[-3000:]
-        print("\n".join(l for l in logs.splitlines() if "NOPE" in l or "rejected" in l or "refus" in l))
+        assert "refusing to start" in logs
+        deadline = time.time() + 5
+        while time.time() < deadline and "config update rejected" not in envoy.logs():
+            time.sleep(0.2)
+        assert "Filesystem config update rejected" in envoy.logs()
         time.sleep(1)
         for _ in range(10):
             s, _, body = request("POST", envoy.url + CHAT, BODY, {"authorization": "Bearer " + K2})
