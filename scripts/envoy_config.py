@@ -214,10 +214,111 @@ def k8s_files(base="deploy/kustomize/base/gateway"):
     return {os.path.join(base, "envoy.yaml"): cfg, os.path.join(base, ECDS_FILE): ecds_document(filt)}
 
 
+# --- Istio: an EnvoyFilter carrying everything the filter needs -----------------------------------
+# A WasmPlugin cannot set allow_on_headers_stop_iteration (without it every request hangs: the filter
+# holds the headers while it reads the body) nor add the dynamic forward proxy, the cluster_header
+# route and the fallback attempt listeners. The EnvoyFilter adds the filter as ECDS extension configs
+# (so istio-agent downloads the oci:// module, as it does for WasmPlugins) plus those pieces.
+ISTIO_WASM_URL = "oci://ghcr.io/llm-gateway/llm-gateway-filter:latest"
+ROUTER = "envoy.filters.http.router"
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+def istio_code(url=ISTIO_WASM_URL):
+    # istio-agent fetches oci:// and https:// modules named in ECDS and hands Envoy a local file.
+    # Pin a version with a tag or @sha256:<manifest digest>, or add `sha256: <module sha256>`
+    # (printed by scripts/oci_image.py).
+    return {"remote": {"http_uri": {"uri": url, "timeout": "30s"}}}
+
+
+def istio_extension_configs(filter_config, url=ISTIO_WASM_URL):
+    """The ECDS resources of the EnvoyFilter: the main filter and the fallback attempt roles."""
+    cfg = load_template()
+    out = []
+    main = copy.deepcopy(gateway_filter(cfg))
+    main["vm_config"]["code"] = istio_code(url)
+    main["configuration"] = {"@type": "type.googleapis.com/google.protobuf.Struct", "value": filter_config}
+    out.append(extension_config(main))
+    for lst in cfg["static_resources"]["listeners"][1:]:
+        for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+            if f["name"] == "llm_gateway":
+                c = copy.deepcopy(f["typed_config"]["config"])
+                c["vm_config"]["code"] = istio_code(url)
+                out.append({"name": c["name"], "typed_config": {"@type": WASM_TYPE, "config": c}})
+    return out
+
+
+def hcm_type():
+    return "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _ecds_filter(name):
+    return {"name": name, "config_discovery": {
+        "config_source": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+        "type_urls": [WASM_TYPE]}}
+
+
+def istio_envoyfilter(name, namespace, selector, sidecar_address, vhost="*:80", url=ISTIO_WASM_URL,
+                      filter_config=None):
+    cfg = load_template()
+    filter_config = filter_config if filter_config is not None else K8S_FILTER_CONFIG
+    patches = []
+    for ext in istio_extension_configs(filter_config, url):
+        patches.append({"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD", "value": ext}})
+    hcm = _hcm(cfg)
+    dfp = copy.deepcopy(next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.dynamic_forward_proxy"))
+    at_router = {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}
+    # The gateway's HTTP connection manager: Envoy-generated errors in the OpenAI shape, headers timeout.
+    patches.append({"applyTo": "NETWORK_FILTER",
+                    "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM}}}},
+                    "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
+                        "@type": hcm_type(),
+                        "request_headers_timeout": hcm["request_headers_timeout"],
+                        "local_reply_config": copy.deepcopy(hcm["local_reply_config"])}}}})
+    patches.append({"applyTo": "HTTP_FILTER", "match": at_router,
+                    "patch": {"operation": "INSERT_BEFORE", "value": _ecds_filter("llm_gateway")}})
+    patches.append({"applyTo": "HTTP_FILTER", "match": at_router, "patch": {"operation": "INSERT_BEFORE", "value": dfp}})
+    # Routes the filter selects with x-llm-gateway-cluster: fallback chains and single providers.
+    for r in reversed([r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]):
+        patches.append({"applyTo": "HTTP_ROUTE",
+                        "match": {"context": "GATEWAY", "routeConfiguration": {"vhost": {"name": vhost}}},
+                        "patch": {"operation": "INSERT_FIRST", "value": dict(copy.deepcopy(r), name=(
+                            "llm_gateway_" + r["match"]["headers"][0].get("string_match", {}).get("exact", "provider")))}})
+    for c in cfg["static_resources"]["clusters"]:
+        c = copy.deepcopy(c)
+        if c["name"] == "llm_gateway_sidecar":
+            host, port = sidecar_address
+            c["type"] = "STRICT_DNS"
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
+                "address": host, "port_value": port}
+        patches.append({"applyTo": "CLUSTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": c}})
+    for lst in cfg["static_resources"]["listeners"][1:]:
+        lst = copy.deepcopy(lst)
+        hf = lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        for i, f in enumerate(hf):
+            if f["name"] == "llm_gateway":
+                hf[i] = _ecds_filter(f["typed_config"]["config"]["name"])
+        patches.append({"applyTo": "LISTENER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": lst}})
+    return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "llm-gateway"}},
+            "spec": {"workloadSelector": {"labels": selector}, "priority": 10, "configPatches": patches}}
+
+
+def istio_files():
+    internal = (f"{K8S_SIDECAR_HOST}.llm-gateway.svc.cluster.local", K8S_SIDECAR_PORT)
+    return {
+        "deploy/istio/ingress-gateway/envoyfilter.yaml":
+            istio_envoyfilter("llm-gateway", "istio-system", {"istio": "ingressgateway"}, internal),
+        "deploy/istio/sidecar-gateway/envoyfilter.yaml":
+            istio_envoyfilter("llm-gateway", "llm-gateway", {"istio": "llm-gateway"}, internal),
+    }
+
+
 def generated_files():
     out = {}
     out.update(plain_ecds_files())
     out.update(k8s_files())
+    out.update(istio_files())
     return out
 
 
