@@ -45,7 +45,9 @@ ensure_python() {
 ensure_deploy_tools() {
   # Deployment tests (tests/test_deploy_*.py): kubectl (kustomize), Debian's docker-registry (loopback
   # OCI registry), strict Kubernetes schemas, Istio CRD schema checks, a Go-template renderer for the
-  # Helm chart. The Docker smoke test runs only where dockerd exists (not installed here).
+  # Helm chart. The Docker smoke test (tests/test_deploy_docker.py) runs only where dockerd and
+  # docker-compose exist (Debian docker.io, docker-compose; not installed by this script) and says
+  # "skipped" otherwise.
   local pkgs=()
   command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
   command -v docker-registry >/dev/null || pkgs+=(docker-registry)
@@ -116,7 +118,7 @@ case "$cmd" in
       sidecar/test.sh
     fi
     log "integration tests (real Envoy + built wasm)"
-    python3 -m pytest -q tests/
+    python3 -m pytest -q -rs tests/
     ;;
   *)
     echo "usage: $0 run|test|wasm" >&2
