@@ -275,6 +275,8 @@ struct Exchange {
     status: u32,
     tap: Option<StreamTap>,
     json: Vec<u8>,
+    /// The non-streamed body passed `MAX_JSON_COPY`: it was not copied for usage.
+    json_overflow: bool,
     /// Native provider stream being translated to OpenAI chunks.
     translator: Option<Box<dyn crate::translate::StreamTranslator>>,
     /// Native non-streamed (or error) response: held whole, then translated.
@@ -296,6 +298,7 @@ impl Exchange {
             status: 0,
             tap: None,
             json: Vec::new(),
+            json_overflow: false,
             translator: None,
             translate_whole: false,
             translated_usage: None,
@@ -856,10 +859,14 @@ impl HttpContext for GatewayHttp {
                     }
                 }
             }
-            None if ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
+            None if !ex.json_overflow && ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
                 ex.json.extend_from_slice(&chunk)
             }
-            None => {}
+            None => {
+                // Past the bound: stop copying and free the copy; the usage is estimated.
+                ex.json_overflow = true;
+                ex.json = Vec::new();
+            }
         }
         Action::Continue
     }
@@ -892,6 +899,9 @@ impl HttpContext for GatewayHttp {
             .translator
             .as_ref()
             .map(|t| (t.usage().map(gateway::from_translated), !t.failed()));
+        let overflowed = ex.json_overflow
+            || ex.tap.as_ref().is_some_and(StreamTap::truncated)
+            || ex.translator.as_ref().is_some_and(|t| t.truncated());
         let (facts, done) = match &ex.tap {
             Some(t) => (
                 usage::ResponseFacts {
@@ -995,7 +1005,8 @@ impl HttpContext for GatewayHttp {
             ttft_ms: ttft,
             stream: r.stream,
             fallback: ex.fallback,
-            truncated: r.stream && ok && !done,
+            // The stream ended early, or part of the response passed a buffer bound unread.
+            truncated: (r.stream && ok && !done) || overflowed,
             tags: std::mem::take(&mut self.tags),
             prompt: None,
             completion: None,
