@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod entry;
 pub mod error;
+pub mod exchange;
 pub mod fallback;
 pub mod gateway;
 pub mod hostapi;
