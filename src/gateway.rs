@@ -90,7 +90,8 @@ pub fn route_to(
     let translated = target.translation.is_some();
     if req.stream && !translated && providers::supports_stream_usage(provider.kind) {
         let current = new_body.as_deref().unwrap_or(raw_body);
-        let (with_usage, client_asked) = usage::ensure_stream_usage(current);
+        let (with_usage, client_asked) =
+            usage::ensure_stream_usage_for(current, req.stream_options);
         strip_usage_chunk = !client_asked;
         if with_usage.is_some() {
             new_body = with_usage;
@@ -112,7 +113,7 @@ pub fn route_to(
         strip_usage_chunk,
         request_bytes: raw_body.len(),
         translation: target.translation,
-        client_wants_usage: translated && crate::translate::include_usage(raw_body),
+        client_wants_usage: translated && req.stream_options.include_usage(),
     })
 }
 
