@@ -283,6 +283,9 @@ pub struct ProviderSpec {
     /// always fall back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fallback_on429: bool,
+    /// Upstream timeouts for this provider (`totalMs`, `perTryMs`); unset: the Envoy route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<crate::plan::Timeouts>,
 }
 
 /// A custom configuration: which providers and models a key may use, with optional overrides.
@@ -754,6 +757,7 @@ fn resolve_entry(
         fallback: reg.spec.fallback.clone(),
         native: reg.native,
         fallback_on429: reg.spec.fallback_on429,
+        timeouts: reg.spec.timeouts,
     })
 }
 

@@ -106,7 +106,13 @@ pub fn route_to(
         authority: provider.base.authority.clone(),
         path: target.path,
         auth: target.auth,
-        extra_headers: target.extra_headers,
+        extra_headers: {
+            let mut h = target.extra_headers;
+            if let Some(t) = &provider.timeouts {
+                h.extend(t.headers());
+            }
+            h
+        },
         body: new_body,
         stream: req.stream,
         upstream_model: target.body_model.unwrap_or_else(|| model.upstream.clone()),

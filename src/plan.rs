@@ -94,6 +94,43 @@ pub struct ResolvedProvider {
     pub native: bool,
     #[serde(default)]
     pub fallback_on429: bool,
+    /// Per-provider timeouts, sent to Envoy as per-request headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+}
+
+/// Upstream timeouts of one provider, in milliseconds (each optional; unset keeps the route's value
+/// from the Envoy configuration). Envoy enforces them: the filter only sets
+/// `x-envoy-upstream-rq-timeout-ms` (`totalMs`) and `x-envoy-upstream-rq-per-try-timeout-ms`
+/// (`perTryMs`) on the request it routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// The whole exchange, from the end of the request to the end of the response (streams
+    /// included: a stream longer than this is cut). `0` disables it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    /// Each attempt (the first and every retry), bounded by `totalMs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_ms: Option<u64>,
+}
+
+/// Envoy's per-request timeout headers (the router reads them when it routes the request).
+pub const TOTAL_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
+pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
+
+impl Timeouts {
+    /// The headers that carry these timeouts.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        if let Some(t) = self.total_ms {
+            v.push((TOTAL_TIMEOUT_HEADER, t.to_string()));
+        }
+        if let Some(t) = self.per_try_ms {
+            v.push((PER_TRY_TIMEOUT_HEADER, t.to_string()));
+        }
+        v
+    }
 }
 
 impl std::fmt::Debug for ResolvedProvider {

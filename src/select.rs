@@ -133,6 +133,7 @@ mod tests {
             fallback: vec![],
             native: false,
             fallback_on429: false,
+            timeouts: None,
         }
     }
 
