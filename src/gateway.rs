@@ -27,6 +27,9 @@ pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "anthropic-api-key",
     crate::usage::TAGS_HEADER,
     CLUSTER_HEADER,
+    // Timeouts are the operator's (route and per-provider), not the client's.
+    crate::plan::TOTAL_TIMEOUT_HEADER,
+    crate::plan::PER_TRY_TIMEOUT_HEADER,
 ];
 
 /// Everything the adapter must apply to send a chat request upstream.
