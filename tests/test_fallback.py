@@ -228,6 +228,11 @@ def test_failing_hosted_provider_stops_being_tried_first(gw):
     before = len(ups["hosted"].requests)
     assert before == 3
     for _ in range(3):
+        # Now first in line, but still a fallback for the request (issue 9 item 9): header and metric.
         s, hd, _ = chat(envoy)
-        assert s == 200 and served(hd) == ("saas-a", False)  # now first in line: not a fallback
+        assert s == 200 and served(hd) == ("saas-a", True)
     assert len(ups["hosted"].requests) == before
+    from harness import prom_samples, prom_value
+    _, _, text = request("GET", f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus")
+    samples = prom_samples(text.decode())
+    assert prom_value(samples, "llmgw_fallbacks_total", gen_ai_provider_name="saas-a") == 6
