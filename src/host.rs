@@ -250,10 +250,14 @@ fn store_answer(
 ) -> Result<Rc<Identity>, GatewayError> {
     let now = now_ms();
     match resolve::parse_answer(status, body) {
-        Ok(Resolved::Known { identity, ttl_ms }) => {
+        Ok(Resolved::Known {
+            mut identity,
+            ttl_ms,
+        }) => {
             shared.breaker.borrow_mut().success();
             let fresh_until = now.saturating_add(ttl_ms);
             let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
+            identity.refused = resolve::refused_destination(&identity, &sidecar.destinations);
             let identity: Rc<Identity> = Rc::from(identity);
             shared.cache.borrow_mut().store_known(
                 hash,
@@ -673,8 +677,10 @@ impl GatewayHttp {
         }
         // Another worker may already have asked the sidecar.
         if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&resolve::shared_key(&p.hash)) {
-            if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
+            if let Some((fresh_until, stale_until, mut identity)) = resolve::decode_shared(&bytes) {
                 if now < stale_until {
+                    identity.refused =
+                        resolve::refused_destination(&identity, &sidecar.destinations);
                     let identity = Rc::new(identity);
                     self.shared.cache.borrow_mut().store_known(
                         &p.hash,
@@ -709,6 +715,12 @@ impl GatewayHttp {
 
     /// Continues an authenticated request (from the headers callback or after a callout).
     fn proceed(&mut self, identity: Rc<Identity>, p: Pending) -> Result<Action, GatewayError> {
+        if let Some((provider, reason)) = &identity.refused {
+            return Err(GatewayError::DestinationForbidden {
+                provider: provider.clone(),
+                reason: reason.clone(),
+            });
+        }
         match p.endpoint {
             Endpoint::ListModels => Ok(self.reply_json(&gateway::list_models(&identity))),
             Endpoint::GetModel(name) => {

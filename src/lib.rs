@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod destination;
 pub mod entry;
 pub mod error;
 pub mod fallback;
