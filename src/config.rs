@@ -130,6 +130,10 @@ pub struct SidecarSpec {
     /// Usage records buffered per worker while the sidecar cannot take them, in bytes of JSON.
     #[serde(default = "default_usage_buffer_bytes")]
     pub usage_buffer_bytes: usize,
+    /// Operator allow-list of provider destinations (SSRF policy, `crate::destination`): providers
+    /// resolved by the sidecar whose URL the policy refuses are refused by the filter too.
+    #[serde(default)]
+    pub allowed_destinations: String,
 }
 
 fn default_sidecar_cluster() -> String {
@@ -177,6 +181,7 @@ pub struct SidecarPlan {
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
     pub usage_buffer_bytes: usize,
+    pub destinations: crate::destination::Policy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -373,6 +378,10 @@ pub struct Identity {
     /// Prices by `provider/model` (the sidecar's catalog and overrides), for the cost metric.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, Price>,
+    /// Set by the filter when a provider of this identity points where the destination policy
+    /// forbids: `(provider, reason)`; requests with the key are refused (403 destination_forbidden).
+    #[serde(skip)]
+    pub refused: Option<(String, String)>,
 }
 
 impl Identity {
@@ -514,6 +523,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             fallback_providers,
             store_prompts: false,
             prices: Default::default(),
+            refused: None,
         };
         if keys.insert(hash, Rc::new(identity)).is_some() {
             return Err(format!("key '{}' has the same sha256 as another key", k.id));
@@ -551,6 +561,8 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
                 breaker_failures: sc.breaker_failures,
                 breaker_cooldown_ms: sc.breaker_cooldown_seconds.saturating_mul(1000),
                 usage_buffer_bytes: sc.usage_buffer_bytes,
+                destinations: crate::destination::Policy::parse(&sc.allowed_destinations)
+                    .map_err(|e| format!("sidecar.allowedDestinations: {e}"))?,
             })
         }
     };

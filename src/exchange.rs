@@ -180,9 +180,9 @@ struct Metrics {
     models: HashMap<String, HashMap<String, ModelMetrics>>,
 }
 
-/// The ids of one (provider, model)'s metrics (`requests` per status class, defined on first use).
+/// The ids of one (provider, model)'s metrics (`requests` per status code, defined on first use).
 struct ModelMetrics {
-    requests: [Option<u32>; 5],
+    requests: Vec<(u32, Option<u32>)>,
     tokens_in: Option<u32>,
     tokens_out: Option<u32>,
     duration: Option<u32>,
@@ -191,15 +191,8 @@ struct ModelMetrics {
     fallbacks: Option<u32>,
 }
 
-fn status_index(status: u32) -> usize {
-    match status {
-        200..=299 => 0,
-        300..=399 => 1,
-        400..=499 => 2,
-        500..=599 => 3,
-        _ => 4,
-    }
-}
+/// Status codes whose request-counter id one (provider, model) remembers.
+const MAX_STATUS_IDS: usize = 32;
 
 fn define(kind: MetricKind, name: &str) -> Option<u32> {
     match host().define_metric(kind, name) {
@@ -215,7 +208,7 @@ impl ModelMetrics {
     fn new(provider: &str, model: &str) -> Self {
         use MetricKind::{Counter, Histogram};
         ModelMetrics {
-            requests: [None; 5],
+            requests: Vec::new(),
             tokens_in: define(Counter, &metrics::tokens(provider, model, "input")),
             tokens_out: define(Counter, &metrics::tokens(provider, model, "output")),
             duration: define(Histogram, &metrics::duration(provider, model)),
@@ -226,14 +219,17 @@ impl ModelMetrics {
     }
 
     fn request(&mut self, provider: &str, model: &str, status: u32) -> Option<u32> {
-        let slot = self.requests.get_mut(status_index(status))?;
-        if slot.is_none() {
-            *slot = define(
-                MetricKind::Counter,
-                &metrics::requests(provider, model, status),
-            );
+        if let Some((_, id)) = self.requests.iter().find(|(s, _)| *s == status) {
+            return *id;
         }
-        *slot
+        let id = define(
+            MetricKind::Counter,
+            &metrics::requests(provider, model, status),
+        );
+        if self.requests.len() < MAX_STATUS_IDS {
+            self.requests.push((status, id));
+        }
+        id
     }
 }
 
@@ -413,10 +409,14 @@ fn store_answer(
 ) -> Result<Rc<Identity>, GatewayError> {
     let now = now_ms();
     match resolve::parse_answer(status, body) {
-        Ok(Resolved::Known { identity, ttl_ms }) => {
+        Ok(Resolved::Known {
+            mut identity,
+            ttl_ms,
+        }) => {
             shared.breaker.borrow_mut().success();
             let fresh_until = now.saturating_add(ttl_ms);
             let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
+            identity.refused = resolve::refused_destination(&identity, &sidecar.destinations);
             let identity: Rc<Identity> = Rc::from(identity);
             shared.cache.borrow_mut().store_known(
                 hash,
@@ -639,6 +639,8 @@ enum State {
 struct AttemptSlot {
     attempt: fallback::Attempt,
     index: usize,
+    /// Served by another provider than the one the request selected.
+    fallback: bool,
     last: bool,
     org: String,
 }
@@ -772,10 +774,12 @@ impl GatewayHttp {
                     reason: "the body is empty".into(),
                 });
             }
+            let fallback = plan.is_fallback(slot);
             let org = plan.org;
             self.state = State::AwaitingAttempt(Box::new(AttemptSlot {
                 attempt,
                 index: slot,
+                fallback,
                 last,
                 org,
             }));
@@ -862,8 +866,10 @@ impl GatewayHttp {
         }
         // Another worker may already have asked the sidecar.
         if let Ok(Some(bytes)) = host().shared_get(&resolve::shared_key(&p.hash)) {
-            if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
+            if let Some((fresh_until, stale_until, mut identity)) = resolve::decode_shared(&bytes) {
                 if now < stale_until {
+                    identity.refused =
+                        resolve::refused_destination(&identity, &sidecar.destinations);
                     let identity = Rc::new(identity);
                     self.shared.cache.borrow_mut().store_known(
                         &p.hash,
@@ -898,6 +904,12 @@ impl GatewayHttp {
 
     /// Continues an authenticated request (from the headers callback or after a callout).
     fn proceed(&mut self, identity: Rc<Identity>, p: Pending) -> Result<Flow, GatewayError> {
+        if let Some((provider, reason)) = &identity.refused {
+            return Err(GatewayError::DestinationForbidden {
+                provider: provider.clone(),
+                reason: reason.clone(),
+            });
+        }
         match p.endpoint {
             Endpoint::ListModels => Ok(self.reply_json(&gateway::list_models(&identity))),
             Endpoint::GetModel(name) => {
@@ -1018,6 +1030,7 @@ impl GatewayHttp {
             let plan = fallback::AttemptPlan {
                 attempts: chain,
                 org: org.unwrap_or_default(),
+                primary: routed.provider.clone(),
             };
             set_header(fallback::ATTEMPTS_HEADER, Some(&fallback::encode(&plan)));
             let cluster = format!("{}_{}", fallback::CHAIN_CLUSTER, plan.attempts.len());
@@ -1103,6 +1116,15 @@ fn record_health(org: &str, provider: &str, ok: bool) {
     let next = health(org, provider).after(ok, now_ms());
     if let Err(e) = host().shared_set(&key, Some(&next.encode())) {
         log::warn!("llm-gateway: cannot record provider health: {e:?}");
+    }
+}
+
+/// Filter state for Envoy's access log (`%FILTER_STATE(wasm.llm_gateway.provider:PLAIN)%`, ...).
+fn set_filter_state(summary: &crate::access_log::Summary) {
+    for (key, value) in crate::access_log::filter_state(summary) {
+        if let Err(e) = host().set_property(&[key], value.as_bytes()) {
+            log::debug!("llm-gateway: cannot set filter state {key}: {e:?}");
+        }
     }
 }
 
@@ -1336,6 +1358,25 @@ impl GatewayHttp {
         } else {
             None
         };
+        let model_used = facts
+            .model
+            .clone()
+            .unwrap_or_else(|| r.upstream_model.clone());
+        let cost = self
+            .plan
+            .price(&id, &provider, &r.upstream_model, &r.model)
+            .map(|p| p.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens));
+        set_filter_state(&crate::access_log::Summary {
+            provider: &provider,
+            model: &model_used,
+            model_requested: &r.model,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cost_nano_usd: cost,
+            fallback: ex.fallback,
+            key_id: &id.key_id,
+            config_id: &id.config_id,
+        });
         {
             let mut all = self.shared.metrics.borrow_mut();
             let m = all.model(&provider, &r.model);
@@ -1346,10 +1387,7 @@ impl GatewayHttp {
             inc(m.tokens_in, u.prompt_tokens);
             inc(m.tokens_out, u.completion_tokens);
             rec(m.duration, latency);
-            let upstream = &r.upstream_model;
-            if let Some(price) = self.plan.price(&id, &provider, upstream, &r.model) {
-                let cost =
-                    price.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
+            if let Some(cost) = cost {
                 inc(m.cost, cost);
             }
             if let Some(t) = ttft {
@@ -1375,7 +1413,7 @@ impl GatewayHttp {
             provider_type,
             provider_key_last4: key_last4,
             model_requested: r.model.clone(),
-            model_used: facts.model.unwrap_or_else(|| r.upstream_model.clone()),
+            model_used,
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             cached_tokens: u.cached_tokens,
@@ -1468,7 +1506,7 @@ impl GatewayHttp {
                 fallback::ATTEMPT_RESPONSE_HEADER,
                 Some(&slot.index.to_string()),
             );
-            if slot.index > 0 {
+            if slot.fallback {
                 set(fallback::FALLBACK_RESPONSE_HEADER, Some("true"));
             }
             // A 429 of a provider configured to fall back on it: let Envoy try the next one.

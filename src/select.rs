@@ -153,6 +153,7 @@ mod tests {
             fallback_providers: vec![],
             store_prompts: false,
             prices: Default::default(),
+            refused: None,
         }
     }
 
