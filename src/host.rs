@@ -665,18 +665,17 @@ impl GatewayHttp {
         };
         let now = now_ms();
         let cached = self.shared.cache.borrow().lookup(&p.hash, now);
-        match cached {
+        let stale = match cached {
             Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
             Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
-            // Stale: serve it now; the root context refreshes it in the background.
-            Lookup::Stale(identity) => {
-                self.shared.refresher.borrow_mut().request(&p.hash, now);
-                return Ok(Next::Ready(identity, Box::new(p)));
-            }
-            Lookup::Miss => {}
-        }
-        // Another worker may already have asked the sidecar.
+            Lookup::Stale(identity) => Some(identity),
+            Lookup::Miss => None,
+        };
+        // Another worker may already have asked the sidecar, or learned that the key was revoked
+        // (an emptied record): a revoked key is looked up again, never served stale.
+        let mut revoked = false;
         if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&resolve::shared_key(&p.hash)) {
+            revoked = bytes.is_empty();
             if let Some((fresh_until, stale_until, mut identity)) = resolve::decode_shared(&bytes) {
                 if now < stale_until {
                     identity.refused =
@@ -695,6 +694,11 @@ impl GatewayHttp {
                     return Ok(Next::Ready(identity, Box::new(p)));
                 }
             }
+        }
+        // Stale: serve it now; the root context refreshes it in the background.
+        if let (Some(identity), false) = (stale, revoked) {
+            self.shared.refresher.borrow_mut().request(&p.hash, now);
+            return Ok(Next::Ready(identity, Box::new(p)));
         }
         // A key in no cache: a sidecar lookup, within the per-VM rate and while the sidecar works.
         if !self.shared.lookups.borrow_mut().try_take(now) {
