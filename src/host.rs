@@ -676,7 +676,18 @@ impl GatewayHttp {
         let mut revoked = false;
         if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&resolve::shared_key(&p.hash)) {
             revoked = bytes.is_empty();
-            if let Some((fresh_until, stale_until, mut identity)) = resolve::decode_shared(&bytes) {
+            // With a stale entry of our own, decode only a fresher record (during an outage every
+            // request of a stale key would otherwise parse the identity again).
+            let newer = match (&stale, resolve::shared_bounds(&bytes)) {
+                (Some(_), Some((fresh_until, _))) => now < fresh_until,
+                _ => true,
+            };
+            let decoded = if newer {
+                resolve::decode_shared(&bytes)
+            } else {
+                None
+            };
+            if let Some((fresh_until, stale_until, mut identity)) = decoded {
                 if now < stale_until {
                     identity.refused =
                         resolve::refused_destination(&identity, &sidecar.destinations);

@@ -442,6 +442,14 @@ pub fn encode_shared(fresh_until: u64, stale_until: u64, answer: &[u8]) -> Vec<u
     v
 }
 
+/// The validity bounds of a shared-data record without decoding the identity.
+pub fn shared_bounds(bytes: &[u8]) -> Option<(u64, u64)> {
+    let nl = bytes.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
+    let (f, s) = head.split_once(',')?;
+    Some((f.parse().ok()?, s.parse().ok()?))
+}
+
 /// Decodes a shared-data record: `(fresh_until, stale_until, identity)`.
 pub fn decode_shared(bytes: &[u8]) -> Option<(u64, u64, Identity)> {
     let nl = bytes.iter().position(|&b| b == b'\n')?;
@@ -653,6 +661,8 @@ mod tests {
         assert_eq!((f, s, id.key_id.as_str()), (11, 22, "k1"));
         assert!(decode_shared(b"garbage").is_none());
         assert!(decode_shared(b"1,2\n{}").is_none());
+        assert_eq!(shared_bounds(&rec), Some((11, 22)));
+        assert_eq!(shared_bounds(b"x"), None);
         assert_eq!(request_body("ab"), br#"{"keySha256":"ab"}"#.to_vec());
     }
 }
