@@ -665,33 +665,20 @@ impl GatewayHttp {
         };
         let now = now_ms();
         let cached = self.shared.cache.borrow().lookup(&p.hash, now);
-        let stale = match cached {
-            Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
-            Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
-            Lookup::Stale(identity) => Some(identity),
-            Lookup::Miss => None,
+        // Shared data only when the VM cache cannot answer alone (no host call on the hot path).
+        let shared = match cached {
+            Lookup::Fresh(_) | Lookup::Unknown => None,
+            _ => hostcalls::get_shared_data(&resolve::shared_key(&p.hash))
+                .ok()
+                .and_then(|(bytes, _)| bytes),
         };
-        // Another worker may already have asked the sidecar, or learned that the key was revoked
-        // (an emptied record): a revoked key is looked up again, never served stale.
-        let mut revoked = false;
-        if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&resolve::shared_key(&p.hash)) {
-            revoked = bytes.is_empty();
-            // With a stale entry of our own, decode only a fresher record (during an outage every
-            // request of a stale key would otherwise parse the identity again).
-            let newer = match (&stale, resolve::shared_bounds(&bytes)) {
-                (Some(_), Some((fresh_until, _))) => now < fresh_until,
-                _ => true,
-            };
-            let decoded = if newer {
-                resolve::decode_shared(&bytes)
-            } else {
-                None
-            };
-            if let Some((fresh_until, stale_until, mut identity)) = decoded {
-                if now < stale_until {
-                    identity.refused =
-                        resolve::refused_destination(&identity, &sidecar.destinations);
-                    let identity = Rc::new(identity);
+        match resolve::decide(cached, shared.as_deref(), now, &sidecar.destinations) {
+            resolve::Cached::Serve {
+                identity,
+                store,
+                refresh,
+            } => {
+                if let Some((fresh_until, stale_until)) = store {
                     self.shared.cache.borrow_mut().store_known(
                         &p.hash,
                         identity.clone(),
@@ -699,17 +686,14 @@ impl GatewayHttp {
                         fresh_until,
                         stale_until,
                     );
-                    if now >= fresh_until {
-                        self.shared.refresher.borrow_mut().request(&p.hash, now);
-                    }
-                    return Ok(Next::Ready(identity, Box::new(p)));
                 }
+                if refresh {
+                    self.shared.refresher.borrow_mut().request(&p.hash, now);
+                }
+                return Ok(Next::Ready(identity, Box::new(p)));
             }
-        }
-        // Stale: serve it now; the root context refreshes it in the background.
-        if let (Some(identity), false) = (stale, revoked) {
-            self.shared.refresher.borrow_mut().request(&p.hash, now);
-            return Ok(Next::Ready(identity, Box::new(p)));
+            resolve::Cached::Unknown => return Err(GatewayError::InvalidApiKey),
+            resolve::Cached::LookUp => {}
         }
         // A key in no cache: a sidecar lookup, within the per-VM rate and while the sidecar works.
         if !self.shared.lookups.borrow_mut().try_take(now) {
