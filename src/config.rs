@@ -115,6 +115,25 @@ pub struct SidecarSpec {
     /// How long an unknown key is remembered as unknown (shields the sidecar from key spraying).
     #[serde(default = "default_negative_ttl")]
     pub negative_ttl_seconds: u64,
+    /// Sidecar lookups of keys found in no cache, per worker and second (token bucket rate)…
+    #[serde(default = "default_lookup_rate")]
+    pub unknown_key_lookups_per_second: u32,
+    /// …and how many may go out at once (bucket size). Past it: 429 `key_lookup_rate_limited`.
+    #[serde(default = "default_lookup_burst")]
+    pub unknown_key_lookup_burst: u32,
+    /// Consecutive sidecar failures (timeouts, resets, 5xx) that open the circuit breaker…
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// …and for how long it stays open (unknown keys fail fast with 503 meanwhile).
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_seconds: u64,
+    /// Usage records buffered per worker while the sidecar cannot take them, in bytes of JSON.
+    #[serde(default = "default_usage_buffer_bytes")]
+    pub usage_buffer_bytes: usize,
+    /// Operator allow-list of provider destinations (SSRF policy, `crate::destination`): providers
+    /// resolved by the sidecar whose URL the policy refuses are refused by the filter too.
+    #[serde(default)]
+    pub allowed_destinations: String,
 }
 
 fn default_sidecar_cluster() -> String {
@@ -132,6 +151,21 @@ fn default_stale_seconds() -> u64 {
 fn default_negative_ttl() -> u64 {
     5
 }
+fn default_lookup_rate() -> u32 {
+    20
+}
+fn default_lookup_burst() -> u32 {
+    50
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_cooldown() -> u64 {
+    10
+}
+fn default_usage_buffer_bytes() -> usize {
+    crate::report::DEFAULT_MAX_BUFFERED_BYTES
+}
 
 /// The sidecar settings with the token resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +176,12 @@ pub struct SidecarPlan {
     pub timeout_ms: u64,
     pub stale_ms: u64,
     pub negative_ttl_ms: u64,
+    pub lookups_per_second: u32,
+    pub lookup_burst: u32,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    pub usage_buffer_bytes: usize,
+    pub destinations: crate::destination::Policy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -259,6 +299,9 @@ pub struct ProviderSpec {
     /// always fall back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fallback_on429: bool,
+    /// Upstream timeouts for this provider (`totalMs`, `perTryMs`); unset: the Envoy route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<crate::plan::Timeouts>,
 }
 
 /// A custom configuration: which providers and models a key may use, with optional overrides.
@@ -317,128 +360,9 @@ pub struct KeySpec {
 // What requests read.
 // ----------------------------------------------------------------------------------------------
 
-/// Provider API flavours the gateway can shape requests for.
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProviderKind {
-    #[serde(rename = "OPENAI")]
-    OpenAi,
-    #[serde(rename = "AZURE")]
-    Azure,
-    #[serde(rename = "GEMINI")]
-    Gemini,
-    #[serde(rename = "VERTEXAIGEMINI")]
-    VertexAiGemini,
-    #[serde(rename = "MISTRAL")]
-    Mistral,
-    #[serde(rename = "GROQ")]
-    Groq,
-    #[serde(rename = "ANTHROPIC")]
-    Anthropic,
-    /// Any OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) at a user-given URL.
-    #[serde(rename = "OPENAI_COMPATIBLE")]
-    OpenAiCompatible,
-}
-
-impl ProviderKind {
-    pub fn parse(s: &str) -> Option<ProviderKind> {
-        let up = s.trim().to_ascii_uppercase().replace(['-', ' '], "_");
-        Some(match up.as_str() {
-            "OPENAI" => ProviderKind::OpenAi,
-            "AZURE" | "AZURE_OPENAI" | "AZUREOPENAI" => ProviderKind::Azure,
-            "GEMINI" | "GOOGLE" => ProviderKind::Gemini,
-            "VERTEXAIGEMINI" | "VERTEX_AI_GEMINI" | "VERTEXAI" | "VERTEX" => {
-                ProviderKind::VertexAiGemini
-            }
-            "MISTRAL" => ProviderKind::Mistral,
-            "GROQ" => ProviderKind::Groq,
-            "ANTHROPIC" => ProviderKind::Anthropic,
-            "OPENAI_COMPATIBLE" | "CUSTOM" | "VLLM" | "OLLAMA" | "LLAMACPP" | "LLAMA_CPP"
-            | "HOSTED" => ProviderKind::OpenAiCompatible,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi => "OPENAI",
-            ProviderKind::Azure => "AZURE",
-            ProviderKind::Gemini => "GEMINI",
-            ProviderKind::VertexAiGemini => "VERTEXAIGEMINI",
-            ProviderKind::Mistral => "MISTRAL",
-            ProviderKind::Groq => "GROQ",
-            ProviderKind::Anthropic => "ANTHROPIC",
-            ProviderKind::OpenAiCompatible => "OPENAI_COMPATIBLE",
-        }
-    }
-}
-
-/// A model as the client names it, and as the provider expects it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Model {
-    pub name: String,
-    pub upstream: String,
-}
-
-/// A provider as one key's configuration sees it: overrides applied, models narrowed.
-/// `Debug` is written by hand so that the key can never reach a log line.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResolvedProvider {
-    pub name: String,
-    pub kind: ProviderKind,
-    pub base: BaseUrl,
-    #[serde(default)]
-    pub api_version: Option<String>,
-    pub models: Vec<Model>,
-    #[serde(default)]
-    pub is_hosted: bool,
-    /// The provider key. Serialized only on the sidecar→filter internal channel; never logged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-    /// Envoy cluster the request goes to.
-    pub envoy_cluster: String,
-    #[serde(default)]
-    pub cluster_id: Option<String>,
-    #[serde(default)]
-    pub fallback: Vec<String>,
-    /// Speaks the provider's native API (requests and responses translated by the gateway).
-    #[serde(default)]
-    pub native: bool,
-    #[serde(default)]
-    pub fallback_on429: bool,
-}
-
-impl std::fmt::Debug for ResolvedProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResolvedProvider")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("base", &self.base)
-            .field("models", &self.models)
-            .field("is_hosted", &self.is_hosted)
-            .field("api_key", &self.key_last4().map(|l| format!("...{l}")))
-            .field("envoy_cluster", &self.envoy_cluster)
-            .finish()
-    }
-}
-
-impl ResolvedProvider {
-    pub fn model(&self, name: &str) -> Option<&Model> {
-        self.models.iter().find(|m| m.name == name)
-    }
-
-    /// Last four characters of the provider key, for reports.
-    pub fn key_last4(&self) -> Option<String> {
-        self.api_key.as_deref().map(last4)
-    }
-}
-
-/// Last four characters of a secret (or fewer if it is that short).
-pub fn last4(secret: &str) -> String {
-    let n = secret.chars().count();
-    secret.chars().skip(n.saturating_sub(4)).collect()
-}
+// Provider kinds, models and resolved providers live in `plan` (a leaf module both this one and
+// `providers` import: no module circle).
+pub use crate::plan::{last4, Model, ProviderKind, ResolvedProvider};
 
 /// Everything a request needs to know about its caller: produced from static config or by the sidecar.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -466,6 +390,10 @@ pub struct Identity {
     /// Prices by `provider/model` (the sidecar's catalog and overrides), for the cost metric.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, Price>,
+    /// Set by the filter when a provider of this identity points where the destination policy
+    /// forbids: `(provider, reason)`; requests with the key are refused (403 destination_forbidden).
+    #[serde(skip)]
+    pub refused: Option<(String, String)>,
 }
 
 impl Identity {
@@ -607,6 +535,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             fallback_providers,
             store_prompts: false,
             prices: Default::default(),
+            refused: None,
         };
         if keys.insert(hash, Rc::new(identity)).is_some() {
             return Err(format!("key '{}' has the same sha256 as another key", k.id));
@@ -639,6 +568,13 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
                 timeout_ms: sc.timeout_ms.max(1),
                 stale_ms: sc.stale_seconds.saturating_mul(1000),
                 negative_ttl_ms: sc.negative_ttl_seconds.saturating_mul(1000),
+                lookups_per_second: sc.unknown_key_lookups_per_second,
+                lookup_burst: sc.unknown_key_lookup_burst,
+                breaker_failures: sc.breaker_failures,
+                breaker_cooldown_ms: sc.breaker_cooldown_seconds.saturating_mul(1000),
+                usage_buffer_bytes: sc.usage_buffer_bytes,
+                destinations: crate::destination::Policy::parse(&sc.allowed_destinations)
+                    .map_err(|e| format!("sidecar.allowedDestinations: {e}"))?,
             })
         }
     };
@@ -845,6 +781,7 @@ fn resolve_entry(
         fallback: reg.spec.fallback.clone(),
         native: reg.native,
         fallback_on429: reg.spec.fallback_on429,
+        timeouts: reg.spec.timeouts,
     })
 }
 

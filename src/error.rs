@@ -19,6 +19,8 @@ pub enum GatewayError {
     InvalidBody { reason: String },
     /// The request's tags header is malformed.
     InvalidTags { reason: String },
+    /// A request header the gateway must read as text is not valid UTF-8.
+    InvalidHeader { name: String },
     /// `X-Provider-Name` names a provider the caller may not use.
     UnknownProvider { name: String },
     /// The model is not allowed by the caller's configuration (or by the chosen provider).
@@ -32,6 +34,10 @@ pub enum GatewayError {
     ProviderMisconfigured { provider: String, reason: String },
     /// The control plane could not be reached to authenticate an unknown key.
     ControlPlaneUnavailable,
+    /// Too many lookups of keys this gateway instance does not know (key spraying); retry later.
+    KeyLookupRateLimited,
+    /// The provider's destination is refused by the gateway's destination policy (SSRF guard).
+    DestinationForbidden { provider: String, reason: String },
     /// The provider answered with a body the gateway cannot translate (e.g. not the JSON it documents).
     BadUpstreamResponse { reason: String },
     /// Anything else that is our fault.
@@ -48,10 +54,13 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::InvalidBody { .. }
             | GatewayError::InvalidTags { .. }
+            | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
+            GatewayError::KeyLookupRateLimited => 429,
+            GatewayError::DestinationForbidden { .. } => 403,
             GatewayError::BadUpstreamResponse { .. } => 502,
             GatewayError::Internal { .. } => 500,
         }
@@ -66,6 +75,7 @@ impl GatewayError {
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::InvalidBody { .. }
             | GatewayError::InvalidTags { .. }
+            | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. }
             | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
@@ -73,6 +83,8 @@ impl GatewayError {
             | GatewayError::BadUpstreamResponse { .. }
             | GatewayError::Internal { .. } => "server_error",
             GatewayError::ControlPlaneUnavailable => "service_unavailable",
+            GatewayError::KeyLookupRateLimited => "rate_limit_error",
+            GatewayError::DestinationForbidden { .. } => "permission_error",
         }
     }
 
@@ -86,11 +98,14 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::InvalidBody { .. } => "invalid_body",
             GatewayError::InvalidTags { .. } => "invalid_tags",
+            GatewayError::InvalidHeader { .. } => "invalid_header",
             GatewayError::UnknownProvider { .. } => "unknown_provider",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
+            GatewayError::KeyLookupRateLimited => "key_lookup_rate_limited",
+            GatewayError::DestinationForbidden { .. } => "destination_forbidden",
             GatewayError::BadUpstreamResponse { .. } => "bad_upstream_response",
             GatewayError::Internal { .. } => "internal_error",
         }
@@ -127,6 +142,9 @@ impl GatewayError {
             GatewayError::InvalidTags { reason } => {
                 format!("Invalid X-LLM-Gateway-Tags header: {reason}")
             }
+            GatewayError::InvalidHeader { name } => {
+                format!("The {name} header is not valid UTF-8.")
+            }
             GatewayError::UnknownProvider { name } => format!(
                 "Provider '{name}' (from X-Provider-Name) is not one of the providers available to this API key."
             ),
@@ -145,6 +163,13 @@ impl GatewayError {
             GatewayError::ControlPlaneUnavailable => {
                 "The gateway control plane is unavailable; try again shortly.".to_string()
             }
+            GatewayError::KeyLookupRateLimited => {
+                "Too many requests with API keys this gateway does not know; try again shortly."
+                    .to_string()
+            }
+            GatewayError::DestinationForbidden { provider, reason } => format!(
+                "Provider '{provider}' points at a destination this gateway does not allow: {reason}"
+            ),
             GatewayError::BadUpstreamResponse { reason } => {
                 format!("The provider returned a response the gateway cannot translate: {reason}")
             }
@@ -160,7 +185,9 @@ impl GatewayError {
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => {
                 h.push(("www-authenticate", "Bearer".to_string()))
             }
-            GatewayError::ControlPlaneUnavailable => h.push(("retry-after", "1".to_string())),
+            GatewayError::ControlPlaneUnavailable | GatewayError::KeyLookupRateLimited => {
+                h.push(("retry-after", "1".to_string()))
+            }
             _ => {}
         }
         h

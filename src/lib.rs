@@ -5,16 +5,20 @@
 //! [`gateway`] (the composition). [`config`] compiles the configuration once into a read-only plan.
 //! Only `host` talks to Envoy; everything else is plain Rust tested on the host.
 
+pub mod access_log;
 pub mod auth;
 pub mod body;
 pub mod config;
 pub mod destination;
 pub mod entry;
 pub mod error;
+pub mod exchange;
 pub mod fallback;
 pub mod gateway;
+pub mod hostapi;
 pub mod metrics;
 pub mod pbstruct;
+pub mod plan;
 pub mod providers;
 pub mod report;
 pub mod resolve;
@@ -24,5 +28,7 @@ pub mod translate;
 pub mod url;
 pub mod usage;
 
+#[cfg(target_arch = "wasm32")]
+mod abi;
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -152,6 +152,10 @@ class Envoy:
                  sidecar_port=None, patch=None):
         self.port = free_port()
         self.admin_port = free_port()
+        if isinstance(gateway_config, dict) and isinstance(gateway_config.get("sidecar"), dict):
+            # Fake providers listen on loopback, which the filter's SSRF policy refuses by default.
+            gateway_config = dict(gateway_config, sidecar=dict(
+                {"allowedDestinations": "127.0.0.1 localhost"}, **gateway_config["sidecar"]))
         self.dir = tempfile.mkdtemp(prefix="llmgw-envoy-")
         cfg = envoy_config.render(self.port, self.admin_port, gateway_config, as_string=as_string,
                                   extra_clusters=extra_clusters, env_keys=env_keys,
@@ -227,3 +231,26 @@ def request(method, url, body=None, headers=None, timeout=30):
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def prom_samples(text):
+    """Parses Prometheus text exposition into [(name, {label: value}, float)]."""
+    import re
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})? (\S+)$', line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        try:
+            out.append((m.group(1), labels, float(m.group(4))))
+        except ValueError:
+            pass
+    return out
+
+
+def prom_value(samples, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == x for k, x in labels.items()))

@@ -55,6 +55,9 @@ struct ProviderIn {
     /// Fall back to the next provider on 429 too (5xx and connection failures always fall back).
     #[serde(default, alias = "fallback_on_429")]
     fallback_on429: bool,
+    /// Upstream timeouts (`totalMs`, `perTryMs`), set by the filter as Envoy per-request headers.
+    #[serde(default)]
+    timeouts: Option<llm_gateway::plan::Timeouts>,
     /// Price overrides, USD per 1M tokens, by model (stored with the registration, not in the filter's spec).
     #[serde(default)]
     #[schema(value_type = Option<std::collections::HashMap<String, crate::db::PriceOverride>>)]
@@ -191,6 +194,7 @@ impl ProviderIn {
             fallback,
             api: self.api.clone().filter(|a| !a.trim().is_empty()),
             fallback_on429: self.fallback_on429,
+            timeouts: self.timeouts,
         })
     }
 }
@@ -223,6 +227,7 @@ struct ProviderOut {
     fallback: Vec<String>,
     api: Option<String>,
     fallback_on429: bool,
+    timeouts: Option<llm_gateway::plan::Timeouts>,
     #[schema(value_type = std::collections::HashMap<String, crate::db::PriceOverride>)]
     prices: PriceOverrides,
     api_key_last4: Option<String>,
@@ -247,6 +252,7 @@ fn provider_out(p: &StoredProvider) -> ProviderOut {
         fallback: p.spec.fallback.clone(),
         api: p.spec.api.clone(),
         fallback_on429: p.spec.fallback_on429,
+        timeouts: p.spec.timeouts,
         prices: p.prices.clone(),
         api_key_last4: p.last4.clone(),
         create_time: rfc3339(p.created_at),
