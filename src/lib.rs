@@ -28,6 +28,9 @@ pub mod translate;
 pub mod url;
 pub mod usage;
 
+#[cfg(test)]
+mod bench_exchange;
+
 #[cfg(target_arch = "wasm32")]
 mod abi;
 #[cfg(target_arch = "wasm32")]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Instructions per request of the filter's exchange lifecycle (issue 10), counted by callgrind: repeatable
+# on a busy machine, unlike wall-clock benchmarks.
+#
+#   bench/callgrind.sh [BASE]      BASE: the commit to compare with (default: fde42ff, main before the
+#                                  issue-10 "do less per request" work); "none" measures only the work tree
+#
+# The exchange runs through the fake host (`src/bench_exchange.rs`, ignored tests): chat JSON with body
+# rewrite and usage, an OpenAI SSE stream whose usage chunk is stripped, and a native Anthropic request
+# and response (translation). Only the `measured_*` functions are counted (--toggle-collect); each runs
+# 200 whole requests after a warm-up. BASE is exported with `git archive` to a temporary directory, the
+# same bench file is dropped into it, and it is built in this work tree's target directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+BASE=${1:-fde42ff}
+N=200
+command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# Builds the test binary of the crate at $1 (a source tree); prints its path.
+build() {
+  (cd "$1" && CARGO_TARGET_DIR="$ROOT/target" cargo test -q --release -p llm-gateway --lib --no-run \
+      --message-format=json 2>/dev/null) |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except ValueError: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="llm_gateway": print(m["executable"])' |
+    tail -1
+}
+
+# Instructions per request of one case with the binary $1.
+count() {
+  local out="$TMP/cg.$2.$RANDOM"
+  valgrind --tool=callgrind --callgrind-out-file="$out" --toggle-collect="*measured_$2*" \
+    "$1" --ignored --exact "bench_exchange::bench_$2" --test-threads=1 >/dev/null 2>&1
+  awk -v n=$N '/^(summary|totals):/ { printf "%.0f", $2 / n; exit }' "$out"
+}
+
+declare -A BIN
+if [ "$BASE" != none ]; then
+  mkdir -p "$TMP/base"
+  git archive "$BASE" | tar -x -C "$TMP/base"
+  cp src/bench_exchange.rs "$TMP/base/src/"
+  grep -q 'mod bench_exchange' "$TMP/base/src/lib.rs" ||
+    printf '\n#[cfg(test)]\nmod bench_exchange;\n' >>"$TMP/base/src/lib.rs"
+  echo "building $BASE ..." >&2
+  BIN[before]=$(build "$TMP/base")
+  # Keep the binary: the next build may reuse its file name.
+  cp "${BIN[before]}" "$TMP/before.bin"; BIN[before]="$TMP/before.bin"
+fi
+echo "building the work tree ..." >&2
+BIN[after]=$(build "$ROOT")
+
+printf '| case | %s | work tree (%s) | change |\n|---|---:|---:|---:|\n' \
+  "$([ "$BASE" = none ] && echo - || git rev-parse --short "$BASE")" "$(git rev-parse --short HEAD)"
+for c in chat sse native; do
+  b=-; [ "$BASE" != none ] && b=$(count "${BIN[before]}" $c)
+  a=$(count "${BIN[after]}" $c)
+  ch=-; [ "$b" != - ] && ch=$(python3 -c "print(f'{($a-$b)/$b*100:+.0f} %')")
+  printf '| %s | %s | %s | %s |\n' "$c" "$b" "$a" "$ch"
+done
