@@ -8,7 +8,7 @@
 # The exchange runs through the fake host (`src/bench_exchange.rs`, ignored tests): chat JSON with body
 # rewrite and usage, an OpenAI SSE stream whose usage chunk is stripped, and a native Anthropic request
 # and response (translation). Only the `measured_*` functions are counted (--toggle-collect); each runs
-# 200 whole requests after a warm-up. BASE is exported with `git archive` to a temporary directory, the
+# 200 whole requests after a warm-up (release profile, symbols kept). BASE is exported with `git archive` to a temporary directory, the
 # same bench file is dropped into it, and it is built in this work tree's target directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ trap 'rm -rf "$TMP"' EXIT
 
 # Builds the test binary of the crate at $1 (a source tree); prints its path.
 build() {
-  (cd "$1" && CARGO_TARGET_DIR="$ROOT/target" cargo test -q --release -p llm-gateway --lib --no-run \
+  (cd "$1" && CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR="$ROOT/target" cargo test -q --release -p llm-gateway --lib --no-run \
       --message-format=json 2>/dev/null) |
     python3 -c 'import json,sys
 for l in sys.stdin:

@@ -142,22 +142,28 @@ fn run(body: Vec<u8>, sse: bool, response: Vec<Vec<u8>>, measured: fn(&dyn Fn())
 
 #[inline(never)]
 fn measured_chat(one: &dyn Fn()) {
+    // Distinct bodies, so the linker does not fold the three into one symbol.
     for _ in 0..N {
         one();
+        std::hint::black_box(1u8);
     }
 }
 
 #[inline(never)]
 fn measured_sse(one: &dyn Fn()) {
+    // Distinct bodies, so the linker does not fold the three into one symbol.
     for _ in 0..N {
         one();
+        std::hint::black_box(2u8);
     }
 }
 
 #[inline(never)]
 fn measured_native(one: &dyn Fn()) {
+    // Distinct bodies, so the linker does not fold the three into one symbol.
     for _ in 0..N {
         one();
+        std::hint::black_box(3u8);
     }
 }
 
