@@ -103,7 +103,11 @@ fn exchange(f: &Fake, http: &mut GatewayHttp, body: &[u8], sse: bool, response: 
     http.on_http_request_headers(8, false);
     f.st().request_body = body.to_vec();
     http.on_http_request_body(body.len(), true);
-    assert!(f.st().local_replies.is_empty(), "{:?}", f.st().local_replies);
+    assert!(
+        f.st().local_replies.is_empty(),
+        "{:?}",
+        f.st().local_replies
+    );
     f.st().response_headers = pairs(&[
         (":status", "200"),
         (
@@ -182,7 +186,12 @@ fn bench_chat() {
 #[test]
 #[ignore]
 fn bench_sse() {
-    run(request_body("bench-model", true), true, sse_chunks(), measured_sse);
+    run(
+        request_body("bench-model", true),
+        true,
+        sse_chunks(),
+        measured_sse,
+    );
 }
 
 #[test]

@@ -86,6 +86,69 @@ pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     })
 }
 
+/// The whole request as a JSON object: what native translation reads.
+pub type Doc = serde_json::Map<String, serde_json::Value>;
+
+/// Like [`inspect`], for requests that may be translated to a native API: the body is parsed once
+/// into a [`Doc`], and the routing fields are read from it (translation then reuses the same `Doc`,
+/// no second parse). The same requests are refused, with the same errors.
+pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
+    use serde_json::Value;
+    let invalid = |what: &str| GatewayError::InvalidBody {
+        reason: format!("not valid JSON for a chat completion ({what})"),
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(GatewayError::InvalidBody {
+            reason: "the body is empty; send a JSON object".into(),
+        });
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(GatewayError::InvalidBody {
+            reason: "the body must be a JSON object".into(),
+        });
+    }
+    let doc = match crate::translate::parse_json(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(GatewayError::InvalidBody {
+                reason: "the body must be a JSON object".into(),
+            })
+        }
+        Err(e) => return Err(invalid(&e.to_string())),
+    };
+    let model = match doc.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
+        Some(_) => return Err(invalid("invalid type for `model`, expected a string")),
+    };
+    let stream = match doc.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid("invalid type for `stream`, expected a boolean")),
+    };
+    let stream_options = match doc.get("stream_options") {
+        None | Some(Value::Null) => StreamOptions::Absent,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => StreamOptions::Object {
+                include_usage: None,
+            },
+            Some(Value::Bool(b)) => StreamOptions::Object {
+                include_usage: Some(*b),
+            },
+            Some(_) => StreamOptions::Other,
+        },
+        Some(_) => StreamOptions::Other,
+    };
+    Ok((
+        ChatRequest {
+            model,
+            stream,
+            stream_options,
+        },
+        doc,
+    ))
+}
+
 /// Returns the body with the top-level `model` set to `model`, or `None` if it already is.
 pub fn with_model(body: &[u8], current: Option<&str>, model: &str) -> Option<Vec<u8>> {
     if current == Some(model) {
@@ -246,6 +309,28 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspect_doc_reads_what_inspect_reads() {
+        let bodies: [&[u8]; 9] = [
+            br#"{"model":"m","messages":[]}"#,
+            br#"{"model":"","stream":true,"stream_options":{"include_usage":true}}"#,
+            br#"{"stream":null,"stream_options":{"include_usage":"yes"}}"#,
+            br#"{"model":"m","stream_options":[1]}"#,
+            br#"{"model":5}"#,
+            br#"{"stream":"no"}"#,
+            b"[1]",
+            b"  ",
+            b"{\"model\":",
+        ];
+        for b in bodies {
+            match (inspect(b), inspect_doc(b)) {
+                (Ok(a), Ok((d, _))) => assert_eq!(a, d),
+                (Err(a), Err(d)) => assert_eq!(a.status(), d.status()),
+                (a, d) => panic!("{a:?} vs {d:?}"),
+            }
+        }
+    }
 
     #[test]
     fn inspects_fields() {

@@ -962,9 +962,8 @@ impl GatewayHttp {
                     return Ok(Flow::Continue);
                 };
                 let body = read_body(body_size)?;
-                let req = crate::body::inspect(&body)?;
                 let routed =
-                    gateway::route_to(&slot.attempt.provider, &slot.attempt.model, &req, &body)?;
+                    gateway::route_attempt(&slot.attempt.provider, &slot.attempt.model, &body)?;
                 self.exchange = Some(Box::new(Exchange::new(None, Some(slot))));
                 self.apply(routed, body_size)?;
                 Ok(Flow::Continue)

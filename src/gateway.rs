@@ -67,9 +67,29 @@ pub fn route_chat(
     provider_header: Option<&str>,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
-    let req = body::inspect(raw_body)?;
+    // One parse: into a whole document only when a native provider may need to translate it.
+    let (req, doc) = if id.providers.iter().any(|p| p.native) {
+        let (req, doc) = body::inspect_doc(raw_body)?;
+        (req, Some(doc))
+    } else {
+        (body::inspect(raw_body)?, None)
+    };
     let sel = select(id, provider_header, req.model.as_deref())?;
-    route_to(sel.provider, sel.model, &req, raw_body)
+    route_to(sel.provider, sel.model, &req, doc.as_ref(), raw_body)
+}
+
+/// Parses the body and shapes it for one fallback attempt (one parse, whatever the provider).
+pub fn route_attempt(
+    provider: &ResolvedProvider,
+    model: &Model,
+    raw_body: &[u8],
+) -> Result<Routed, GatewayError> {
+    if provider.native {
+        let (req, doc) = body::inspect_doc(raw_body)?;
+        route_to(provider, model, &req, Some(&doc), raw_body)
+    } else {
+        route_to(provider, model, &body::inspect(raw_body)?, None, raw_body)
+    }
 }
 
 /// Shapes the request for one provider and model (the first attempt, or a fallback attempt).
@@ -77,10 +97,19 @@ pub fn route_to(
     provider: &ResolvedProvider,
     model: &Model,
     req: &body::ChatRequest,
+    doc: Option<&body::Doc>,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
     let mut target = if provider.native {
-        providers::native_target(provider, model, raw_body, req.stream)?
+        let parsed;
+        let doc = match doc {
+            Some(d) => d,
+            None => {
+                parsed = body::inspect_doc(raw_body)?.1;
+                &parsed
+            }
+        };
+        providers::native_target(provider, model, doc, req.stream)?
     } else {
         providers::chat_target(provider, model)?
     };

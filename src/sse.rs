@@ -64,31 +64,40 @@ impl SseParser {
         self.skipped > 0
     }
 
-    /// Feeds bytes; returns the events completed by them.
+    /// Feeds bytes; returns the events completed by them. Runs of line bytes are copied at once (the
+    /// line breaks are found with one scan), not byte by byte.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         let mut out = Vec::new();
-        for &b in bytes {
-            if self.pending_cr {
+        let mut rest = bytes;
+        loop {
+            if self.pending_cr && !rest.is_empty() {
                 self.pending_cr = false;
-                if b == b'\n' {
+                if let Some(after) = rest.strip_prefix(b"\n") {
+                    rest = after;
                     continue;
                 }
             }
-            match b {
-                b'\n' => self.end_line(&mut out),
-                b'\r' => {
-                    self.pending_cr = true;
-                    self.end_line(&mut out);
-                }
-                _ if self.skipping => self.skipped_line = true,
-                _ => {
-                    self.line.push(b);
-                    self.held += 1;
-                    if self.held > self.max_event {
-                        self.skip();
-                    }
+            let brk = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+            let run = match brk {
+                Some(i) => rest.get(..i).unwrap_or_default(),
+                None => rest,
+            };
+            if !run.is_empty() {
+                if self.skipping {
+                    self.skipped_line = true;
+                } else if self.held.saturating_add(run.len()) > self.max_event {
+                    self.skip();
+                } else {
+                    self.line.extend_from_slice(run);
+                    self.held += run.len();
                 }
             }
+            let Some(i) = brk else { break };
+            if rest.get(i) == Some(&b'\r') {
+                self.pending_cr = true;
+            }
+            self.end_line(&mut out);
+            rest = rest.get(i + 1..).unwrap_or_default();
         }
         out
     }

@@ -97,7 +97,13 @@ pub struct ResponseFacts {
     pub completion_chars: usize,
 }
 
+/// Reads a whole JSON response. Usage lives at the end of OpenAI bodies: the `usage` object is found
+/// from the tail and only it (and the `model` string near the head) is parsed. Only without usage is
+/// the whole body parsed, for `completion_chars` (used only to estimate the missing usage).
 pub fn from_json_response(body: &[u8]) -> ResponseFacts {
+    if let Some(f) = usage_from_tail(body) {
+        return f;
+    }
     match serde_json::from_slice::<Completion>(body) {
         Ok(c) => ResponseFacts {
             usage: c.usage.map(Usage::from),
@@ -111,6 +117,38 @@ pub fn from_json_response(body: &[u8]) -> ResponseFacts {
         },
         Err(_) => ResponseFacts::default(),
     }
+}
+
+fn usage_from_tail(body: &[u8]) -> Option<ResponseFacts> {
+    const USAGE: &[u8] = b"\"usage\":";
+    if body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .and_then(|i| body.get(i))
+        != Some(&b'}')
+    {
+        return None;
+    }
+    let at = body.windows(USAGE.len()).rposition(|w| w == USAGE)?;
+    let mut de = serde_json::Deserializer::from_slice(body.get(at + USAGE.len()..)?);
+    let usage = UsageDoc::deserialize(&mut de).ok()?;
+    const MODEL: &[u8] = b"\"model\":";
+    let model = find(body, MODEL, 0).and_then(|m| {
+        let mut v = m + MODEL.len();
+        while body.get(v).is_some_and(u8::is_ascii_whitespace) {
+            v += 1;
+        }
+        if body.get(v) != Some(&b'"') {
+            return None;
+        }
+        let end = string_span(body, v)?.0;
+        serde_json::from_slice::<String>(body.get(v..end)?).ok()
+    });
+    Some(ResponseFacts {
+        usage: Some(usage.into()),
+        model,
+        completion_chars: 0,
+    })
 }
 
 /// Rough token estimate for text of `chars` characters (about four characters per token).
@@ -167,23 +205,25 @@ impl StreamTap {
             }
             return Some(out);
         }
-        self.pending.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.pending.len());
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(pending.len());
         let mut start = 0;
-        while let Some(end) = event_end(&self.pending, start) {
-            let raw = self.pending.get(start..end).unwrap_or_default().to_vec();
+        while let Some(end) = event_end(&pending, start) {
+            let raw = pending.get(start..end).unwrap_or_default();
             let mut keep = true;
-            for ev in self.parser.push(&raw) {
+            for ev in self.parser.push(raw) {
                 if self.observe(&ev.data) {
                     keep = false;
                 }
             }
             if keep {
-                out.extend_from_slice(&raw);
+                out.extend_from_slice(raw);
             }
             start = end;
         }
-        self.pending.drain(..start);
+        pending.drain(..start);
+        self.pending = pending;
         if out.len() == chunk.len() && out == chunk {
             return None;
         }
@@ -216,7 +256,17 @@ impl StreamTap {
             self.done = true;
             return false;
         }
-        let Ok(c) = serde_json::from_str::<Completion>(data) else {
+        // Most events carry neither usage nor anything else the record needs but the size of their
+        // text: a byte scan, no JSON parse. Events mentioning "usage", the first event (model) and
+        // captured streams are parsed.
+        if self.model.is_some() && !self.capture && !contains(data.as_bytes(), b"\"usage\"") {
+            if let Some((chars, finished)) = scan_chunk(data.as_bytes()) {
+                self.completion_chars += chars;
+                self.finished |= finished;
+                return false;
+            }
+        }
+        let Ok(c) = serde_json::from_slice::<Completion>(data.as_bytes()) else {
             return false;
         };
         if self.model.is_none() {
@@ -229,7 +279,9 @@ impl StreamTap {
                 .first()
                 .and_then(|ch| ch.delta.as_ref())
                 .and_then(|d| d.content);
-            if let Some(t) = raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok()) {
+            if let Some(t) =
+                raw.and_then(|r| serde_json::from_slice::<String>(r.get().as_bytes()).ok())
+            {
                 self.text.push_str(&t);
             }
         }
@@ -247,6 +299,91 @@ impl StreamTap {
             None => false,
         }
     }
+}
+
+/// `needle` occurs in `hay`.
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle, 0).is_some()
+}
+
+/// First position of `needle` in `hay` at or after `from`.
+pub(crate) fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    let first = *needle.first()?;
+    let mut i = from;
+    while let Some(rest) = hay.get(i..) {
+        let at = i + rest.iter().position(|&b| b == first)?;
+        if hay.get(at..at + needle.len()) == Some(needle) {
+            return Some(at);
+        }
+        i = at + 1;
+    }
+    None
+}
+
+/// Index past the JSON string starting at `i` (an opening quote), and its characters as written.
+fn string_span(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    let mut j = i + 1;
+    let mut chars = 0;
+    loop {
+        match *b.get(j)? {
+            b'"' => return Some((j + 1, chars)),
+            b'\\' => {
+                j += 2;
+                chars += 2;
+            }
+            c => {
+                j += 1;
+                if c & 0xC0 != 0x80 {
+                    chars += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A chunk event without usage, read by a byte scan: the characters of its `"content"` string (as
+/// [`content_chars`] counts them) and whether it has a non-null `finish_reason`. `None` when the
+/// shape is not the plain one (several or non-string contents, odd values): the caller parses it.
+fn scan_chunk(d: &[u8]) -> Option<(usize, bool)> {
+    let skip_ws = |mut i: usize| {
+        while matches!(d.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            i += 1;
+        }
+        i
+    };
+    let (first, last) = (
+        skip_ws(0),
+        d.iter().rposition(|b| !b.is_ascii_whitespace())?,
+    );
+    if d.get(first) != Some(&b'{') || d.get(last) != Some(&b'}') {
+        return None;
+    }
+    const CONTENT: &[u8] = b"\"content\":";
+    let chars = match find(d, CONTENT, 0) {
+        None => 0,
+        Some(at) => {
+            let v = skip_ws(at + CONTENT.len());
+            let chars = match d.get(v)? {
+                b'"' => string_span(d, v)?.1,
+                b'n' if d.get(v..v + 4) == Some(b"null") => 0,
+                _ => return None,
+            };
+            if find(d, CONTENT, at + 1).is_some() {
+                return None;
+            }
+            chars
+        }
+    };
+    const FINISH: &[u8] = b"\"finish_reason\":";
+    let finished = match find(d, FINISH, 0) {
+        None => false,
+        Some(at) => match d.get(skip_ws(at + FINISH.len()))? {
+            b'"' => true,
+            b'n' => false,
+            _ => return None,
+        },
+    };
+    Some((chars, finished))
 }
 
 /// End (exclusive) of the first complete SSE event at or after `from`: a line break followed by an
@@ -579,6 +716,39 @@ mod tests {
     }
 
     #[test]
+    fn the_chunk_scan_agrees_with_the_parse() {
+        let chunks: [&str; 7] = [
+            r#"{"choices":[{"index":0,"delta":{"content":"h\u00e9llo \"x\" ü"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content": null},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":[{"type":"text"}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[]}}]}"#,
+        ];
+        for c in chunks {
+            let parsed: Completion = serde_json::from_str(c).unwrap();
+            let chars: usize = parsed
+                .choices
+                .iter()
+                .flatten()
+                .map(|ch| content_chars(&ch.delta))
+                .sum();
+            let finished = parsed
+                .choices
+                .iter()
+                .flatten()
+                .any(|ch| ch.finish_reason.is_some());
+            if let Some(scanned) = scan_chunk(c.as_bytes()) {
+                assert_eq!(scanned, (chars, finished), "{c}");
+            }
+        }
+        assert!(scan_chunk(chunks[4].as_bytes()).is_none());
+        assert!(scan_chunk(chunks[5].as_bytes()).is_none());
+        assert!(scan_chunk(b"not json").is_none());
+    }
+
+    #[test]
     fn json_response_usage() {
         let body = br#"{"id":"x","model":"gpt-4o-2024","choices":[{"index":0,"message":{"role":"assistant","content":"abcdefgh"}}],
                         "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
@@ -592,7 +762,15 @@ mod tests {
             })
         );
         assert_eq!(f.model.as_deref(), Some("gpt-4o-2024"));
-        assert_eq!(f.completion_chars, 8);
+        // With usage, the text size is not needed (nor computed); without, it is.
+        assert_eq!(f.completion_chars, 0);
+        let no_usage = br#"{"model":"m","choices":[{"message":{"content":"abcdefgh"}}]}"#;
+        let f = from_json_response(no_usage);
+        assert_eq!((f.usage, f.completion_chars), (None, 8));
+        let escaped = br#"{"model":"a\"b","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}} "#;
+        let f = from_json_response(escaped);
+        assert_eq!(f.model.as_deref(), Some("a\"b"));
+        assert_eq!(f.usage.map(|u| u.cached_tokens), Some(1));
         assert_eq!(from_json_response(b"not json"), ResponseFacts::default());
         assert_eq!(estimate_tokens(9), 3);
     }

@@ -12,8 +12,12 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
 }
 
 /// The native Messages API: `{base}/messages`, `x-api-key`, `anthropic-version`; body translated.
-pub fn native(p: &ResolvedProvider, model: &Model, body: &[u8]) -> Result<Target, GatewayError> {
-    let req = crate::translate::anthropic::request(body, &model.upstream)?;
+pub fn native(
+    p: &ResolvedProvider,
+    model: &Model,
+    doc: &crate::body::Doc,
+) -> Result<Target, GatewayError> {
+    let req = crate::translate::anthropic::request_doc(doc, &model.upstream)?;
     Ok(Target {
         path: p.base.join(&req.path_suffix),
         auth: Some(("x-api-key", required_key(p)?.to_string())),

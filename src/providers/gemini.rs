@@ -19,10 +19,10 @@ pub const NATIVE_BASE: Option<&str> = Some(crate::translate::gemini::GEMINI_BASE
 pub fn native(
     p: &ResolvedProvider,
     model: &Model,
-    body: &[u8],
+    doc: &crate::body::Doc,
     stream: bool,
 ) -> Result<Target, GatewayError> {
-    let req = crate::translate::gemini::request(body, &model.upstream, stream)?;
+    let req = crate::translate::gemini::request_doc(doc, &model.upstream, stream)?;
     Ok(Target {
         path: p.base.join(&req.path_suffix),
         auth: Some(("x-goog-api-key", required_key(p)?.to_string())),

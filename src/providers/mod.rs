@@ -85,13 +85,13 @@ pub fn supports_stream_usage(kind: ProviderKind) -> bool {
 pub fn native_target(
     provider: &ResolvedProvider,
     model: &Model,
-    body: &[u8],
+    doc: &crate::body::Doc,
     stream: bool,
 ) -> Result<Target, GatewayError> {
     match provider.kind {
-        ProviderKind::Anthropic => anthropic::native(provider, model, body),
-        ProviderKind::Gemini => gemini::native(provider, model, body, stream),
-        ProviderKind::VertexAiGemini => vertex::native(provider, model, body, stream),
+        ProviderKind::Anthropic => anthropic::native(provider, model, doc),
+        ProviderKind::Gemini => gemini::native(provider, model, doc, stream),
+        ProviderKind::VertexAiGemini => vertex::native(provider, model, doc, stream),
         _ => chat_target(provider, model),
     }
 }

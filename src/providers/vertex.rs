@@ -27,10 +27,10 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
 pub fn native(
     p: &ResolvedProvider,
     model: &Model,
-    body: &[u8],
+    doc: &crate::body::Doc,
     stream: bool,
 ) -> Result<Target, GatewayError> {
-    let req = crate::translate::gemini::request(body, &model.upstream, stream)?;
+    let req = crate::translate::gemini::request_doc(doc, &model.upstream, stream)?;
     let suffix = format!(
         "{}{}",
         crate::translate::gemini::vertex_prefix(),

@@ -40,11 +40,18 @@ pub const JSON_TOOL: &str = "gateway_json_response";
 
 /// Builds the native request. Headers: `anthropic-version`; the caller adds `x-api-key`.
 pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest, GatewayError> {
-    let req = parse_request(openai_body)?;
+    request_doc(&parse_request(openai_body)?, upstream_model)
+}
+
+/// [`request`] from the request already parsed by `body::inspect_doc` (no second parse).
+pub fn request_doc(
+    req: &serde_json::Map<String, Value>,
+    upstream_model: &str,
+) -> Result<NativeRequest, GatewayError> {
     let mut system: Vec<Value> = Vec::new();
     let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
 
-    for (i, m) in messages(&req)?.iter().enumerate() {
+    for (i, m) in messages(req)?.iter().enumerate() {
         match role_of(m, i)? {
             "system" | "developer" => system.extend(text_only_blocks(m, i, "system")?),
             "user" => {
@@ -88,20 +95,20 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
     body.insert("model".into(), j!(upstream_model));
     body.insert(
         "max_tokens".into(),
-        j!(max_tokens(&req)?.unwrap_or(DEFAULT_MAX_TOKENS)),
+        j!(max_tokens(req)?.unwrap_or(DEFAULT_MAX_TOKENS)),
     );
     let msgs: Vec<Value> = turns
         .into_iter()
         .map(|(role, content)| j!({"role": role, "content": content}))
         .collect();
     body.insert("messages".into(), Value::Array(msgs));
-    if let Some(t) = number(&req, "temperature")? {
+    if let Some(t) = number(req, "temperature")? {
         body.insert("temperature".into(), j!(t.clamp(0.0, 1.0)));
     }
-    if let Some(p) = number(&req, "top_p")? {
+    if let Some(p) = number(req, "top_p")? {
         body.insert("top_p".into(), j!(p));
     }
-    let stops = stop(&req)?;
+    let stops = stop(req)?;
     if !stops.is_empty() {
         body.insert("stop_sequences".into(), j!(stops));
     }
@@ -112,8 +119,8 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
         body.insert("metadata".into(), j!({"user_id": user}));
     }
 
-    let defs = tools(&req)?;
-    let choice = tool_choice(&req)?;
+    let defs = tools(req)?;
+    let choice = tool_choice(req)?;
     let no_parallel = req.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false);
     let mut tool_list: Vec<Value> = defs
         .iter()
@@ -141,7 +148,7 @@ pub fn request(openai_body: &[u8], upstream_model: &str) -> Result<NativeRequest
         }
     };
 
-    match response_format(&req)? {
+    match response_format(req)? {
         ResponseFormat::Text => {}
         rf => {
             let schema = match &rf {

@@ -72,13 +72,21 @@ pub fn request(
     upstream_model: &str,
     stream: bool,
 ) -> Result<NativeRequest, GatewayError> {
-    let req = parse_request(openai_body)?;
+    request_doc(&parse_request(openai_body)?, upstream_model, stream)
+}
+
+/// [`request`] from the request already parsed by `body::inspect_doc` (no second parse).
+pub fn request_doc(
+    req: &serde_json::Map<String, Value>,
+    upstream_model: &str,
+    stream: bool,
+) -> Result<NativeRequest, GatewayError> {
     let mut system: Vec<Value> = Vec::new();
     let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
     // tool_call_id → function name, from the assistant messages seen so far.
     let mut names: Vec<(String, String)> = Vec::new();
 
-    for (i, m) in messages(&req)?.iter().enumerate() {
+    for (i, m) in messages(req)?.iter().enumerate() {
         match role_of(m, i)? {
             "system" | "developer" => {
                 let text = super::text_only(m.get("content"), "system")?;
@@ -165,16 +173,16 @@ pub fn request(
     }
 
     let mut gc = Map::new();
-    if let Some(t) = number(&req, "temperature")? {
+    if let Some(t) = number(req, "temperature")? {
         gc.insert("temperature".into(), j!(t));
     }
-    if let Some(p) = number(&req, "top_p")? {
+    if let Some(p) = number(req, "top_p")? {
         gc.insert("topP".into(), j!(p));
     }
-    if let Some(n) = max_tokens(&req)? {
+    if let Some(n) = max_tokens(req)? {
         gc.insert("maxOutputTokens".into(), j!(n));
     }
-    let stops = stop(&req)?;
+    let stops = stop(req)?;
     if !stops.is_empty() {
         gc.insert("stopSequences".into(), j!(stops));
     }
@@ -195,11 +203,11 @@ pub fn request(
         ("presence_penalty", "presencePenalty"),
         ("frequency_penalty", "frequencyPenalty"),
     ] {
-        if let Some(p) = number(&req, from)?.filter(|p| *p != 0.0) {
+        if let Some(p) = number(req, from)?.filter(|p| *p != 0.0) {
             gc.insert(to.into(), j!(p));
         }
     }
-    match response_format(&req)? {
+    match response_format(req)? {
         ResponseFormat::Text => {}
         ResponseFormat::JsonObject | ResponseFormat::JsonSchema { schema: None } => {
             gc.insert("responseMimeType".into(), j!("application/json"));
@@ -213,7 +221,7 @@ pub fn request(
         body.insert("generationConfig".into(), Value::Object(gc));
     }
 
-    let defs = tools(&req)?;
+    let defs = tools(req)?;
     if !defs.is_empty() {
         let decls: Vec<Value> = defs
             .iter()
@@ -230,7 +238,7 @@ pub fn request(
             })
             .collect();
         body.insert("tools".into(), j!([{ "functionDeclarations": decls }]));
-        let config = match tool_choice(&req)? {
+        let config = match tool_choice(req)? {
             None => None,
             Some(ToolChoice::Auto) => Some(j!({"mode": "AUTO"})),
             Some(ToolChoice::None) => Some(j!({"mode": "NONE"})),
