@@ -9,7 +9,7 @@
 # rewrite and usage, an OpenAI SSE stream whose usage chunk is stripped, and a native Anthropic request
 # and response (translation). Only the `measured_*` functions are counted (--toggle-collect); each runs
 # 200 whole requests after a warm-up (release profile, symbols kept). BASE is exported with `git archive` to a temporary directory, the
-# same bench file is dropped into it, and it is built in this work tree's target directory.
+# same bench file is dropped into it, and it is built in target/callgrind-base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -19,9 +19,11 @@ command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-# Builds the test binary of the crate at $1 (a source tree); prints its path.
+# Builds the test binary of the crate at $1 (a source tree) in target directory $2; prints its path.
+# (Two trees of the same package must not share a target directory: their artifacts have the same
+# names and cargo's freshness checks mix them up.)
 build() {
-  (cd "$1" && CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR="$ROOT/target" cargo test -q --release -p llm-gateway --lib --no-run \
+  (cd "$1" && CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR="$2" cargo test -q --release -p llm-gateway --lib --no-run \
       --message-format=json 2>/dev/null) |
     python3 -c 'import json,sys
 for l in sys.stdin:
@@ -47,12 +49,12 @@ if [ "$BASE" != none ]; then
   grep -q 'mod bench_exchange' "$TMP/base/src/lib.rs" ||
     printf '\n#[cfg(test)]\nmod bench_exchange;\n' >>"$TMP/base/src/lib.rs"
   echo "building $BASE ..." >&2
-  BIN[before]=$(build "$TMP/base")
+  BIN[before]=$(build "$TMP/base" "$ROOT/target/callgrind-base")
   # Keep the binary: the next build may reuse its file name.
   cp "${BIN[before]}" "$TMP/before.bin"; BIN[before]="$TMP/before.bin"
 fi
 echo "building the work tree ..." >&2
-BIN[after]=$(build "$ROOT")
+BIN[after]=$(build "$ROOT" "$ROOT/target")
 
 printf '| case | %s | work tree (%s) | change |\n|---|---:|---:|---:|\n' \
   "$([ "$BASE" = none ] && echo - || git rev-parse --short "$BASE")" "$(git rev-parse --short HEAD)"

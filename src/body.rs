@@ -149,6 +149,17 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
     ))
 }
 
+/// The top-level `model` by a byte scan, before any parse: `Some` only for a plain string (no
+/// escapes). A hint to pick how to parse; the parse decides.
+pub fn peek_model(body: &[u8]) -> Option<&str> {
+    let (start, end) = find_top_level(body, "model")?;
+    let inner = body.get(start + 1..end.checked_sub(1)?)?;
+    if body.get(start) != Some(&b'"') || inner.contains(&b'\\') {
+        return None;
+    }
+    std::str::from_utf8(inner).ok()
+}
+
 /// Returns the body with the top-level `model` set to `model`, or `None` if it already is.
 pub fn with_model(body: &[u8], current: Option<&str>, model: &str) -> Option<Vec<u8>> {
     if current == Some(model) {
@@ -309,6 +320,16 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peek_model_is_only_a_hint_for_plain_strings() {
+        assert_eq!(peek_model(br#"{"stream":true,"model":"m-1"}"#), Some("m-1"));
+        assert_eq!(peek_model(br#"{"model":"a\u0062"}"#), None);
+        assert_eq!(peek_model(br#"{"model":5}"#), None);
+        assert_eq!(peek_model(br#"{"messages":[{"model":"x"}]}"#), None);
+        assert_eq!(peek_model(b"{\"model\":\"\xff\"}"), None);
+        assert_eq!(peek_model(b"{\"model\":\""), None);
+    }
 
     #[test]
     fn inspect_doc_reads_what_inspect_reads() {

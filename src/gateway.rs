@@ -67,8 +67,11 @@ pub fn route_chat(
     provider_header: Option<&str>,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
-    // One parse: into a whole document only when a native provider may need to translate it.
-    let (req, doc) = if id.providers.iter().any(|p| p.native) {
+    // One parse: into a whole document only when the request goes to a native provider (the model
+    // is peeked at by a byte scan to know that first; should the guess be wrong, `route_to` parses).
+    let native = id.providers.iter().any(|p| p.native)
+        && select(id, provider_header, body::peek_model(raw_body)).is_ok_and(|s| s.provider.native);
+    let (req, doc) = if native {
         let (req, doc) = body::inspect_doc(raw_body)?;
         (req, Some(doc))
     } else {
