@@ -132,15 +132,16 @@ impl SseParser {
             }
             return;
         }
-        let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
+        if self.line.is_empty() {
             self.dispatch(out);
             return;
         }
-        if line.first() == Some(&b':') {
+        if self.line.first() == Some(&b':') {
+            self.line.clear();
             return; // comment
         }
-        let text = String::from_utf8_lossy(&line);
+        // The line buffer keeps its capacity from line to line; valid UTF-8 is not copied here.
+        let text = String::from_utf8_lossy(&self.line);
         let (field, value) = match text.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
             None => (text.as_ref(), ""),
@@ -153,6 +154,7 @@ impl SseParser {
             "event" => self.event = Some(value.to_string()),
             _ => {}
         }
+        self.line.clear();
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
@@ -160,7 +162,10 @@ impl SseParser {
         if self.has_data {
             out.push(SseEvent {
                 event,
-                data: self.data.join("\n"),
+                data: match self.data.len() {
+                    1 => self.data.pop().unwrap_or_default(),
+                    _ => self.data.join("\n"),
+                },
             });
         }
         self.data.clear();

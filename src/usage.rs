@@ -307,17 +307,25 @@ pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// First position of `needle` in `hay` at or after `from`.
+/// (Anchored on the needle's second byte: the first is a quote, frequent in JSON.)
 pub(crate) fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let first = *needle.first()?;
-    let mut i = from;
-    while let Some(rest) = hay.get(i..) {
-        let at = i + rest.iter().position(|&b| b == first)?;
-        if hay.get(at..at + needle.len()) == Some(needle) {
-            return Some(at);
+    let (&first, rest) = needle.split_first()?;
+    let Some(&anchor) = rest.first() else {
+        return hay
+            .get(from..)?
+            .iter()
+            .position(|&b| b == first)
+            .map(|p| p + from);
+    };
+    let mut i = from + 1;
+    loop {
+        let at = i + hay.get(i..)?.iter().position(|&b| b == anchor)?;
+        let start = at - 1;
+        if hay.get(start) == Some(&first) && hay.get(at..).is_some_and(|h| h.starts_with(rest)) {
+            return Some(start);
         }
         i = at + 1;
     }
-    None
 }
 
 /// Index past the JSON string starting at `i` (an opening quote), and its characters as written.
@@ -713,6 +721,16 @@ mod tests {
             b"data: [DONE]\r\n\r\n".to_vec()
         );
         assert_eq!(tap.usage.map(|u| u.completion_tokens), Some(2));
+    }
+
+    #[test]
+    fn find_bytes() {
+        assert_eq!(find(b"\"usage\":1", b"\"usage\"", 0), Some(0));
+        assert_eq!(find(b"x\"use\"usage\"", b"\"usage\"", 0), Some(5));
+        assert_eq!(find(b"\"usage\"", b"\"usage\"", 1), None);
+        assert_eq!(find(b"ab", b"\"usage\"", 9), None);
+        assert_eq!(find(b"abc", b"c", 1), Some(2));
+        assert!(!contains(b"\"usag", b"\"usage\""));
     }
 
     #[test]
