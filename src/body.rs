@@ -72,7 +72,7 @@ pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     let model = peek.model.map(|m| m.into_owned()).filter(|m| !m.is_empty());
     let stream_options = match peek.stream_options {
         None => StreamOptions::Absent,
-        Some(raw) => match serde_json::from_str::<StreamOptionsPeek>(raw.get()) {
+        Some(raw) => match serde_json::from_slice::<StreamOptionsPeek>(raw.get().as_bytes()) {
             Ok(o) => StreamOptions::Object {
                 include_usage: o.include_usage,
             },
@@ -215,6 +215,11 @@ pub fn with_object_member(
     out.extend_from_slice(&new_object);
     out.extend_from_slice(body.get(end..)?);
     Some(out)
+}
+
+/// Byte span of the value of top-level `key` (see [`find_top_level`]).
+pub fn top_level_span(body: &[u8], key: &str) -> Option<(usize, usize)> {
+    find_top_level(body, key)
 }
 
 /// Byte span of the value of top-level key `key` in a JSON object that is already known to be valid.

@@ -425,34 +425,16 @@ fn event_end(b: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-#[derive(Deserialize)]
-struct StreamOptionsPeek {
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
 /// For a streamed request: makes sure the provider is asked for usage. Returns the new body (if it
 /// had to change) and whether the client itself asked for the usage chunk.
 pub fn ensure_stream_usage(body: &[u8]) -> (Option<Vec<u8>>, bool) {
-    let Ok(peek) = serde_json::from_slice::<StreamOptionsPeek>(body) else {
-        return (None, true);
-    };
-    let opts = match peek.stream_options {
-        Some(o) => crate::body::StreamOptions::Object {
-            include_usage: o.include_usage,
-        },
-        None => crate::body::StreamOptions::Absent,
-    };
-    ensure_stream_usage_for(body, opts)
+    match crate::body::inspect(body) {
+        Ok(req) => ensure_stream_usage_for(body, req.stream_options),
+        Err(_) => (None, true),
+    }
 }
 
-/// [`ensure_stream_usage`] for a body whose `stream_options` were already read (no second parse).
+/// [`ensure_stream_usage`] with the `stream_options` already read by `body::inspect`.
 pub fn ensure_stream_usage_for(
     body: &[u8],
     opts: crate::body::StreamOptions,
@@ -559,43 +541,21 @@ pub fn clip(s: &str, max: usize) -> String {
     s.get(..end).unwrap_or_default().to_string()
 }
 
-#[derive(Deserialize)]
-struct MessagesPeek<'a> {
-    #[serde(default, borrow)]
-    messages: Option<&'a serde_json::value::RawValue>,
-}
-
 /// The request's `messages`, as JSON text, for prompt storage.
 pub fn prompt_text(body: &[u8]) -> Option<String> {
-    let peek: MessagesPeek = serde_json::from_slice(body).ok()?;
-    peek.messages.map(|m| clip(m.get(), MAX_STORED_TEXT))
-}
-
-#[derive(Deserialize)]
-struct TextMessage {
-    #[serde(default)]
-    content: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct TextChoice {
-    #[serde(default)]
-    message: Option<TextMessage>,
-    #[serde(default)]
-    delta: Option<TextMessage>,
-}
-
-#[derive(Deserialize)]
-struct TextCompletion {
-    #[serde(default)]
-    choices: Vec<TextChoice>,
+    // The raw span of the top-level `messages` (the body was validated when it was routed).
+    let (start, end) = crate::body::top_level_span(body, "messages")?;
+    let text = std::str::from_utf8(body.get(start..end)?).ok()?;
+    Some(clip(text, MAX_STORED_TEXT))
 }
 
 /// The text of the first choice of a completion (`message`) or a chunk (`delta`).
 pub fn completion_text(json: &[u8]) -> Option<String> {
-    let c: TextCompletion = serde_json::from_slice(json).ok()?;
-    let first = c.choices.into_iter().next()?;
-    first.message.or(first.delta).and_then(|m| m.content)
+    // The same deserializer as the usage reader (one instantiation); only the text is decoded.
+    let c: Completion = serde_json::from_slice(json).ok()?;
+    let first = c.choices?.into_iter().next()?;
+    let raw = first.message.or(first.delta)?.content?;
+    serde_json::from_slice::<String>(raw.get().as_bytes()).ok()
 }
 
 /// The batch body for the sidecar.
