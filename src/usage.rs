@@ -129,7 +129,7 @@ fn usage_from_tail(body: &[u8]) -> Option<ResponseFacts> {
     {
         return None;
     }
-    let at = body.windows(USAGE.len()).rposition(|w| w == USAGE)?;
+    let at = rfind(body, USAGE)?;
     let mut de = serde_json::Deserializer::from_slice(body.get(at + USAGE.len()..)?);
     let usage = UsageDoc::deserialize(&mut de).ok()?;
     const MODEL: &[u8] = b"\"model\":";
@@ -325,6 +325,21 @@ pub(crate) fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
             return Some(start);
         }
         i = at + 1;
+    }
+}
+
+/// Last position of `needle` (at least two bytes) in `hay`, anchored on its second byte.
+pub(crate) fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let &anchor = rest.first()?;
+    let mut end = hay.len();
+    loop {
+        let at = hay.get(..end)?.iter().rposition(|&b| b == anchor)?;
+        let start = at.checked_sub(1)?;
+        if hay.get(start) == Some(&first) && hay.get(at..).is_some_and(|h| h.starts_with(rest)) {
+            return Some(start);
+        }
+        end = at;
     }
 }
 
@@ -691,6 +706,9 @@ mod tests {
         assert_eq!(find(b"ab", b"\"usage\"", 9), None);
         assert_eq!(find(b"abc", b"c", 1), Some(2));
         assert!(!contains(b"\"usag", b"\"usage\""));
+        assert_eq!(rfind(b"\"usage\":{\"usage\":1}", b"\"usage\":"), Some(9));
+        assert_eq!(rfind(b"usage\":", b"\"usage\":"), None);
+        assert_eq!(rfind(b"", b"\"u"), None);
     }
 
     #[test]

@@ -193,7 +193,7 @@ pub fn request_doc(
 
     Ok(NativeRequest {
         path_suffix: PATH.to_string(),
-        body: Value::Object(body).to_string().into_bytes(),
+        body: super::json_bytes(&Value::Object(body)),
         headers: vec![("anthropic-version", ANTHROPIC_VERSION.to_string())],
     })
 }

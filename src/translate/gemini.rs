@@ -252,7 +252,7 @@ pub fn request_doc(
 
     Ok(NativeRequest {
         path_suffix: path_suffix(upstream_model, stream),
-        body: Value::Object(body).to_string().into_bytes(),
+        body: super::json_bytes(&Value::Object(body)),
         headers: Vec::new(),
     })
 }

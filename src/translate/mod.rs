@@ -131,6 +131,21 @@ pub(crate) fn bad_role(i: usize, role: &str) -> GatewayError {
     ))
 }
 
+/// A value's JSON text, written straight into bytes. (`Value::to_string` goes through `Display` and
+/// the formatting machinery: about twice the instructions for the same bytes.)
+#[inline(never)]
+pub(crate) fn write_json(out: &mut Vec<u8>, v: &Value) {
+    // Writing into a Vec cannot fail; a `Value` always serializes.
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// [`write_json`] into a new buffer.
+pub(crate) fn json_bytes(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_json(&mut out, v);
+    out
+}
+
 /// Parses JSON into a `Value` (one instantiation of the deserializer for the whole module).
 #[inline(never)]
 pub(crate) fn parse_json(b: &[u8]) -> Result<Value, serde_json::Error> {
@@ -502,16 +517,14 @@ pub(crate) fn completion(
     choices: Vec<Value>,
     usage: &Usage,
 ) -> Vec<u8> {
-    j!({
+    json_bytes(&j!({
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": choices,
         "usage": usage_json(usage),
-    })
-    .to_string()
-    .into_bytes()
+    }))
 }
 
 /// The assistant message of a choice.
@@ -545,7 +558,7 @@ pub(crate) struct ChunkWriter {
 impl ChunkWriter {
     fn event(out: &mut Vec<u8>, v: &Value) {
         out.extend_from_slice(b"data: ");
-        out.extend_from_slice(v.to_string().as_bytes());
+        write_json(out, v);
         out.extend_from_slice(b"\n\n");
     }
 
@@ -586,7 +599,7 @@ fn error_value(message: &str, kind: &str, code: &str) -> Value {
 
 /// The OpenAI error body.
 pub(crate) fn openai_error(message: &str, kind: &str, code: &str) -> Vec<u8> {
-    error_value(message, kind, code).to_string().into_bytes()
+    json_bytes(&error_value(message, kind, code))
 }
 
 /// OpenAI error `type` for an HTTP status.
