@@ -414,30 +414,28 @@ fn scan_chunk(d: &[u8]) -> Option<(usize, bool)> {
 fn event_end(b: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     let mut line_empty = true;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'\n' | b'\r' => {
-                let next = if c == b'\r' && b.get(i + 1) == Some(&b'\n') {
-                    i + 2
-                } else {
-                    i + 1
-                };
-                if c == b'\r' && b.get(i + 1).is_none() {
-                    return None; // a lone \r at the end may still be followed by \n
-                }
-                if line_empty && i > from {
-                    return Some(next);
-                }
-                line_empty = true;
-                i = next;
-            }
-            _ => {
-                line_empty = false;
-                i += 1;
-            }
+    loop {
+        // Jump to the next line break (one scan), instead of stepping byte by byte.
+        let p = b.get(i..)?.iter().position(|&c| c == b'\n' || c == b'\r')?;
+        if p > 0 {
+            line_empty = false;
         }
+        let at = i + p;
+        let cr = b.get(at) == Some(&b'\r');
+        if cr && b.get(at + 1).is_none() {
+            return None; // a lone \r at the end may still be followed by \n
+        }
+        let next = if cr && b.get(at + 1) == Some(&b'\n') {
+            at + 2
+        } else {
+            at + 1
+        };
+        if line_empty && at > from {
+            return Some(next);
+        }
+        line_empty = true;
+        i = next;
     }
-    None
 }
 
 /// For a streamed request: makes sure the provider is asked for usage. Returns the new body (if it
