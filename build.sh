@@ -75,6 +75,9 @@ case "$cmd" in
     cargo fmt --all -- --check
     cargo clippy -q --workspace --all-targets -- -D warnings
     cargo clippy -q --target wasm32-wasip1 -p llm-gateway -- -D warnings
+    # The fuzz crate is its own workspace (cargo-fuzz layout); lint it without libFuzzer.
+    cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+    cargo clippy -q --manifest-path fuzz/Cargo.toml --target-dir target --no-default-features --all-targets -- -D warnings
     ;;
   run)
     ensure_python run
@@ -93,8 +96,12 @@ case "$cmd" in
       log "sidecar tests"
       sidecar/test.sh
     fi
+    log "fuzz targets, stable run (seed corpora + mutations; cargo fuzz for longer runs: docs/security.md)"
+    cargo test -q --manifest-path fuzz/Cargo.toml --target-dir target --no-default-features
     log "integration tests (real Envoy + built wasm)"
     python3 -m pytest -q tests/
+    log "load-and-fault test, short mode (sidecar killed, hung, restarted; Envoy hot restart)"
+    python3 scripts/fault_test.py --short
     ;;
   *)
     echo "usage: $0 run|test|wasm" >&2

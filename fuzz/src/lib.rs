@@ -57,7 +57,10 @@ pub fn body_inspect(data: &[u8]) {
         let _ = body::with_object_member(data, "stream_options", "include_usage", "true");
         let (b, _) = usage::ensure_stream_usage(data);
         if let Some(b) = b {
-            assert!(body::inspect(&b).is_ok(), "ensure_stream_usage broke the body");
+            assert!(
+                body::inspect(&b).is_ok(),
+                "ensure_stream_usage broke the body"
+            );
         }
     }
     let _ = usage::prompt_text(data);
@@ -213,8 +216,11 @@ pub fn headers(data: &[u8]) {
     let _ = metrics::label(&path);
 }
 
+/// A fuzz target: bytes in, a panic on failure.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the stable harness iterates over these).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("body_inspect", body_inspect),
     ("sse", sse),
     ("stream_tap", stream_tap),
