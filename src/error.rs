@@ -19,6 +19,8 @@ pub enum GatewayError {
     InvalidBody { reason: String },
     /// The request's tags header is malformed.
     InvalidTags { reason: String },
+    /// A request header the gateway must read as text is not valid UTF-8.
+    InvalidHeader { name: String },
     /// `X-Provider-Name` names a provider the caller may not use.
     UnknownProvider { name: String },
     /// The model is not allowed by the caller's configuration (or by the chosen provider).
@@ -48,6 +50,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::InvalidBody { .. }
             | GatewayError::InvalidTags { .. }
+            | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
@@ -66,6 +69,7 @@ impl GatewayError {
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::InvalidBody { .. }
             | GatewayError::InvalidTags { .. }
+            | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. }
             | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
@@ -86,6 +90,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::InvalidBody { .. } => "invalid_body",
             GatewayError::InvalidTags { .. } => "invalid_tags",
+            GatewayError::InvalidHeader { .. } => "invalid_header",
             GatewayError::UnknownProvider { .. } => "unknown_provider",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
             GatewayError::NoProviderConfigured => "no_provider_configured",
@@ -126,6 +131,9 @@ impl GatewayError {
             GatewayError::InvalidBody { reason } => format!("Invalid request body: {reason}"),
             GatewayError::InvalidTags { reason } => {
                 format!("Invalid X-LLM-Gateway-Tags header: {reason}")
+            }
+            GatewayError::InvalidHeader { name } => {
+                format!("The {name} header is not valid UTF-8.")
             }
             GatewayError::UnknownProvider { name } => format!(
                 "Provider '{name}' (from X-Provider-Name) is not one of the providers available to this API key."

@@ -1,25 +1,29 @@
 //! The thin proxy-wasm adapter: the only code that talks to Envoy. It reads headers and bodies,
 //! calls the pure core, and applies the decisions. Host results are always handled, never unwrapped.
 
+use crate::abi::Wasm;
 use crate::auth;
 use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::fallback;
 use crate::gateway::{self, Routed};
+use crate::hostapi;
+use crate::hostapi::{Buffer, Headers, Host, Map, MetricKind};
 use crate::metrics;
 use crate::report::{self, Reporter};
 use crate::resolve::{self, IdentityCache, Lookup, Resolved};
 use crate::usage::{self, StreamTap, UsageRecord};
 use hashbrown::HashMap;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+
+/// The host every call goes through (no SDK helper that could panic on host data).
+const H: Wasm = Wasm;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -49,11 +53,11 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+    fn id(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
         if let Some(id) = self.ids.get(name) {
             return Some(*id);
         }
-        match hostcalls::define_metric(kind, name) {
+        match H.define_metric(kind, name) {
             Ok(id) => {
                 self.ids.insert(name.to_string(), id);
                 Some(id)
@@ -66,14 +70,14 @@ impl Metrics {
     }
 
     fn add(&mut self, name: &str, n: u64) {
-        if let Some(id) = self.id(MetricType::Counter, name) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(id) = self.id(MetricKind::Counter, name) {
+            H.increment_metric(id, n);
         }
     }
 
     fn record(&mut self, name: &str, value: u64) {
-        if let Some(id) = self.id(MetricType::Histogram, name) {
-            let _ = hostcalls::record_metric(id, value);
+        if let Some(id) = self.id(MetricKind::Histogram, name) {
+            H.record_metric(id, value);
         }
     }
 }
@@ -94,7 +98,7 @@ impl GatewayRoot {
             return;
         };
         let body = usage::batch_body(batch);
-        let sent = call_sidecar(&sidecar, report::USAGE_PATH, &body, Duration::from_secs(5));
+        let sent = call_sidecar(&sidecar, report::USAGE_PATH, &body, 5000);
         if let Err(e) = sent {
             log::warn!("llm-gateway: cannot send usage records: {e:?}");
             reporter.nack();
@@ -110,10 +114,7 @@ impl Context for GatewayRoot {
         _body: usize,
         _trailers: usize,
     ) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u32>().ok());
+        let status = call_status();
         let mut reporter = self.shared.reporter.borrow_mut();
         let before = (reporter.sent, reporter.dropped);
         if status == Some(200) {
@@ -139,8 +140,8 @@ impl Context for GatewayRoot {
 
 impl RootContext for GatewayRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(b) => b.unwrap_or_default(),
+        let bytes = match H.buffer(Buffer::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b,
             Err(e) => {
                 log::error!("llm-gateway: cannot read plugin configuration: {e:?}");
                 return false;
@@ -159,7 +160,7 @@ impl RootContext for GatewayRoot {
                     }
                 );
                 if plan.sidecar.is_some() {
-                    if let Err(e) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                    if let Err(e) = H.set_tick_ms(1000) {
                         log::warn!("llm-gateway: cannot start the usage timer: {e:?}");
                     }
                 }
@@ -198,6 +199,16 @@ impl RootContext for GatewayRoot {
             exchange: None,
         }))
     }
+}
+
+/// A header that must be text (a provider name, tags): present but not UTF-8 is a clear 400.
+fn utf8_header(headers: &Headers, name: &str) -> Result<Option<String>, GatewayError> {
+    headers
+        .utf8(name)
+        .map(|v| v.map(str::to_string))
+        .map_err(|_| GatewayError::InvalidHeader {
+            name: name.to_string(),
+        })
 }
 
 /// A request whose key is being resolved by the sidecar.
@@ -293,17 +304,29 @@ impl Exchange {
 }
 
 fn set_header(name: &str, value: Option<&str>) {
-    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
-        log::warn!("llm-gateway: cannot set request header {name}: {e:?}");
+    set_map_header(Map::RequestHeaders, name, value);
+}
+
+fn set_map_header(map: Map, name: &str, value: Option<&str>) {
+    let r = match value {
+        Some(v) => H.set_header(map, name, v.as_bytes()),
+        None => H.remove_header(map, name),
+    };
+    if let Err(e) = r {
+        log::warn!("llm-gateway: cannot set header {name}: {e:?}");
     }
 }
 
 fn now_ms() -> u64 {
-    hostcalls::get_current_time()
+    H.now_ms()
+}
+
+/// The `:status` of a callout's answer.
+fn call_status() -> Option<u32> {
+    H.header(Map::CallResponseHeaders, ":status")
         .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+        .flatten()
+        .and_then(|s| hostapi::text(&s).trim().parse::<u32>().ok())
 }
 
 /// What to do with the request after authentication.
@@ -317,9 +340,9 @@ impl GatewayHttp {
     fn reject(&mut self, err: &GatewayError) -> Action {
         self.state = State::PassThrough;
         let headers = err.headers();
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
         let body = err.body();
-        if let Err(e) = hostcalls::send_http_response(err.status(), pairs, Some(body.as_bytes())) {
+        if let Err(e) = H.send_response(err.status(), &pairs, body.as_bytes()) {
             log::error!("llm-gateway: cannot send local reply: {e:?}");
         }
         Action::Pause
@@ -327,8 +350,8 @@ impl GatewayHttp {
 
     fn reply_json(&mut self, body: &str) -> Action {
         self.state = State::PassThrough;
-        let headers = vec![("content-type", "application/json")];
-        if let Err(e) = hostcalls::send_http_response(200, headers, Some(body.as_bytes())) {
+        let headers: [(&str, &[u8]); 1] = [("content-type", b"application/json")];
+        if let Err(e) = H.send_response(200, &headers, body.as_bytes()) {
             log::error!("llm-gateway: cannot send local reply: {e:?}");
         }
         Action::Pause
@@ -336,15 +359,11 @@ impl GatewayHttp {
 
     fn handle_headers(&mut self, end_of_stream: bool) -> Result<Action, GatewayError> {
         // One host call for all request headers; removals only for headers that are present.
-        let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        // Read as bytes: a header byte >= 0x80 is decoded lossily (or refused), never a panic.
+        let headers = Headers(H.headers(Map::RequestHeaders).unwrap_or_default());
+        let get = |name: &str| headers.text(name);
         if let Some(slot) = self.plan.attempt_slot {
-            let plan = get(fallback::ATTEMPTS_HEADER).map(fallback::decode);
+            let plan = get(fallback::ATTEMPTS_HEADER).map(|v| fallback::decode(&v));
             set_header(fallback::ATTEMPTS_HEADER, None);
             set_header(gateway::CLUSTER_HEADER, None);
             let plan = plan.ok_or(GatewayError::Internal {
@@ -380,15 +399,15 @@ impl GatewayHttp {
             set_header(fallback::ATTEMPTS_HEADER, None);
         }
         let endpoint = match entry::classify(
-            get(":method").unwrap_or_default(),
-            get(":path").unwrap_or_default(),
+            get(":method").as_deref().unwrap_or_default(),
+            get(":path").as_deref().unwrap_or_default(),
         ) {
             None => return Ok(Action::Continue),
             Some(r) => r?,
         };
-        let key = auth::extract_key(get("x-api-key"), get("authorization"));
-        let provider_header = get("x-provider-name").map(str::to_string);
-        let tags = get(usage::TAGS_HEADER).map(str::to_string);
+        let key = auth::extract_key(get("x-api-key").as_deref(), get("authorization").as_deref());
+        let provider_header = utf8_header(&headers, "x-provider-name")?;
+        let tags = utf8_header(&headers, usage::TAGS_HEADER)?;
         let content_length = get("content-length").and_then(|v| v.trim().parse::<usize>().ok());
         for h in gateway::STRIPPED_REQUEST_HEADERS {
             if get(h).is_some() {
@@ -432,7 +451,7 @@ impl GatewayHttp {
             Lookup::Miss => {}
         }
         // Another worker may already have asked the sidecar.
-        if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&resolve::shared_key(&p.hash)) {
+        if let Ok(Some(bytes)) = H.shared_get(&resolve::shared_key(&p.hash)) {
             if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
                 if now < stale_until {
                     let identity = Rc::new(identity);
@@ -485,7 +504,7 @@ impl GatewayHttp {
                     // The body completed while we waited for the sidecar: route now and resume.
                     Some((body, size)) => {
                         self.route(identity, p.provider_header.as_deref(), &body, size)?;
-                        if let Err(e) = hostcalls::resume_http_request() {
+                        if let Err(e) = H.resume_request() {
                             log::error!("llm-gateway: cannot resume request: {e:?}");
                         }
                         Ok(Action::Continue)
@@ -619,11 +638,10 @@ impl GatewayHttp {
             set_header("accept-encoding", None);
         }
         if let Some(new_body) = routed.body.take() {
-            hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body).map_err(
-                |e| GatewayError::Internal {
+            H.set_buffer(Buffer::RequestBody, 0, body_size, &new_body)
+                .map_err(|e| GatewayError::Internal {
                     reason: format!("cannot set body: {e:?}"),
-                },
-            )?;
+                })?;
             set_header("content-length", Some(&new_body.len().to_string()));
         }
         self.state = State::Routed(Box::new(routed));
@@ -651,9 +669,7 @@ impl GatewayHttp {
                     stale_until,
                 );
                 let record = resolve::encode_shared(fresh_until, stale_until, body);
-                if let Err(e) =
-                    hostcalls::set_shared_data(&resolve::shared_key(&p.hash), Some(&record), None)
-                {
+                if let Err(e) = H.shared_set(&resolve::shared_key(&p.hash), Some(&record)) {
                     log::warn!("llm-gateway: cannot share resolved key: {e:?}");
                 }
                 identity
@@ -665,7 +681,7 @@ impl GatewayHttp {
                     now.saturating_add(sidecar.negative_ttl_ms),
                 );
                 // A revoked key must stop working everywhere, not only in this VM.
-                let _ = hostcalls::set_shared_data(&resolve::shared_key(&p.hash), None, None);
+                let _ = H.shared_set(&resolve::shared_key(&p.hash), None);
                 return Err(GatewayError::InvalidApiKey);
             }
             Err(e) => match p.stale.take() {
@@ -701,8 +717,8 @@ fn fallback_chain(identity: &Identity, routed: &Routed) -> Vec<fallback::Attempt
 }
 
 fn health(org: &str, provider: &str) -> fallback::Health {
-    match hostcalls::get_shared_data(&fallback::health_key(org, provider)) {
-        Ok((Some(b), _)) => fallback::Health::decode(&b),
+    match H.shared_get(&fallback::health_key(org, provider)) {
+        Ok(Some(b)) => fallback::Health::decode(&b),
         _ => fallback::Health::default(),
     }
 }
@@ -711,27 +727,21 @@ fn health(org: &str, provider: &str) -> fallback::Health {
 fn record_health(org: &str, provider: &str, ok: bool) {
     let key = fallback::health_key(org, provider);
     let next = health(org, provider).after(ok, now_ms());
-    if let Err(e) = hostcalls::set_shared_data(&key, Some(&next.encode()), None) {
+    if let Err(e) = H.shared_set(&key, Some(&next.encode())) {
         log::warn!("llm-gateway: cannot record provider health: {e:?}");
     }
 }
 
 fn read_body(size: usize) -> Result<Vec<u8>, GatewayError> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-        .map(Option::unwrap_or_default)
+    H.buffer(Buffer::RequestBody, 0, size)
         .map_err(|e| GatewayError::Internal {
             reason: format!("cannot read body: {e:?}"),
         })
 }
 
-fn dispatch_resolve(sidecar: &SidecarPlan, hash: &str) -> Result<u32, proxy_wasm::types::Status> {
+fn dispatch_resolve(sidecar: &SidecarPlan, hash: &str) -> Result<u32, hostapi::Status> {
     let body = resolve::request_body(hash);
-    call_sidecar(
-        sidecar,
-        resolve::RESOLVE_PATH,
-        &body,
-        Duration::from_millis(sidecar.timeout_ms),
-    )
+    call_sidecar(sidecar, resolve::RESOLVE_PATH, &body, sidecar.timeout_ms)
 }
 
 /// A JSON POST to one of the sidecar's internal endpoints.
@@ -739,20 +749,19 @@ fn call_sidecar(
     sidecar: &SidecarPlan,
     path: &str,
     body: &[u8],
-    timeout: Duration,
-) -> Result<u32, proxy_wasm::types::Status> {
-    hostcalls::dispatch_http_call(
+    timeout_ms: u64,
+) -> Result<u32, hostapi::Status> {
+    H.call(
         &sidecar.cluster,
-        vec![
+        &[
             (":method", "POST"),
             (":path", path),
             (":authority", &sidecar.authority),
             ("content-type", "application/json"),
             (resolve::TOKEN_HEADER, &sidecar.token),
         ],
-        Some(body),
-        vec![],
-        timeout,
+        body,
+        timeout_ms,
     )
 }
 
@@ -764,13 +773,9 @@ impl Context for GatewayHttp {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u32>().ok());
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
+        let status = call_status();
+        let body = H
+            .buffer(Buffer::CallResponseBody, 0, body_size)
             .unwrap_or_default();
         match self.on_resolved(status, &body) {
             Ok(_) => {}
@@ -807,28 +812,22 @@ impl HttpContext for GatewayHttp {
             if !end_of_stream {
                 return Action::Pause;
             }
-            let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
-                .ok()
-                .flatten()
+            let body = H
+                .buffer(Buffer::ResponseBody, 0, body_size)
                 .unwrap_or_default();
             let (out, u, status) = gateway::translate_response(t, ex.status, &body, &r.model);
             ex.translated_usage = u;
             if status != ex.status {
                 ex.status = status;
-                let _ = hostcalls::set_map_value(
-                    MapType::HttpResponseHeaders,
-                    ":status",
-                    Some(&status.to_string()),
-                );
+                set_map_header(Map::ResponseHeaders, ":status", Some(&status.to_string()));
             }
-            if let Err(e) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
-            {
+            if let Err(e) = H.set_buffer(Buffer::ResponseBody, 0, body_size, &out) {
                 log::warn!("llm-gateway: cannot set the translated response: {e:?}");
             }
             return Action::Continue;
         }
-        let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
-            Ok(b) => b.unwrap_or_default(),
+        let chunk = match H.buffer(Buffer::ResponseBody, 0, body_size) {
+            Ok(b) => b,
             Err(_) => return Action::Continue,
         };
         if let Some(tr) = ex.translator.as_mut() {
@@ -836,8 +835,7 @@ impl HttpContext for GatewayHttp {
             if end_of_stream {
                 out.extend(tr.finish());
             }
-            if let Err(e) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
-            {
+            if let Err(e) = H.set_buffer(Buffer::ResponseBody, 0, body_size, &out) {
                 log::warn!("llm-gateway: cannot set a translated chunk: {e:?}");
             }
             return Action::Continue;
@@ -853,9 +851,7 @@ impl HttpContext for GatewayHttp {
                     }
                 }
                 if let Some(out) = replaced {
-                    if let Err(e) =
-                        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
-                    {
+                    if let Err(e) = H.set_buffer(Buffer::ResponseBody, 0, body_size, &out) {
                         log::warn!("llm-gateway: cannot rewrite a stream chunk: {e:?}");
                     }
                 }
@@ -1029,17 +1025,14 @@ impl HttpContext for GatewayHttp {
         let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
             return Action::Continue;
         };
-        let get = |name: &str| {
-            hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-                .ok()
-                .flatten()
-        };
-        let set = |name: &str, value: Option<&str>| {
-            if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
-                log::warn!("llm-gateway: cannot set response header {name}: {e:?}");
-            }
-        };
-        ex.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        // Provider headers are bytes: anything non-UTF-8 is decoded lossily, never a panic.
+        let headers = Headers(H.headers(Map::ResponseHeaders).unwrap_or_default());
+        let get = |name: &str| headers.text(name).map(|v| v.into_owned());
+        let set =
+            |name: &str, value: Option<&str>| set_map_header(Map::ResponseHeaders, name, value);
+        ex.status = get(":status")
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         let sse = get("content-type").is_some_and(|c| c.contains("text/event-stream"));
         let ok = (200..300).contains(&ex.status);
         let chained = !ex.chain.is_empty() && ex.attempt.is_none();

@@ -12,6 +12,7 @@ pub mod entry;
 pub mod error;
 pub mod fallback;
 pub mod gateway;
+pub mod hostapi;
 pub mod metrics;
 pub mod pbstruct;
 pub mod providers;
@@ -23,5 +24,7 @@ pub mod translate;
 pub mod url;
 pub mod usage;
 
+#[cfg(target_arch = "wasm32")]
+mod abi;
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -1,0 +1,436 @@
+//! The one interface between the gateway and its host: headers (as bytes), body buffers, callouts,
+//! shared data, metrics, properties, time and log. `abi::Wasm` implements it over the proxy-wasm ABI;
+//! [`fake::Fake`] implements it in memory so the whole request lifecycle runs in `cargo test`.
+//!
+//! Every call returns the host's status instead of panicking; header values are bytes (decode them
+//! with [`text`] when a string is needed, lossily: a byte >= 0x80 can never crash the filter).
+
+use std::borrow::Cow;
+
+/// A header map the filter reads or changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Map {
+    RequestHeaders,
+    ResponseHeaders,
+    CallResponseHeaders,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Buffer {
+    RequestBody,
+    ResponseBody,
+    CallResponseBody,
+    PluginConfiguration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Histogram,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// Header name/value pairs as bytes.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A host status other than Ok.
+pub type Status = u32;
+
+pub trait Host {
+    fn headers(&self, map: Map) -> Result<Pairs, Status>;
+    fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status>;
+    fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status>;
+    fn remove_header(&self, map: Map, name: &str) -> Result<(), Status>;
+    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status>;
+    fn set_buffer(&self, b: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status>;
+    fn send_response(
+        &self,
+        code: u32,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> Result<(), Status>;
+    /// An HTTP callout; the answer arrives in `on_http_call_response` with the returned token.
+    fn call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, Status>;
+    fn resume_request(&self) -> Result<(), Status>;
+    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status>;
+    fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status>;
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, Status>;
+    fn increment_metric(&self, id: u32, by: u64);
+    fn record_metric(&self, id: u32, value: u64);
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status>;
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status>;
+    fn now_ms(&self) -> u64;
+    fn set_tick_ms(&self, ms: u32) -> Result<(), Status>;
+    fn log(&self, level: Level, msg: &str);
+}
+
+/// A header value as text: lossy (invalid UTF-8 becomes U+FFFD), never a panic.
+pub fn text(v: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(v)
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<usize> {
+    let s = b.get(at..at.checked_add(4)?)?;
+    let a: [u8; 4] = s.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(a)).ok()
+}
+
+/// Decodes a proxy-wasm serialized header map (`count`, then `count` pairs of sizes, then the
+/// NUL-terminated names and values). Malformed input yields the pairs decoded so far, never a panic.
+pub fn decode_pairs(b: &[u8]) -> Pairs {
+    let Some(n) = u32_at(b, 0) else {
+        return Vec::new();
+    };
+    // Each pair takes at least 10 bytes: a count larger than that is a lie.
+    let n = n.min(b.len() / 10);
+    let mut out = Vec::with_capacity(n);
+    let mut p = 4 + n * 8;
+    for i in 0..n {
+        let s = 4 + i * 8;
+        let (Some(kl), Some(vl)) = (u32_at(b, s), u32_at(b, s + 4)) else {
+            break;
+        };
+        let Some(k) = p.checked_add(kl).and_then(|e| b.get(p..e)) else {
+            break;
+        };
+        p = p.saturating_add(kl).saturating_add(1);
+        let Some(v) = p.checked_add(vl).and_then(|e| b.get(p..e)) else {
+            break;
+        };
+        p = p.saturating_add(vl).saturating_add(1);
+        out.push((k.to_vec(), v.to_vec()));
+    }
+    out
+}
+
+/// Serializes a header map for the host.
+pub fn encode_pairs(map: &[(&str, &[u8])]) -> Vec<u8> {
+    let size = 4 + map
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 10)
+        .sum::<usize>();
+    let mut b = Vec::with_capacity(size);
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    b.extend_from_slice(&len(map.len()));
+    for (k, v) in map {
+        b.extend_from_slice(&len(k.len()));
+        b.extend_from_slice(&len(v.len()));
+    }
+    for (k, v) in map {
+        b.extend_from_slice(k.as_bytes());
+        b.push(0);
+        b.extend_from_slice(v);
+        b.push(0);
+    }
+    b
+}
+
+/// A property path for the host: segments separated by NUL.
+pub fn encode_path(path: &[&str]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (i, part) in path.iter().enumerate() {
+        if i > 0 {
+            b.push(0);
+        }
+        b.extend_from_slice(part.as_bytes());
+    }
+    b
+}
+
+/// A request's (or response's) headers, read in one host call, looked up by lower-case name.
+#[derive(Debug, Default, Clone)]
+pub struct Headers(pub Pairs);
+
+impl Headers {
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The value as text, lossily decoded.
+    pub fn text(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.get(name).map(text)
+    }
+
+    /// The value as text; an error when present but not valid UTF-8.
+    pub fn utf8(&self, name: &str) -> Result<Option<&str>, std::str::Utf8Error> {
+        self.get(name).map(std::str::from_utf8).transpose()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+}
+
+/// An in-memory host for tests: records everything the filter does.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// A local reply: status, headers, body.
+    pub type Reply = (u32, Vec<(String, Vec<u8>)>, Vec<u8>);
+    /// A callout: cluster, headers, body.
+    pub type Call = (String, Vec<(String, String)>, Vec<u8>);
+
+    #[derive(Default, Debug)]
+    pub struct State {
+        pub request_headers: Pairs,
+        pub response_headers: Pairs,
+        pub call_response_headers: Pairs,
+        pub request_body: Vec<u8>,
+        pub response_body: Vec<u8>,
+        pub call_response_body: Vec<u8>,
+        pub config: Vec<u8>,
+        pub shared: BTreeMap<String, Vec<u8>>,
+        pub metrics: Vec<(MetricKind, String)>,
+        pub metric_values: BTreeMap<u32, u64>,
+        pub properties: BTreeMap<String, Vec<u8>>,
+        pub now_ms: u64,
+        pub local_replies: Vec<Reply>,
+        pub calls: Vec<Call>,
+        pub resumed: usize,
+        pub logs: Vec<(Level, String)>,
+        /// Makes every fallible call fail with this status (host misbehaviour).
+        pub fail_with: Option<Status>,
+    }
+
+    #[derive(Default)]
+    pub struct Fake(pub RefCell<State>);
+
+    impl Fake {
+        pub fn st(&self) -> std::cell::RefMut<'_, State> {
+            self.0.borrow_mut()
+        }
+
+        fn fail(&self) -> Result<(), Status> {
+            match self.0.borrow().fail_with {
+                Some(s) => Err(s),
+                None => Ok(()),
+            }
+        }
+
+        /// The value of a metric by name.
+        pub fn metric(&self, name: &str) -> Option<u64> {
+            let s = self.0.borrow();
+            let id = s.metrics.iter().position(|(_, n)| n == name)?;
+            s.metric_values
+                .get(&u32::try_from(id).ok()?)
+                .copied()
+                .or(Some(0))
+        }
+    }
+
+    fn map_mut(s: &mut State, m: Map) -> &mut Pairs {
+        match m {
+            Map::RequestHeaders => &mut s.request_headers,
+            Map::ResponseHeaders => &mut s.response_headers,
+            Map::CallResponseHeaders => &mut s.call_response_headers,
+        }
+    }
+
+    fn buf_mut(s: &mut State, b: Buffer) -> &mut Vec<u8> {
+        match b {
+            Buffer::RequestBody => &mut s.request_body,
+            Buffer::ResponseBody => &mut s.response_body,
+            Buffer::CallResponseBody => &mut s.call_response_body,
+            Buffer::PluginConfiguration => &mut s.config,
+        }
+    }
+
+    impl Host for Fake {
+        fn headers(&self, map: Map) -> Result<Pairs, Status> {
+            self.fail()?;
+            Ok(map_mut(&mut self.st(), map).clone())
+        }
+        fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
+            self.fail()?;
+            Ok(map_mut(&mut self.st(), map)
+                .iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .map(|(_, v)| v.clone()))
+        }
+        fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+            self.fail()?;
+            let mut s = self.st();
+            let m = map_mut(&mut s, map);
+            m.retain(|(k, _)| k.as_slice() != name.as_bytes());
+            m.push((name.as_bytes().to_vec(), value.to_vec()));
+            Ok(())
+        }
+        fn remove_header(&self, map: Map, name: &str) -> Result<(), Status> {
+            self.fail()?;
+            map_mut(&mut self.st(), map).retain(|(k, _)| k.as_slice() != name.as_bytes());
+            Ok(())
+        }
+        fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
+            self.fail()?;
+            let mut s = self.st();
+            let buf = buf_mut(&mut s, b);
+            let end = start.saturating_add(max).min(buf.len());
+            Ok(buf.get(start..end).unwrap_or_default().to_vec())
+        }
+        fn set_buffer(
+            &self,
+            b: Buffer,
+            start: usize,
+            size: usize,
+            data: &[u8],
+        ) -> Result<(), Status> {
+            self.fail()?;
+            let mut s = self.st();
+            let buf = buf_mut(&mut s, b);
+            let end = start.saturating_add(size).min(buf.len());
+            let start = start.min(end);
+            buf.splice(start..end, data.iter().copied());
+            Ok(())
+        }
+        fn send_response(
+            &self,
+            code: u32,
+            headers: &[(&str, &[u8])],
+            body: &[u8],
+        ) -> Result<(), Status> {
+            self.fail()?;
+            let h = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect();
+            self.st().local_replies.push((code, h, body.to_vec()));
+            Ok(())
+        }
+        fn call(
+            &self,
+            cluster: &str,
+            headers: &[(&str, &str)],
+            body: &[u8],
+            _timeout_ms: u64,
+        ) -> Result<u32, Status> {
+            self.fail()?;
+            let mut s = self.st();
+            let h = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            s.calls.push((cluster.to_string(), h, body.to_vec()));
+            Ok(u32::try_from(s.calls.len()).unwrap_or(u32::MAX))
+        }
+        fn resume_request(&self) -> Result<(), Status> {
+            self.fail()?;
+            self.st().resumed += 1;
+            Ok(())
+        }
+        fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+            self.fail()?;
+            Ok(self.st().shared.get(key).cloned())
+        }
+        fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
+            self.fail()?;
+            let mut s = self.st();
+            match value {
+                Some(v) => s.shared.insert(key.to_string(), v.to_vec()),
+                None => s.shared.remove(key),
+            };
+            Ok(())
+        }
+        fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, Status> {
+            self.fail()?;
+            let mut s = self.st();
+            if let Some(i) = s.metrics.iter().position(|(_, n)| n == name) {
+                return Ok(u32::try_from(i).unwrap_or(u32::MAX));
+            }
+            s.metrics.push((kind, name.to_string()));
+            Ok(u32::try_from(s.metrics.len() - 1).unwrap_or(u32::MAX))
+        }
+        fn increment_metric(&self, id: u32, by: u64) {
+            *self.st().metric_values.entry(id).or_default() += by;
+        }
+        fn record_metric(&self, id: u32, value: u64) {
+            self.st().metric_values.insert(id, value);
+        }
+        fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+            self.fail()?;
+            Ok(self.st().properties.get(&path.join(".")).cloned())
+        }
+        fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status> {
+            self.fail()?;
+            self.st().properties.insert(path.join("."), value.to_vec());
+            Ok(())
+        }
+        fn now_ms(&self) -> u64 {
+            self.0.borrow().now_ms
+        }
+        fn set_tick_ms(&self, _ms: u32) -> Result<(), Status> {
+            self.fail()
+        }
+        fn log(&self, level: Level, msg: &str) {
+            self.st().logs.push((level, msg.to_string()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_round_trip_with_arbitrary_bytes() {
+        let v: &[u8] = b"\xff\x00\x80abc";
+        let enc = encode_pairs(&[("x-a", v), (":path", b"/p")]);
+        let dec = decode_pairs(&enc);
+        assert_eq!(dec.len(), 2);
+        assert_eq!(dec[0], (b"x-a".to_vec(), v.to_vec()));
+        assert_eq!(dec[1], (b":path".to_vec(), b"/p".to_vec()));
+    }
+
+    #[test]
+    fn malformed_maps_never_panic() {
+        let enc = encode_pairs(&[("a", b"1"), ("bb", b"22")]);
+        for cut in 0..enc.len() {
+            let _ = decode_pairs(&enc[..cut]);
+        }
+        let mut lie = enc.clone();
+        lie[0] = 0xff;
+        lie[1] = 0xff;
+        let _ = decode_pairs(&lie);
+        let mut big = enc;
+        big[4] = 0xff;
+        big[7] = 0x7f;
+        assert!(decode_pairs(&big).is_empty());
+        for seed in 0u32..2000 {
+            let bytes: Vec<u8> = (0..(seed % 64))
+                .map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i * 97) >> 7) as u8)
+                .collect();
+            let _ = decode_pairs(&bytes);
+        }
+    }
+
+    #[test]
+    fn headers_decode_lossily() {
+        let h = Headers(vec![(b"x-a".to_vec(), b"a\xffb".to_vec())]);
+        assert_eq!(h.text("x-a").unwrap(), "a\u{fffd}b");
+        assert!(h.utf8("x-a").is_err());
+        assert_eq!(h.utf8("x-b"), Ok(None));
+    }
+
+    #[test]
+    fn property_paths() {
+        assert_eq!(encode_path(&["a", "b"]), b"a\0b");
+        assert!(encode_path(&[]).is_empty());
+    }
+}
