@@ -272,6 +272,7 @@ impl hostapi::Host for Wasm {
         let mut id = 0u32;
         let kind = match kind {
             MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
             MetricKind::Histogram => 2,
         };
         // SAFETY: `name` outlives the call; out-pointer to a local.
@@ -282,6 +283,11 @@ impl hostapi::Host for Wasm {
     fn increment_metric(&self, id: u32, by: u64) {
         // SAFETY: no pointers.
         let _ = unsafe { proxy_increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX)) };
+    }
+
+    fn add_metric(&self, id: u32, delta: i64) {
+        // SAFETY: no pointers.
+        let _ = unsafe { proxy_increment_metric(id, delta) };
     }
 
     fn record_metric(&self, id: u32, value: u64) {

@@ -115,6 +115,21 @@ pub struct SidecarSpec {
     /// How long an unknown key is remembered as unknown (shields the sidecar from key spraying).
     #[serde(default = "default_negative_ttl")]
     pub negative_ttl_seconds: u64,
+    /// Sidecar lookups of keys found in no cache, per worker and second (token bucket rate)…
+    #[serde(default = "default_lookup_rate")]
+    pub unknown_key_lookups_per_second: u32,
+    /// …and how many may go out at once (bucket size). Past it: 429 `key_lookup_rate_limited`.
+    #[serde(default = "default_lookup_burst")]
+    pub unknown_key_lookup_burst: u32,
+    /// Consecutive sidecar failures (timeouts, resets, 5xx) that open the circuit breaker…
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// …and for how long it stays open (unknown keys fail fast with 503 meanwhile).
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_seconds: u64,
+    /// Usage records buffered per worker while the sidecar cannot take them, in bytes of JSON.
+    #[serde(default = "default_usage_buffer_bytes")]
+    pub usage_buffer_bytes: usize,
 }
 
 fn default_sidecar_cluster() -> String {
@@ -132,6 +147,21 @@ fn default_stale_seconds() -> u64 {
 fn default_negative_ttl() -> u64 {
     5
 }
+fn default_lookup_rate() -> u32 {
+    20
+}
+fn default_lookup_burst() -> u32 {
+    50
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_cooldown() -> u64 {
+    10
+}
+fn default_usage_buffer_bytes() -> usize {
+    crate::report::DEFAULT_MAX_BUFFERED_BYTES
+}
 
 /// The sidecar settings with the token resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +172,11 @@ pub struct SidecarPlan {
     pub timeout_ms: u64,
     pub stale_ms: u64,
     pub negative_ttl_ms: u64,
+    pub lookups_per_second: u32,
+    pub lookup_burst: u32,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    pub usage_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -626,6 +661,11 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
                 timeout_ms: sc.timeout_ms.max(1),
                 stale_ms: sc.stale_seconds.saturating_mul(1000),
                 negative_ttl_ms: sc.negative_ttl_seconds.saturating_mul(1000),
+                lookups_per_second: sc.unknown_key_lookups_per_second,
+                lookup_burst: sc.unknown_key_lookup_burst,
+                breaker_failures: sc.breaker_failures,
+                breaker_cooldown_ms: sc.breaker_cooldown_seconds.saturating_mul(1000),
+                usage_buffer_bytes: sc.usage_buffer_bytes,
             })
         }
     };

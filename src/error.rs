@@ -34,6 +34,10 @@ pub enum GatewayError {
     ProviderMisconfigured { provider: String, reason: String },
     /// The control plane could not be reached to authenticate an unknown key.
     ControlPlaneUnavailable,
+    /// Too many lookups of keys this gateway instance does not know (key spraying); retry later.
+    KeyLookupRateLimited,
+    /// The provider's destination is refused by the gateway's destination policy (SSRF guard).
+    DestinationForbidden { provider: String, reason: String },
     /// The provider answered with a body the gateway cannot translate (e.g. not the JSON it documents).
     BadUpstreamResponse { reason: String },
     /// Anything else that is our fault.
@@ -55,6 +59,8 @@ impl GatewayError {
             GatewayError::ModelNotAllowed { .. } => 404,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
+            GatewayError::KeyLookupRateLimited => 429,
+            GatewayError::DestinationForbidden { .. } => 403,
             GatewayError::BadUpstreamResponse { .. } => 502,
             GatewayError::Internal { .. } => 500,
         }
@@ -77,6 +83,8 @@ impl GatewayError {
             | GatewayError::BadUpstreamResponse { .. }
             | GatewayError::Internal { .. } => "server_error",
             GatewayError::ControlPlaneUnavailable => "service_unavailable",
+            GatewayError::KeyLookupRateLimited => "rate_limit_error",
+            GatewayError::DestinationForbidden { .. } => "permission_error",
         }
     }
 
@@ -96,6 +104,8 @@ impl GatewayError {
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
+            GatewayError::KeyLookupRateLimited => "key_lookup_rate_limited",
+            GatewayError::DestinationForbidden { .. } => "destination_forbidden",
             GatewayError::BadUpstreamResponse { .. } => "bad_upstream_response",
             GatewayError::Internal { .. } => "internal_error",
         }
@@ -153,6 +163,13 @@ impl GatewayError {
             GatewayError::ControlPlaneUnavailable => {
                 "The gateway control plane is unavailable; try again shortly.".to_string()
             }
+            GatewayError::KeyLookupRateLimited => {
+                "Too many requests with API keys this gateway does not know; try again shortly."
+                    .to_string()
+            }
+            GatewayError::DestinationForbidden { provider, reason } => format!(
+                "Provider '{provider}' points at a destination this gateway does not allow: {reason}"
+            ),
             GatewayError::BadUpstreamResponse { reason } => {
                 format!("The provider returned a response the gateway cannot translate: {reason}")
             }
@@ -168,7 +185,9 @@ impl GatewayError {
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => {
                 h.push(("www-authenticate", "Bearer".to_string()))
             }
-            GatewayError::ControlPlaneUnavailable => h.push(("retry-after", "1".to_string())),
+            GatewayError::ControlPlaneUnavailable | GatewayError::KeyLookupRateLimited => {
+                h.push(("retry-after", "1".to_string()))
+            }
             _ => {}
         }
         h

@@ -12,7 +12,7 @@ use crate::hostapi;
 use crate::hostapi::{Buffer, Headers, Host, Map, MetricKind};
 use crate::metrics;
 use crate::report::{self, Reporter};
-use crate::resolve::{self, IdentityCache, Lookup, Resolved};
+use crate::resolve::{self, Breaker, IdentityCache, Lookup, Refresher, Resolved, TokenBucket};
 use crate::usage::{self, StreamTap, UsageRecord};
 use hashbrown::HashMap;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -28,7 +28,12 @@ const H: Wasm = Wasm;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(GatewayRoot { plan: None, shared: Rc::new(Shared::default()) })
+        Box::new(GatewayRoot {
+            plan: None,
+            shared: Rc::new(Shared::default()),
+            callouts: HashMap::new(),
+            done_at: None,
+        })
     });
 }}
 
@@ -36,14 +41,60 @@ proxy_wasm::main! {{
 const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
 
 /// State one worker VM shares between its root context and its requests.
-#[derive(Default)]
 struct Shared {
     cache: RefCell<IdentityCache>,
+    /// Sidecar lookups of keys in no cache (key spraying guard).
+    lookups: RefCell<TokenBucket>,
+    /// Circuit breaker on the sidecar's resolve endpoint.
+    breaker: RefCell<Breaker>,
+    /// Stale identities the root context refreshes in the background.
+    refresher: RefCell<Refresher>,
     reporter: RefCell<Reporter>,
     metrics: RefCell<Metrics>,
     /// Prefix making record ids unique across VMs and restarts.
     id_prefix: RefCell<String>,
     next_id: RefCell<u64>,
+    /// This VM's part of the records-buffered gauge, as last reported.
+    buffered_reported: RefCell<usize>,
+}
+
+impl Shared {
+    /// Brings this VM's part of `llmgw.usage.records_buffered` up to date (the preStop hook waits for
+    /// the gauge to reach zero before Envoy gets SIGTERM).
+    fn sync_buffered(&self) {
+        let now = self.reporter.borrow().buffered();
+        let before = self.buffered_reported.replace(now);
+        let delta = i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
+        self.metrics
+            .borrow_mut()
+            .gauge_add(metrics::USAGE_BUFFERED, delta);
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            cache: RefCell::default(),
+            lookups: RefCell::new(TokenBucket::new(20, 50)),
+            breaker: RefCell::new(Breaker::new(3, 10_000, 2_000)),
+            refresher: RefCell::new(Refresher::new(REFRESH_QUEUE, 2_000)),
+            reporter: RefCell::default(),
+            metrics: RefCell::default(),
+            id_prefix: RefCell::default(),
+            next_id: RefCell::default(),
+            buffered_reported: RefCell::default(),
+        }
+    }
+}
+
+/// Stale keys waiting for a background refresh, and refreshes sent per tick.
+const REFRESH_QUEUE: usize = 1024;
+const REFRESHES_PER_TICK: usize = 64;
+
+/// What a callout of the root context was for.
+enum RootCallout {
+    Usage,
+    Refresh(String),
 }
 
 /// Metric ids by name, defined on first use.
@@ -75,6 +126,16 @@ impl Metrics {
         }
     }
 
+    /// Adds `delta` to a gauge shared by every VM (each VM adds its own part).
+    fn gauge_add(&mut self, name: &str, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        if let Some(id) = self.id(MetricKind::Gauge, name) {
+            H.add_metric(id, delta);
+        }
+    }
+
     fn record(&mut self, name: &str, value: u64) {
         if let Some(id) = self.id(MetricKind::Histogram, name) {
             H.record_metric(id, value);
@@ -85,6 +146,9 @@ impl Metrics {
 struct GatewayRoot {
     plan: Option<Rc<Plan>>,
     shared: Rc<Shared>,
+    callouts: HashMap<u32, RootCallout>,
+    /// Set when Envoy asked the VM to finish (`on_done`): when it asked.
+    done_at: Option<u64>,
 }
 
 impl GatewayRoot {
@@ -94,47 +158,198 @@ impl GatewayRoot {
             return;
         };
         let mut reporter = self.shared.reporter.borrow_mut();
-        let Some(batch) = reporter.take_batch() else {
+        let Some(body) = reporter.take_batch() else {
             return;
         };
-        let body = usage::batch_body(batch);
-        let sent = call_sidecar(&sidecar, report::USAGE_PATH, &body, 5000);
-        if let Err(e) = sent {
-            log::warn!("llm-gateway: cannot send usage records: {e:?}");
-            reporter.nack();
+        match call_sidecar(&sidecar, report::USAGE_PATH, &body, 5000) {
+            Ok(token) => {
+                self.callouts.insert(token, RootCallout::Usage);
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot send usage records: {e:?}");
+                let dropped = reporter.nack();
+                drop(reporter);
+                self.shared
+                    .metrics
+                    .borrow_mut()
+                    .add(metrics::USAGE_DROPPED, dropped);
+                self.shared.sync_buffered();
+            }
+        }
+    }
+
+    /// Background refreshes of stale identities (one in flight per key), unless the breaker is open.
+    fn refresh_stale(&mut self) {
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let now = now_ms();
+        let due = self
+            .shared
+            .refresher
+            .borrow_mut()
+            .take(REFRESHES_PER_TICK, now);
+        for hash in due {
+            if !self.shared.breaker.borrow_mut().allow(now) {
+                self.shared.refresher.borrow_mut().finished(&hash);
+                continue;
+            }
+            match dispatch_resolve(&sidecar, &hash) {
+                Ok(token) => {
+                    self.callouts.insert(token, RootCallout::Refresh(hash));
+                }
+                Err(e) => {
+                    log::warn!("llm-gateway: cannot refresh a key: {e:?}");
+                    self.shared.breaker.borrow_mut().failure(now);
+                    self.shared.refresher.borrow_mut().finished(&hash);
+                }
+            }
+        }
+    }
+
+    /// A background refresh answered.
+    fn on_refreshed(&mut self, hash: &str, status: Option<u32>, body: &[u8]) {
+        self.shared.refresher.borrow_mut().finished(hash);
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let _ = store_answer(&self.shared, &sidecar, hash, status, body);
+    }
+
+    /// Shutting down: finish once every record is handed over (or the grace period is over).
+    fn maybe_finish(&mut self) {
+        let Some(at) = self.done_at else { return };
+        let reporter = self.shared.reporter.borrow();
+        if !report::may_finish(&reporter, at, now_ms()) {
+            return;
+        }
+        let left = reporter.buffered();
+        drop(reporter);
+        if left > 0 {
+            log::warn!("llm-gateway: shutting down with {left} usage record(s) not delivered");
+            self.shared
+                .metrics
+                .borrow_mut()
+                .add(metrics::USAGE_DROPPED, left as u64);
+        } else {
+            log::info!("llm-gateway: usage records flushed; VM done");
+        }
+        self.done_at = None;
+        self.shared.reporter.replace(Reporter::default());
+        self.shared.sync_buffered();
+        if let Err(e) = proxy_wasm::hostcalls::done() {
+            log::warn!("llm-gateway: cannot signal done: {e:?}");
+        }
+    }
+}
+
+/// Applies a resolve answer to the VM cache, the shared cache and the breaker. Returns the identity
+/// (or the error for the caller) like [`resolve::parse_answer`].
+fn store_answer(
+    shared: &Shared,
+    sidecar: &SidecarPlan,
+    hash: &str,
+    status: Option<u32>,
+    body: &[u8],
+) -> Result<Rc<Identity>, GatewayError> {
+    let now = now_ms();
+    match resolve::parse_answer(status, body) {
+        Ok(Resolved::Known { identity, ttl_ms }) => {
+            shared.breaker.borrow_mut().success();
+            let fresh_until = now.saturating_add(ttl_ms);
+            let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
+            let identity: Rc<Identity> = Rc::from(identity);
+            shared.cache.borrow_mut().store_known(
+                hash,
+                identity.clone(),
+                now,
+                fresh_until,
+                stale_until,
+            );
+            let record = resolve::encode_shared(fresh_until, stale_until, body);
+            if let Err(e) = H.shared_set(&resolve::shared_key(hash), Some(&record)) {
+                log::warn!("llm-gateway: cannot share resolved key: {e:?}");
+            }
+            Ok(identity)
+        }
+        Ok(Resolved::Unknown) => {
+            shared.breaker.borrow_mut().success();
+            shared.cache.borrow_mut().store_unknown(
+                hash,
+                now,
+                now.saturating_add(sidecar.negative_ttl_ms),
+            );
+            // A revoked key must stop working everywhere, not only in this VM. Unknown keys that were
+            // never known write nothing to shared data (spraying must not grow it).
+            let key = resolve::shared_key(hash);
+            if let Ok(Some(bytes)) = H.shared_get(&key) {
+                if !bytes.is_empty() {
+                    let _ = H.shared_set(&key, Some(b""));
+                }
+            }
+            Err(GatewayError::InvalidApiKey)
+        }
+        Err(e) => {
+            shared.breaker.borrow_mut().failure(now);
+            Err(e)
         }
     }
 }
 
 impl Context for GatewayRoot {
+    /// Envoy is done with this VM (shutdown, drain, configuration replaced): hand the queued usage
+    /// records over first. Returning false keeps the VM until `proxy_done` (see `maybe_finish`).
+    fn on_done(&mut self) -> bool {
+        let buffered = self.shared.reporter.borrow().buffered();
+        let has_sidecar = self.plan.as_ref().is_some_and(|p| p.sidecar.is_some());
+        log::info!("llm-gateway: VM done requested ({buffered} usage record(s) buffered)");
+        if !has_sidecar || buffered == 0 {
+            return true;
+        }
+        self.done_at = Some(now_ms());
+        self.flush_usage();
+        false
+    }
+
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         _headers: usize,
-        _body: usize,
+        body: usize,
         _trailers: usize,
     ) {
         let status = call_status();
+        match self.callouts.remove(&token) {
+            Some(RootCallout::Refresh(hash)) => {
+                let body = H
+                    .buffer(Buffer::CallResponseBody, 0, body)
+                    .unwrap_or_default();
+                self.on_refreshed(&hash, status, &body);
+                return;
+            }
+            Some(RootCallout::Usage) => {}
+            None => return,
+        }
         let mut reporter = self.shared.reporter.borrow_mut();
-        let before = (reporter.sent, reporter.dropped);
-        if status == Some(200) {
-            reporter.ack();
+        let (sent, dropped) = if status == Some(200) {
+            (reporter.ack(), 0)
         } else {
             log::warn!(
                 "llm-gateway: sidecar did not take usage records (status {status:?}); will retry"
             );
-            reporter.nack();
-        }
-        let (sent, dropped) = (reporter.sent - before.0, reporter.dropped - before.1);
+            (0, reporter.nack())
+        };
         drop(reporter);
         let mut m = self.shared.metrics.borrow_mut();
         m.add(metrics::USAGE_SENT, sent);
         m.add(metrics::USAGE_DROPPED, dropped);
         drop(m);
+        self.shared.sync_buffered();
         // Drain a backlog without waiting for the next tick.
         if status == Some(200) {
             self.flush_usage();
         }
+        self.maybe_finish();
     }
 }
 
@@ -164,6 +379,23 @@ impl RootContext for GatewayRoot {
                         log::warn!("llm-gateway: cannot start the usage timer: {e:?}");
                     }
                 }
+                if let Some(sc) = &plan.sidecar {
+                    self.shared
+                        .lookups
+                        .replace(TokenBucket::new(sc.lookups_per_second, sc.lookup_burst));
+                    self.shared.breaker.replace(Breaker::new(
+                        sc.breaker_failures,
+                        sc.breaker_cooldown_ms,
+                        sc.timeout_ms,
+                    ));
+                    self.shared
+                        .refresher
+                        .replace(Refresher::new(REFRESH_QUEUE, sc.timeout_ms));
+                    self.shared
+                        .reporter
+                        .borrow_mut()
+                        .set_max_bytes(sc.usage_buffer_bytes);
+                }
                 self.plan = Some(Rc::new(plan));
                 self.shared.cache.replace(IdentityCache::default());
                 let seed = std::collections::hash_map::RandomState::new()
@@ -183,6 +415,8 @@ impl RootContext for GatewayRoot {
 
     fn on_tick(&mut self) {
         self.flush_usage();
+        self.refresh_stale();
+        self.maybe_finish();
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -217,7 +451,6 @@ struct Pending {
     headers_ended: bool,
     provider_header: Option<String>,
     hash: String,
-    stale: Option<Rc<Identity>>,
     /// The complete body, if it arrived while the callout was in flight.
     body: Option<(Vec<u8>, usize)>,
     tags: Option<String>,
@@ -420,7 +653,6 @@ impl GatewayHttp {
             headers_ended: end_of_stream,
             provider_header,
             hash,
-            stale: None,
             body: None,
             tags,
             content_length,
@@ -435,7 +667,7 @@ impl GatewayHttp {
     }
 
     /// Static keys first, then the VM cache, the shared cache, and finally a sidecar callout.
-    fn authenticate(&mut self, mut p: Pending) -> Result<Next, GatewayError> {
+    fn authenticate(&mut self, p: Pending) -> Result<Next, GatewayError> {
         if let Some(identity) = self.plan.identity_for_hash(&p.hash) {
             return Ok(Next::Ready(identity, Box::new(p)));
         }
@@ -447,7 +679,11 @@ impl GatewayHttp {
         match cached {
             Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
             Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
-            Lookup::Stale(identity) => p.stale = Some(identity),
+            // Stale: serve it now; the root context refreshes it in the background.
+            Lookup::Stale(identity) => {
+                self.shared.refresher.borrow_mut().request(&p.hash, now);
+                return Ok(Next::Ready(identity, Box::new(p)));
+            }
             Lookup::Miss => {}
         }
         // Another worker may already have asked the sidecar.
@@ -462,21 +698,26 @@ impl GatewayHttp {
                         fresh_until,
                         stale_until,
                     );
-                    if now < fresh_until {
-                        return Ok(Next::Ready(identity, Box::new(p)));
+                    if now >= fresh_until {
+                        self.shared.refresher.borrow_mut().request(&p.hash, now);
                     }
-                    p.stale = Some(identity);
+                    return Ok(Next::Ready(identity, Box::new(p)));
                 }
             }
+        }
+        // A key in no cache: a sidecar lookup, within the per-VM rate and while the sidecar works.
+        if !self.shared.lookups.borrow_mut().try_take(now) {
+            return Err(GatewayError::KeyLookupRateLimited);
+        }
+        if !self.shared.breaker.borrow_mut().allow(now) {
+            return Err(GatewayError::ControlPlaneUnavailable);
         }
         match dispatch_resolve(&sidecar, &p.hash) {
             Ok(_) => Ok(Next::Waiting(Box::new(p))),
             Err(e) => {
                 log::warn!("llm-gateway: cannot call the sidecar: {e:?}");
-                match p.stale.take() {
-                    Some(identity) => Ok(Next::Ready(identity, Box::new(p))),
-                    None => Err(GatewayError::ControlPlaneUnavailable),
-                }
+                self.shared.breaker.borrow_mut().failure(now);
+                Err(GatewayError::ControlPlaneUnavailable)
             }
         }
     }
@@ -649,51 +890,13 @@ impl GatewayHttp {
     }
 
     fn on_resolved(&mut self, status: Option<u32>, body: &[u8]) -> Result<Action, GatewayError> {
-        let State::Resolving(mut p) = std::mem::replace(&mut self.state, State::PassThrough) else {
+        let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
             return Ok(Action::Continue);
         };
         let Some(sidecar) = self.plan.sidecar.clone() else {
             return Err(GatewayError::InvalidApiKey);
         };
-        let now = now_ms();
-        let identity = match resolve::parse_answer(status, body) {
-            Ok(Resolved::Known { identity, ttl_ms }) => {
-                let fresh_until = now.saturating_add(ttl_ms);
-                let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
-                let identity: Rc<Identity> = Rc::from(identity);
-                self.shared.cache.borrow_mut().store_known(
-                    &p.hash,
-                    identity.clone(),
-                    now,
-                    fresh_until,
-                    stale_until,
-                );
-                let record = resolve::encode_shared(fresh_until, stale_until, body);
-                if let Err(e) = H.shared_set(&resolve::shared_key(&p.hash), Some(&record)) {
-                    log::warn!("llm-gateway: cannot share resolved key: {e:?}");
-                }
-                identity
-            }
-            Ok(Resolved::Unknown) => {
-                self.shared.cache.borrow_mut().store_unknown(
-                    &p.hash,
-                    now,
-                    now.saturating_add(sidecar.negative_ttl_ms),
-                );
-                // A revoked key must stop working everywhere, not only in this VM.
-                let _ = H.shared_set(&resolve::shared_key(&p.hash), None);
-                return Err(GatewayError::InvalidApiKey);
-            }
-            Err(e) => match p.stale.take() {
-                Some(identity) => {
-                    log::warn!(
-                        "llm-gateway: sidecar unavailable, serving a cached key past its TTL"
-                    );
-                    identity
-                }
-                None => return Err(e),
-            },
-        };
+        let identity = store_answer(&self.shared, &sidecar, &p.hash, status, body)?;
         self.proceed(identity, *p)
     }
 }
@@ -1008,17 +1211,14 @@ impl HttpContext for GatewayHttp {
             }
             .map(|t| usage::clip(&t, usage::MAX_STORED_TEXT));
         }
-        let mut reporter = self.shared.reporter.borrow_mut();
-        let dropped_before = reporter.dropped;
-        reporter.push(record);
-        let newly_dropped = reporter.dropped - dropped_before;
-        drop(reporter);
+        let newly_dropped = self.shared.reporter.borrow_mut().push(&record);
         if newly_dropped > 0 {
             self.shared
                 .metrics
                 .borrow_mut()
                 .add(metrics::USAGE_DROPPED, newly_dropped);
         }
+        self.shared.sync_buffered();
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

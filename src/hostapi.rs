@@ -26,6 +26,7 @@ pub enum Buffer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricKind {
     Counter,
+    Gauge,
     Histogram,
 }
 
@@ -68,6 +69,8 @@ pub trait Host {
     fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status>;
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, Status>;
     fn increment_metric(&self, id: u32, by: u64);
+    /// Adds a signed delta (gauges go down too).
+    fn add_metric(&self, id: u32, delta: i64);
     fn record_metric(&self, id: u32, value: u64);
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status>;
     fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status>;
@@ -359,6 +362,11 @@ pub mod fake {
         }
         fn increment_metric(&self, id: u32, by: u64) {
             *self.st().metric_values.entry(id).or_default() += by;
+        }
+        fn add_metric(&self, id: u32, delta: i64) {
+            let mut s = self.st();
+            let v = s.metric_values.entry(id).or_default();
+            *v = v.saturating_add_signed(delta);
         }
         fn record_metric(&self, id: u32, value: u64) {
             self.st().metric_values.insert(id, value);

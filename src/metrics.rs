@@ -83,6 +83,8 @@ pub fn fallbacks(provider: &str) -> String {
 
 pub const USAGE_DROPPED: &str = "llmgw.usage.records_dropped";
 pub const USAGE_SENT: &str = "llmgw.usage.records_sent";
+/// Gauge: usage records waiting in the VMs for the sidecar (the preStop hook waits for zero).
+pub const USAGE_BUFFERED: &str = "llmgw.usage.records_buffered";
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,16 @@
 //! changes take effect within it); past the TTL it is refreshed, and while the sidecar cannot be
 //! reached it is served stale for at most `staleSeconds` more. Unknown keys are remembered for
 //! `negativeTtlSeconds`.
+//!
+//! Hardening (issue 9 items 3 and 5):
+//! - Unknown keys live only in a per-VM [`NegativeCache`] with a fixed capacity and an expiry; nothing
+//!   is written to Envoy's shared data for an unknown key, so spraying random keys cannot grow memory.
+//! - Lookups of keys found in no cache draw from a per-VM [`TokenBucket`]; past it the request gets a
+//!   429 (`key_lookup_rate_limited`) without a callout.
+//! - A [`Breaker`] per VM stops calling a sidecar that keeps failing or timing out: while it is open,
+//!   cached identities (even stale) are served and unknown keys fail fast with 503.
+//! - A stale identity is served at once and refreshed in the background by the root context
+//!   ([`Refresher`]: at most one refresh in flight per key).
 
 use crate::config::Identity;
 use crate::error::GatewayError;
@@ -36,19 +46,21 @@ enum Entry {
         fresh_until: u64,
         stale_until: u64,
     },
-    Unknown {
-        until: u64,
-    },
 }
 
-/// Per-VM cache of resolved identities, keyed by key digest.
+/// Per-VM cache of resolved identities, keyed by key digest. Known keys and unknown keys are kept in
+/// separate maps so that a flood of unknown keys can never evict the identities real callers use.
 #[derive(Debug, Default)]
 pub struct IdentityCache {
     map: HashMap<String, Entry>,
+    unknown: NegativeCache,
 }
 
 impl IdentityCache {
     pub fn lookup(&self, hash: &str, now_ms: u64) -> Lookup {
+        if self.unknown.contains(hash, now_ms) {
+            return Lookup::Unknown;
+        }
         match self.map.get(hash) {
             Some(Entry::Known {
                 identity,
@@ -63,8 +75,7 @@ impl IdentityCache {
                     Lookup::Miss
                 }
             }
-            Some(Entry::Unknown { until }) if now_ms < *until => Lookup::Unknown,
-            _ => Lookup::Miss,
+            None => Lookup::Miss,
         }
     }
 
@@ -77,6 +88,7 @@ impl IdentityCache {
         stale_until: u64,
     ) {
         self.make_room(now_ms);
+        self.unknown.remove(hash);
         self.map.insert(
             hash.to_string(),
             Entry::Known {
@@ -87,13 +99,19 @@ impl IdentityCache {
         );
     }
 
+    /// Remembers an unknown (or revoked) key; a known entry for it is dropped.
     pub fn store_unknown(&mut self, hash: &str, now_ms: u64, until: u64) {
-        self.make_room(now_ms);
-        self.map.insert(hash.to_string(), Entry::Unknown { until });
+        self.map.remove(hash);
+        self.unknown.insert(hash, now_ms, until);
     }
 
+    /// Known identities held (unknown keys are counted by [`IdentityCache::unknown_len`]).
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    pub fn unknown_len(&self) -> usize {
+        self.unknown.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -106,11 +124,233 @@ impl IdentityCache {
         }
         self.map.retain(|_, e| match e {
             Entry::Known { stale_until, .. } => *stale_until > now_ms,
-            Entry::Unknown { until } => *until > now_ms,
         });
         if self.map.len() >= MAX_ENTRIES {
             self.map.clear();
         }
+    }
+}
+
+/// Unknown keys remembered per VM: at most `capacity` entries, each until its expiry. When full,
+/// expired entries are swept; if none expired, the unknown keys are forgotten (a sprayer only
+/// displaces other unknown keys, never a known identity). Memory is bounded by `capacity` × (digest + 8 bytes).
+#[derive(Debug)]
+pub struct NegativeCache {
+    map: HashMap<String, u64>,
+    capacity: usize,
+}
+
+/// Unknown keys remembered per VM.
+pub const NEGATIVE_CAPACITY: usize = 4096;
+
+impl Default for NegativeCache {
+    fn default() -> Self {
+        NegativeCache::new(NEGATIVE_CAPACITY)
+    }
+}
+
+impl NegativeCache {
+    pub fn new(capacity: usize) -> Self {
+        NegativeCache {
+            map: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn contains(&self, hash: &str, now_ms: u64) -> bool {
+        self.map.get(hash).is_some_and(|until| now_ms < *until)
+    }
+
+    pub fn insert(&mut self, hash: &str, now_ms: u64, until: u64) {
+        if self.map.len() >= self.capacity && !self.map.contains_key(hash) {
+            self.map.retain(|_, u| *u > now_ms);
+            if self.map.len() >= self.capacity {
+                // Every remembered key is live: start over (amortised O(1); only sprayed keys go).
+                self.map.clear();
+            }
+        }
+        self.map.insert(hash.to_string(), until);
+    }
+
+    pub fn remove(&mut self, hash: &str) {
+        self.map.remove(hash);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A token bucket (per VM) limiting sidecar lookups of keys that are in no cache.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    capacity: f64,
+    per_ms: f64,
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    /// `burst` lookups at once, refilled at `per_second`.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let capacity = f64::from(burst.max(1));
+        TokenBucket {
+            capacity,
+            per_ms: f64::from(per_second) / 1000.0,
+            tokens: capacity,
+            last_ms: 0,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now_ms: u64) -> bool {
+        if now_ms > self.last_ms {
+            let elapsed = (now_ms - self.last_ms) as f64;
+            self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
+            self.last_ms = now_ms;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Circuit breaker on the sidecar (per VM). Closed: calls go out. After `threshold` consecutive
+/// failures (timeouts, resets, 5xx) it opens for `cooldown_ms`: no calls. Then one probe call is let
+/// through (half-open); its success closes the breaker, its failure opens it again.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    threshold: u32,
+    cooldown_ms: u64,
+    /// A probe that got no answer within this long no longer blocks the next one.
+    probe_timeout_ms: u64,
+    failures: u32,
+    state: BreakerState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BreakerState {
+    Closed,
+    Open { until: u64 },
+    HalfOpen { since: u64 },
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown_ms: u64, probe_timeout_ms: u64) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown_ms,
+            probe_timeout_ms,
+            failures: 0,
+            state: BreakerState::Closed,
+        }
+    }
+
+    /// Whether a call to the sidecar may go out now (a `true` in half-open state is the probe).
+    pub fn allow(&mut self, now_ms: u64) -> bool {
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::Open { until } if now_ms < until => false,
+            BreakerState::Open { .. } => {
+                self.state = BreakerState::HalfOpen { since: now_ms };
+                true
+            }
+            BreakerState::HalfOpen { since } => {
+                if now_ms.saturating_sub(since) >= self.probe_timeout_ms {
+                    self.state = BreakerState::HalfOpen { since: now_ms };
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    pub fn is_open(&self, now_ms: u64) -> bool {
+        match self.state {
+            BreakerState::Closed => false,
+            BreakerState::Open { until } => now_ms < until,
+            BreakerState::HalfOpen { .. } => true,
+        }
+    }
+
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.state = BreakerState::Closed;
+    }
+
+    /// A failed call (timeout, reset, 5xx). A failed probe reopens the breaker at once.
+    pub fn failure(&mut self, now_ms: u64) {
+        self.failures = self.failures.saturating_add(1);
+        let probing = matches!(self.state, BreakerState::HalfOpen { .. });
+        if probing || self.failures >= self.threshold {
+            self.state = BreakerState::Open {
+                until: now_ms.saturating_add(self.cooldown_ms),
+            };
+        }
+    }
+}
+
+/// Background refreshes of stale identities, done by the root context: at most one in flight per key
+/// and at most `capacity` keys waiting.
+#[derive(Debug)]
+pub struct Refresher {
+    waiting: Vec<String>,
+    /// Key digest → when its refresh was sent.
+    in_flight: HashMap<String, u64>,
+    capacity: usize,
+    timeout_ms: u64,
+}
+
+impl Refresher {
+    pub fn new(capacity: usize, timeout_ms: u64) -> Self {
+        Refresher {
+            waiting: Vec::new(),
+            in_flight: HashMap::new(),
+            capacity: capacity.max(1),
+            timeout_ms,
+        }
+    }
+
+    /// Asks for a refresh of `hash`; false if one is already waiting or in flight (or no room).
+    pub fn request(&mut self, hash: &str, now_ms: u64) -> bool {
+        if let Some(sent) = self.in_flight.get(hash) {
+            if now_ms.saturating_sub(*sent) < self.timeout_ms {
+                return false;
+            }
+            self.in_flight.remove(hash);
+        }
+        if self.waiting.iter().any(|h| h == hash) || self.waiting.len() >= self.capacity {
+            return false;
+        }
+        self.waiting.push(hash.to_string());
+        true
+    }
+
+    /// The keys to refresh now (up to `max`), marked in flight.
+    pub fn take(&mut self, max: usize, now_ms: u64) -> Vec<String> {
+        let n = self.waiting.len().min(max);
+        let out: Vec<String> = self.waiting.drain(..n).collect();
+        for h in &out {
+            self.in_flight.insert(h.clone(), now_ms);
+        }
+        out
+    }
+
+    /// The refresh of `hash` finished (answered or failed).
+    pub fn finished(&mut self, hash: &str) {
+        self.in_flight.remove(hash);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 }
 
@@ -251,15 +491,113 @@ mod tests {
     }
 
     #[test]
-    fn cache_is_bounded() {
+    fn unknown_keys_are_bounded_and_never_evict_known_ones() {
+        let identity: Rc<Identity> = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
+            Resolved::Known { identity, .. } => Rc::from(identity),
+            _ => unreachable!(),
+        };
+        let mut c = IdentityCache::default();
+        c.store_known("real", identity.clone(), 0, 1_000_000, 2_000_000);
+        for i in 0..(NEGATIVE_CAPACITY * 5) {
+            c.store_unknown(&format!("k{i}"), i as u64, i as u64 + 5000);
+        }
+        assert_eq!(c.unknown_len(), NEGATIVE_CAPACITY);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.lookup("real", 10), Lookup::Fresh(identity.clone()));
+        // The newest unknown keys are the ones remembered; the oldest were displaced.
+        let last = NEGATIVE_CAPACITY * 5 - 1;
+        assert_eq!(c.lookup(&format!("k{last}"), last as u64), Lookup::Unknown);
+        assert_eq!(c.lookup("k0", last as u64), Lookup::Miss);
+        // Expired entries are swept before anything live is displaced.
+        let mut n = NegativeCache::new(3);
+        n.insert("a", 0, 10);
+        n.insert("b", 0, 100);
+        n.insert("c", 0, 100);
+        n.insert("d", 50, 150);
+        assert!(!n.contains("a", 50) && n.contains("b", 50) && n.contains("d", 50));
+        assert_eq!(n.len(), 3);
+        n.insert("e", 60, 150);
+        assert!(n.contains("e", 60) && n.len() == 1);
+        // A revoked key: known → unknown, and back when the sidecar knows it again.
+        c.store_unknown("real", 20, 30);
+        assert_eq!(c.lookup("real", 21), Lookup::Unknown);
+        c.store_known("real", identity.clone(), 40, 100, 200);
+        assert_eq!(c.lookup("real", 41), Lookup::Fresh(identity));
+    }
+
+    #[test]
+    fn known_entries_are_bounded() {
+        let identity: Rc<Identity> = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
+            Resolved::Known { identity, .. } => Rc::from(identity),
+            _ => unreachable!(),
+        };
         let mut c = IdentityCache::default();
         for i in 0..(MAX_ENTRIES + 10) {
-            c.store_unknown(&format!("k{i}"), 0, 10);
+            c.store_known(&format!("k{i}"), identity.clone(), 0, 5, 10);
         }
         assert!(c.len() <= MAX_ENTRIES);
-        // Once entries have expired, a sweep frees their room without dropping live ones.
-        c.store_unknown("live", 20, 100);
-        assert_eq!(c.lookup("live", 21), Lookup::Unknown);
+        c.store_known("live", identity.clone(), 20, 50, 100);
+        assert_eq!(c.lookup("live", 21), Lookup::Fresh(identity));
+    }
+
+    #[test]
+    fn token_bucket_limits_lookups() {
+        let mut b = TokenBucket::new(10, 5);
+        let taken = (0..20).filter(|_| b.try_take(1000)).count();
+        assert_eq!(taken, 5, "burst");
+        assert!(!b.try_take(1050));
+        assert!(b.try_take(1100), "one token per 100 ms at 10/s");
+        assert!(!b.try_take(1100));
+        // Refill never exceeds the burst.
+        let taken = (0..20).filter(|_| b.try_take(100_000)).count();
+        assert_eq!(taken, 5);
+        let mut zero = TokenBucket::new(0, 1);
+        assert!(zero.try_take(0) && !zero.try_take(1_000_000));
+    }
+
+    #[test]
+    fn breaker_opens_cools_down_and_probes() {
+        let mut b = Breaker::new(3, 1000, 500);
+        assert!(b.allow(0));
+        b.failure(0);
+        b.failure(1);
+        assert!(b.allow(2) && !b.is_open(2));
+        b.failure(2);
+        assert!(b.is_open(3) && !b.allow(3) && !b.allow(1001));
+        // Cool-down over: one probe, the others wait for it.
+        assert!(b.allow(1002));
+        assert!(!b.allow(1003));
+        // The probe failed: open again at once.
+        b.failure(1100);
+        assert!(!b.allow(1200) && !b.allow(2099));
+        assert!(b.allow(2100));
+        // A probe that never answers stops blocking after the probe timeout.
+        assert!(!b.allow(2500) && b.allow(2600));
+        b.success();
+        assert!(b.allow(2601) && b.allow(2602) && !b.is_open(2602));
+        // Success resets the count.
+        b.failure(3000);
+        b.failure(3000);
+        b.success();
+        b.failure(3000);
+        assert!(b.allow(3001));
+    }
+
+    #[test]
+    fn refresher_single_flight() {
+        let mut r = Refresher::new(2, 1000);
+        assert!(r.request("a", 0));
+        assert!(!r.request("a", 0), "already waiting");
+        assert!(r.request("b", 0));
+        assert!(!r.request("c", 0), "no room");
+        assert_eq!(r.take(10, 0), vec!["a".to_string(), "b".to_string()]);
+        assert!(!r.request("a", 500), "in flight");
+        assert_eq!(r.in_flight(), 2);
+        r.finished("a");
+        assert!(r.request("a", 600));
+        // A refresh that never finished stops blocking after the timeout.
+        assert!(r.request("b", 1000));
+        assert_eq!(r.take(1, 1000), vec!["a".to_string()]);
     }
 
     #[test]
