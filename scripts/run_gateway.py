@@ -55,6 +55,8 @@ def main():
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     data_dir = os.environ.get("LLM_GATEWAY_DATA_DIR", os.path.join(run_dir, "sidecar"))
     env = dict(os.environ, LLM_GATEWAY_INTERNAL_TOKEN=internal_token(run_dir))
+    # Local development: models registered on this machine (the demo model, Ollama, vLLM) are allowed.
+    env.setdefault("LLM_GATEWAY_ALLOWED_DESTINATIONS", "127.0.0.1 localhost")
 
     gw = envoy_config.default_gateway_config()
     for p in gw["providers"]:

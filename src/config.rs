@@ -200,6 +200,15 @@ pub struct Settings {
     /// Model to use when the request names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Store request messages and answers with the usage records. The control plane acts on it (absent =
+    /// inherit: key -> cluster context -> organization -> false); routing ignores it. One definition of
+    /// settings for the filter and the sidecar: a new setting is added here once.
+    #[serde(
+        default,
+        alias = "store_prompts",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub store_prompts: Option<bool>,
 }
 
 /// A model entry: either a plain name, or a public name mapped to the name the provider expects.

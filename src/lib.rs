@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod destination;
 pub mod entry;
 pub mod error;
 pub mod fallback;

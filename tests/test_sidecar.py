@@ -40,7 +40,9 @@ class Sidecar:
 
     def start(self):
         env = dict(os.environ, LLM_GATEWAY_ADMIN_KEY=ADMIN, LLM_GATEWAY_INTERNAL_TOKEN=TOKEN,
-                   LLM_GATEWAY_CACHE_TTL=str(TTL))
+                   LLM_GATEWAY_CACHE_TTL=str(TTL),
+                   # The fake providers listen on loopback: the destination policy must allow it explicitly.
+                   LLM_GATEWAY_ALLOWED_DESTINATIONS="127.0.0.1")
         env.pop("DATABASE_URL", None)
         self.log = open(os.path.join(self.dir, "sidecar.log"), "a")
         self.proc = subprocess.Popen([SIDECAR_BIN, "--data-dir", self.dir, "--listen", f"127.0.0.1:{self.port}"],

@@ -169,34 +169,15 @@ pub fn key_prefix(secret: &str) -> String {
 // Rows.
 // ----------------------------------------------------------------------------------------------
 
-/// Settings as stored and served: the filter's routing [`Settings`] plus `storePrompts`, which only
-/// the sidecar acts on (absent = inherit: key -> cluster context -> organization -> false).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StoredSettings {
-    #[serde(
-        default,
-        alias = "providerName",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub provider: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(
-        default,
-        alias = "store_prompts",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub store_prompts: Option<bool>,
-}
+/// Settings as stored and served: the filter's [`Settings`] itself (one definition); `storePrompts` is
+/// only acted on here.
+pub type StoredSettings = Settings;
 
-impl StoredSettings {
-    /// The routing part the filter sees in `Identity`.
-    pub fn routing(&self) -> Settings {
-        Settings {
-            provider: self.provider.clone(),
-            model: self.model.clone(),
-        }
+/// The routing part the filter sees in `Identity` (`storePrompts` travels separately).
+pub fn routing(s: &Settings) -> Settings {
+    Settings {
+        store_prompts: None,
+        ..s.clone()
     }
 }
 

@@ -5,13 +5,15 @@
 //! `POST /internal/v1/resolve` with an [`llm_gateway::config::Identity`] compiled by the filter's own
 //! compiler.
 
-mod api;
+mod caller;
 mod db;
 mod error;
+mod org;
 mod prices;
-mod report;
+mod routes;
 mod specs;
-mod usage;
+mod state;
+mod tx;
 mod util;
 mod vault;
 
@@ -33,7 +35,10 @@ Environment:
   LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start
   LLM_GATEWAY_CACHE_TTL        ttlSeconds returned by /internal/v1/resolve (default 30)
   LLM_GATEWAY_MODEL_SPECS      hosted model catalog (default config/hosted-model-specs.json, else built in)
-  LLM_GATEWAY_MODEL_PRICES     list-price catalog (default config/model-prices.json, else built in)";
+  LLM_GATEWAY_MODEL_PRICES     list-price catalog (default config/model-prices.json, else built in)
+  LLM_GATEWAY_ALLOWED_DESTINATIONS  operator allow-list of provider destinations (loopback, link-local,
+                               private ranges for SaaS providers), e.g. 127.0.0.1:8000,10.0.0.0/8
+                               (see docs/security.md)";
 
 struct Options {
     data_dir: PathBuf,
@@ -100,6 +105,10 @@ async fn run() -> Result<(), String> {
             .map_err(|_| format!("LLM_GATEWAY_CACHE_TTL '{v}' is not a number of seconds"))?,
         None => 30,
     };
+    let destinations = llm_gateway::destination::Policy::parse(
+        &env_nonempty(llm_gateway::destination::ALLOW_ENV).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", llm_gateway::destination::ALLOW_ENV))?;
     let hosted_specs = specs::load()?;
     let pricing = prices::Pricing::new(prices::load()?, &hosted_specs);
     let model_specs = serde_json::to_value(hosted_specs).map_err(|e| e.to_string())?;
@@ -128,7 +137,7 @@ async fn run() -> Result<(), String> {
         }
     }
 
-    let state = Arc::new(api::Inner {
+    let state = Arc::new(state::Inner {
         pool,
         vault,
         internal_token,
@@ -136,6 +145,7 @@ async fn run() -> Result<(), String> {
         write_lock: tokio::sync::Mutex::new(()),
         model_specs,
         pricing,
+        destinations,
     });
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
@@ -146,7 +156,7 @@ async fn run() -> Result<(), String> {
         if is_pg { "postgresql" } else { "sqlite" }
     );
     let _ = std::io::stdout().flush();
-    axum::serve(listener, api::router(state))
+    axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(|e| format!("server: {e}"))

@@ -1161,3 +1161,117 @@ fn hosted_model_specs_catalog() {
         }
     }
 }
+
+/// Issue 9.4 / 9.10: forbidden destinations and registrations the gateway cannot use are refused with 400.
+#[test]
+fn destinations_and_unusable_registrations_are_refused() {
+    // The default harness allow-list is `127.0.0.1`; this server allows one private port for SaaS.
+    let s = Server::start_with(&[(
+        "LLM_GATEWAY_ALLOWED_DESTINATIONS",
+        "127.0.0.1 10.9.0.0/16:8000",
+    )]);
+    let a = &s.admin;
+    let one = |url: &str, hosted: bool| {
+        let body = json!({"providers": [{"name": "p", "supportedProvider": "OPENAI_COMPATIBLE", "url": url,
+            "isHosted": hosted, "models": ["m"]}]});
+        s.post("/v1/llm/providers", a, &body.to_string())
+    };
+    for url in [
+        "http://169.254.169.254/latest",
+        "http://metadata.google.internal/computeMetadata/v1",
+        "http://0.0.0.0:9901",
+        "http://[::1]:9901",
+        "http://localhost:8081/internal",
+        "http://2130706433",
+        "http://0x7f.0.0.1",
+        "http://127.1",
+        "http://[::ffff:127.0.0.1]",
+        "http://169.254.1.1",
+        "http://api.example.com/v1\r\nX-Injected: 1",
+        "http://api.example.com/v 1",
+    ] {
+        let r = one(url, true);
+        assert_error(&r, 400, "forbidden_destination");
+        assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    }
+    // Private ranges: hosted providers yes, SaaS only when allow-listed.
+    assert_error(
+        &one("http://192.168.1.5/v1", false),
+        400,
+        "forbidden_destination",
+    );
+    assert_eq!(one("http://192.168.1.5/v1", true).status, 201);
+    assert_eq!(s.delete("/v1/llm/providers/p", a).status, 204);
+    assert_eq!(one("http://10.9.1.1:8000/v1", false).status, 201);
+    assert_eq!(s.delete("/v1/llm/providers/p", a).status, 204);
+    assert_eq!(one("http://127.0.0.1:9/v1", false).status, 201);
+    // Updates meet the same policy.
+    let r = s.put(
+        "/v1/llm/providers/p",
+        a,
+        r#"{"supportedProvider":"OPENAI_COMPATIBLE","url":"http://169.254.169.254","models":["m"]}"#,
+    );
+    assert_error(&r, 400, "forbidden_destination");
+    // So do a config's api_base overrides.
+    let r = s.post(
+        "/config",
+        a,
+        r#"{"inherits":"default","providers":[{"name":"p","api_base":"http://[fe80::1]/v1"}]}"#,
+    );
+    assert_error(&r, 400, "forbidden_destination");
+
+    // Azure without a key, or with an apiVersion that would break the query string.
+    let azure = |extra: &str| {
+        format!(
+            r#"{{"providers":[{{"name":"az","supportedProvider":"AZURE","url":"https://x.openai.azure.com","models":["gpt-4o"]{extra}}}]}}"#
+        )
+    };
+    assert_error(
+        &s.post("/v1/llm/providers", a, &azure("")),
+        400,
+        "missing_api_key",
+    );
+    assert_error(
+        &s.post(
+            "/v1/llm/providers",
+            a,
+            &azure(r#","apiKey":"k-1234","apiVersion":"2024-02-01\r\nx: y""#),
+        ),
+        400,
+        "invalid_value",
+    );
+    let r = s.post(
+        "/v1/llm/providers",
+        a,
+        r#"{"providers":[{"name":"m","supportedProvider":"OPENAI_COMPATIBLE","url":"https://x.example","models":["gpt 4o\n"]}]}"#,
+    );
+    assert_error(&r, 400, "invalid_value");
+    assert!(r.raw.contains("model names"), "{}", r.raw);
+    assert_eq!(
+        s.post("/v1/llm/providers", a, &azure(r#","apiKey":"k-1234""#))
+            .status,
+        201
+    );
+    // Removing the key of an Azure provider is refused too.
+    let r = s.put(
+        "/v1/llm/providers/az",
+        a,
+        r#"{"supportedProvider":"AZURE","url":"https://x.openai.azure.com","models":["gpt-4o"],"apiKey":""}"#,
+    );
+    assert_error(&r, 400, "missing_api_key");
+
+    // An invalid allow-list refuses to start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .args([
+            "--data-dir",
+            s.dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("LLM_GATEWAY_ALLOWED_DESTINATIONS", "10.0.0.0/99")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LLM_GATEWAY_ALLOWED_DESTINATIONS"));
+}

@@ -325,10 +325,38 @@ fn group_by_filters_and_csv() {
     assert_eq!(lines.len(), 4);
     let groq = lines.iter().find(|l| l.starts_with("groq,")).unwrap();
     assert!(groq.starts_with("groq,6,12000,1200,0,13200,"), "{groq}");
+    // Formula injection (issue 9.7): user-controlled cells never start a spreadsheet formula.
+    let evil = [
+        rec(
+            "ev-1",
+            &org,
+            json!({"tags": {"team": "=cmd|'/C calc'!A0"}, "modelUsed": "@SUM(A1)"}),
+        ),
+        rec(
+            "ev-2",
+            &org,
+            json!({"tags": {"team": "+HYPERLINK(\"http://x\",\"y\")"}}),
+        ),
+        rec("ev-3", &org, json!({"tags": {"team": "-1+2"}})),
+    ];
+    assert_eq!(ingest_ok(&s, &evil), (3, 0));
+    let r = s.get("/v1/llm/usage?group_by=tag:team,model&format=csv", &a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    for line in r.raw.lines().skip(1) {
+        for cell in line.split(',').take(2) {
+            let cell = cell.trim_start_matches('"');
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@', '\t', '\r']),
+                "{line}"
+            );
+        }
+    }
+    assert!(r.raw.contains("'=cmd|'/C calc'!A0,'@SUM(A1),"), "{}", r.raw);
+    assert!(r.raw.contains("'-1+2,"), "{}", r.raw);
     let r = s.get("/v1/llm/usage?format=csv", &a);
     assert_eq!(r.raw.lines().count(), 2);
     assert!(
-        r.raw.lines().nth(1).unwrap().starts_with("14,"),
+        r.raw.lines().nth(1).unwrap().starts_with("17,"),
         "{}",
         r.raw
     );

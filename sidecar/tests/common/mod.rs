@@ -152,9 +152,12 @@ impl Server {
             "LLM_GATEWAY_DATA_DIR",
             "SIDECAR_ADDR",
             "LLM_GATEWAY_MODEL_SPECS",
+            "LLM_GATEWAY_ALLOWED_DESTINATIONS",
         ] {
             cmd.env_remove(v);
         }
+        // The fake providers of the tests listen on loopback: allow it explicitly (a test may override).
+        cmd.env("LLM_GATEWAY_ALLOWED_DESTINATIONS", "127.0.0.1");
         if let Some(u) = &db_url {
             cmd.env("DATABASE_URL", u);
         }

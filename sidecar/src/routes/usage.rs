@@ -1,15 +1,17 @@
 //! Usage records: ingestion from the filter (`POST /internal/v1/usage`), aggregation
 //! (`GET /v1/llm/usage`, JSON or CSV) shared with the savings report.
 
-use crate::api::{check_internal_token, AppState, Caller};
+use crate::caller::{check_internal_token, Caller};
 use crate::db::{self, StoredProvider};
 use crate::error::{ApiError, ApiResult};
 use crate::prices::Tokens;
+use crate::state::AppState;
 use crate::util::{now_ms, parse_json, rfc3339};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sqlx::{AnyConnection, Row};
@@ -833,11 +835,19 @@ fn sums_json(s: &Sums, m: &mut Map<String, Value>) {
     m.insert("fallbacks".into(), json!(s.fallbacks));
 }
 
+/// One CSV cell of user-controlled text (tag values, model and provider names). A cell a spreadsheet
+/// would read as a formula (`= + - @`, tab, CR at the start) gets a leading `'` so that it stays text
+/// (OWASP's CSV injection advice); cells with separators, quotes or line breaks are quoted.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -1037,9 +1047,32 @@ pub async fn prices(State(st): State<AppState>, _caller: Caller) -> Json<Value> 
     Json(serde_json::to_value(&st.pricing.catalog).unwrap_or(Value::Null))
 }
 
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/llm/usage", axum::routing::get(usage))
+        .route("/v1/llm/usage/records", axum::routing::get(records))
+        .route("/v1/llm/prices", axum::routing::get(prices))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        use super::csv_field;
+        assert_eq!(csv_field("search"), "search");
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+        assert_eq!(
+            csv_field("+HYPERLINK(\"http://x\",\"y\")"),
+            "\"'+HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""
+        );
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("-2"), "'-2");
+        assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_field("\rx"), "\"'\rx\"");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
     use super::*;
 
     #[test]

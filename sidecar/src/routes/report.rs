@@ -5,15 +5,17 @@
 //! short-lived signed link from `POST /v1/llm/report/link` (`?token=`) for browsers. API keys are never
 //! accepted in the URL: URLs end up in browser history, proxy logs and `Referer` headers.
 
-use crate::api::{presented_key, AppState, Caller};
+use super::usage::{self, aggregate, query_pairs, usd, Dim, Filter, Group, Sums};
+use crate::caller::{presented_key, Caller};
 use crate::db;
 use crate::error::{ApiError, ApiResult};
-use crate::usage::{self, aggregate, query_pairs, usd, Dim, Filter, Group, Sums};
+use crate::state::AppState;
 use crate::util::{now_ms, parse_json, rfc3339};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::Router;
 use llm_gateway::config::hash_key;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -782,6 +784,12 @@ async fn build(st: &AppState, headers: &HeaderMap, uri: &Uri) -> ApiResult<Strin
         range_links,
     };
     Ok(render(&page))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/llm/report", axum::routing::get(report))
+        .route("/v1/llm/report/link", axum::routing::post(create_link))
 }
 
 #[cfg(test)]

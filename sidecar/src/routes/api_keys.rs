@@ -1,0 +1,196 @@
+//! `/v1/llm/api-keys`: gateway API keys (stored as SHA-256 digests) and their settings.
+
+use crate::caller::Caller;
+use crate::db::{self, StoredKey, StoredSettings};
+use crate::error::{ApiError, ApiResult};
+use crate::org::check_settings;
+use crate::state::AppState;
+use crate::tx::OrgWrite;
+use crate::util::{new_api_key, new_id, now_ms, rfc3339, JsonBody};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use llm_gateway::config::{hash_key, DEFAULT_CONFIG_ID};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyIn {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, alias = "configId")]
+    config_id: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default, alias = "clusterId")]
+    cluster_id: Option<String>,
+    #[serde(default)]
+    settings: Option<StoredSettings>,
+}
+
+fn key_out(k: &StoredKey) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "config_id": k.config_id,
+        "scope": if k.cluster_id.is_some() { "cluster" } else { "organization" },
+        "cluster_id": k.cluster_id,
+        "settings": k.settings,
+        "key_prefix": k.prefix,
+        "created_at": rfc3339(k.created_at),
+        "revoked": k.revoked_at.is_some(),
+        "revoked_at": k.revoked_at.map(rfc3339),
+    })
+}
+
+async fn create_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    JsonBody(input): JsonBody<KeyIn>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require_org()?;
+    let config_id = input.config_id.clone().filter(|c| !c.trim().is_empty()).ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_field",
+            "config_id is required: every API key is bound to a config (\"default\" for the organization's default)",
+        )
+        .with_param("config_id")
+    })?;
+    let cluster_id = input.cluster_id.clone().filter(|c| !c.trim().is_empty());
+    let scope = input.scope.as_deref().map(str::to_ascii_lowercase);
+    let cluster_id = match (scope.as_deref(), cluster_id) {
+        (None | Some("organization") | Some("org"), None) => None,
+        (None | Some("cluster"), Some(c)) => Some(c),
+        (Some("cluster"), None) => {
+            return Err(ApiError::bad_request(
+                "missing_field",
+                "a cluster-scoped key needs cluster_id",
+            )
+            .with_param("cluster_id"))
+        }
+        (Some("organization") | Some("org"), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                "cluster_id is only allowed with scope \"cluster\"",
+            )
+            .with_param("cluster_id"))
+        }
+        (Some(other), _) => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("unknown scope '{other}': use \"organization\" or \"cluster\""),
+            )
+            .with_param("scope"))
+        }
+    };
+    let settings = input.settings.clone().unwrap_or_default();
+    let org = caller.org_id.as_str();
+    let mut w = OrgWrite::begin(&st, org).await?;
+    if config_id != DEFAULT_CONFIG_ID && !w.configs.iter().any(|c| c.id == config_id) {
+        return Err(ApiError::bad_request(
+            "unknown_config",
+            format!("config '{config_id}' does not exist"),
+        )
+        .with_param("config_id"));
+    }
+    check_settings(&settings, &w.providers, cluster_id.as_deref())?;
+    let secret = new_api_key();
+    let key = StoredKey {
+        id: new_id("key"),
+        org_id: org.to_string(),
+        sha256: hash_key(&secret),
+        name: input.name.clone().filter(|n| !n.trim().is_empty()),
+        config_id,
+        cluster_id,
+        settings,
+        prefix: db::key_prefix(&secret),
+        created_at: now_ms(),
+        revoked_at: None,
+    };
+    db::insert_key(&mut w.tx, &key).await?;
+    w.commit().await?;
+    let mut out = key_out(&key);
+    if let Value::Object(m) = &mut out {
+        m.insert("key".into(), Value::String(secret));
+    }
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn list_keys(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_org()?;
+    let mut conn = st.pool.acquire().await?;
+    let keys = db::keys(&mut conn, &caller.org_id).await?;
+    Ok(Json(
+        json!({ "api_keys": keys.iter().map(key_out).collect::<Vec<_>>() }),
+    ))
+}
+
+async fn find_key(st: &AppState, caller: &Caller, id: &str) -> ApiResult<StoredKey> {
+    let mut conn = st.pool.acquire().await?;
+    db::key_by_id(&mut conn, &caller.org_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("API key '{id}' not found")))
+}
+
+async fn get_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_org()?;
+    Ok(Json(key_out(&find_key(&st, &caller, &id).await?)))
+}
+
+async fn revoke_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_org()?;
+    find_key(&st, &caller, &id).await?;
+    if id == caller.key_id {
+        return Err(ApiError::conflict(
+            "own_key",
+            "a key cannot revoke itself; revoke it with another organization-scoped key",
+        ));
+    }
+    let mut conn = st.pool.acquire().await?;
+    db::revoke_key(&mut conn, &caller.org_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_key_settings(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<StoredSettings>> {
+    caller.require_org()?;
+    Ok(Json(find_key(&st, &caller, &id).await?.settings))
+}
+
+async fn put_key_settings(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(settings): JsonBody<StoredSettings>,
+) -> ApiResult<Json<StoredSettings>> {
+    caller.require_org()?;
+    let key = find_key(&st, &caller, &id).await?;
+    let mut conn = st.pool.acquire().await?;
+    let providers = db::providers(&mut conn, &caller.org_id).await?;
+    check_settings(&settings, &providers, key.cluster_id.as_deref())?;
+    db::set_key_settings(&mut conn, &caller.org_id, &id, &settings).await?;
+    Ok(Json(settings))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/llm/api-keys", post(create_key).get(list_keys))
+        .route("/v1/llm/api-keys/{id}", get(get_key).delete(revoke_key))
+        .route(
+            "/v1/llm/api-keys/{id}/settings",
+            get(get_key_settings).put(put_key_settings),
+        )
+}

@@ -1,0 +1,55 @@
+//! `/v1/llm/settings`: organization settings, or the cluster context for cluster-scoped keys.
+
+use crate::caller::Caller;
+use crate::db::{self, StoredSettings};
+use crate::error::ApiResult;
+use crate::org::check_settings;
+use crate::state::AppState;
+use crate::util::JsonBody;
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+
+/// Organization settings always show `storePrompts` (default false); a cluster context only when set
+/// (absent: inherited from the organization).
+fn settings_out(s: StoredSettings, org_level: bool) -> StoredSettings {
+    if org_level {
+        StoredSettings {
+            store_prompts: Some(s.store_prompts.unwrap_or(false)),
+            ..s
+        }
+    } else {
+        s
+    }
+}
+
+async fn get_settings(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<StoredSettings>> {
+    let mut conn = st.pool.acquire().await?;
+    let s = match &caller.cluster_id {
+        Some(c) => db::cluster_settings(&mut conn, &caller.org_id, c).await?,
+        None => db::org_settings(&mut conn, &caller.org_id).await?,
+    };
+    Ok(Json(settings_out(s, caller.cluster_id.is_none())))
+}
+
+async fn put_settings(
+    State(st): State<AppState>,
+    caller: Caller,
+    JsonBody(settings): JsonBody<StoredSettings>,
+) -> ApiResult<Json<StoredSettings>> {
+    let mut conn = st.pool.acquire().await?;
+    let providers = db::providers(&mut conn, &caller.org_id).await?;
+    check_settings(&settings, &providers, caller.cluster_id.as_deref())?;
+    match &caller.cluster_id {
+        Some(c) => db::set_cluster_settings(&mut conn, &caller.org_id, c, &settings).await?,
+        None => db::set_org_settings(&mut conn, &caller.org_id, &settings).await?,
+    }
+    Ok(Json(settings_out(settings, caller.cluster_id.is_none())))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/llm/settings", get(get_settings).put(put_settings))
+}
