@@ -62,7 +62,12 @@ def main():
     for p in gw["providers"]:
         if p["name"] == "demo-local":
             p["url"] = f"http://127.0.0.1:{demo_port}/v1"
-    cfg = envoy_config.render(port, admin, gw, sidecar_port=sidecar_port)
+    # The filter configuration is delivered by ECDS from a watched file: replace
+    # .run/ecds/llm_gateway.yaml by rename and the running Envoy applies it (docs/operations.md).
+    ecds_dir = os.path.join(run_dir, "ecds")
+    os.makedirs(ecds_dir, exist_ok=True)
+    cfg, filt = envoy_config.render_ecds(port, admin, ecds_dir, gw, sidecar_port=sidecar_port)
+    ecds_path = envoy_config.write_ecds(filt, os.path.join(ecds_dir, envoy_config.ECDS_FILE))
     cfg_path = envoy_config.write(cfg, os.path.join(run_dir, "envoy.yaml"))
 
     procs = []
@@ -90,7 +95,8 @@ def main():
     wait_ready(f"http://127.0.0.1:{admin}/ready", time.time() + 60, procs)
     print(f"""
 LLM gateway ready on http://127.0.0.1:{port}  (Envoy admin: http://127.0.0.1:{admin},
-control plane: http://127.0.0.1:{sidecar_port}, data in {data_dir})
+control plane: http://127.0.0.1:{sidecar_port}, data in {data_dir};
+filter configuration: {ecds_path}, applied live when replaced by rename)
 Try it:
 
   curl -s http://127.0.0.1:{port}/openai/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \\
