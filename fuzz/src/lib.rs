@@ -5,7 +5,8 @@
 //! The only failure a target can report is a panic (or an abort: out-of-memory, stack overflow).
 
 use llm_gateway::{
-    auth, body, config, entry, fallback, gateway, metrics, pbstruct, resolve, sse, translate, usage,
+    auth, body, config, destination, entry, fallback, gateway, hostapi, metrics, pbstruct, resolve,
+    sse, translate, usage,
 };
 
 /// Splits `data` into a chunking seed (first byte) and the payload, and cuts the payload into
@@ -216,6 +217,63 @@ pub fn headers(data: &[u8]) {
     let _ = metrics::label(&path);
 }
 
+/// The SSRF destination policy: an operator allow-list and a provider URL (both operator- or
+/// tenant-written). A refused URL must stay refused whatever the allow-list says, for the classes the
+/// policy never allows.
+pub fn destination(data: &[u8]) {
+    let f = fields(data, 3);
+    let get = |i: usize| f.get(i).copied().unwrap_or_default();
+    let spec = lossy(get(0));
+    let url = lossy(get(1));
+    let hosted = get(2).first().is_some_and(|b| b & 1 == 1);
+    let _ = destination::parse_url(&url);
+    let _ = destination::parse_host(&url);
+    let default = destination::Policy::default();
+    let by_default = default.check_url(&url, hosted);
+    if let Ok(policy) = destination::Policy::parse(&spec) {
+        let listed = policy.check_url(&url, hosted);
+        // An allow-list only ever widens the default policy.
+        if by_default.is_ok() {
+            assert!(
+                listed.is_ok(),
+                "allow-list '{spec}' refused '{url}' the default allows"
+            );
+        }
+    }
+}
+
+/// The proxy-wasm header-map serialization the host hands over (count, sizes, NUL-terminated names and
+/// values), and lookups on it: any bytes decode to some pairs, never a panic.
+pub fn header_pairs(data: &[u8]) {
+    let pairs = hostapi::decode_pairs(data);
+    let names: Option<Vec<String>> = pairs
+        .iter()
+        .map(|(k, _)| String::from_utf8(k.clone()).ok())
+        .collect();
+    if let Some(names) = names {
+        let map: Vec<(&str, &[u8])> = names
+            .iter()
+            .zip(&pairs)
+            .map(|(k, (_, v))| (k.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(hostapi::decode_pairs(&hostapi::encode_pairs(&map)), pairs);
+    }
+    let h = hostapi::Headers(pairs);
+    for name in [
+        ":path",
+        ":method",
+        "x-api-key",
+        "authorization",
+        usage::TAGS_HEADER,
+    ] {
+        let _ = h.text(name);
+        let _ = h.utf8(name);
+    }
+    if let Some(tags) = h.text(usage::TAGS_HEADER) {
+        let _ = usage::parse_tags(Some(&tags));
+    }
+}
+
 /// A fuzz target: bytes in, a panic on failure.
 pub type Target = fn(&[u8]);
 
@@ -230,4 +288,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("pbstruct", pbstruct),
     ("headers", headers),
+    ("destination", destination),
+    ("header_pairs", header_pairs),
 ];
