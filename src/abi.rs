@@ -99,6 +99,7 @@ extern "C" {
     ) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_done() -> u32;
 }
 
 fn status(s: u32) -> Result<(), Status> {
@@ -285,7 +286,7 @@ impl hostapi::Host for Wasm {
         let _ = unsafe { proxy_increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX)) };
     }
 
-    fn add_metric(&self, id: u32, delta: i64) {
+    fn add_gauge(&self, id: u32, delta: i64) {
         // SAFETY: no pointers.
         let _ = unsafe { proxy_increment_metric(id, delta) };
     }
@@ -327,6 +328,11 @@ impl hostapi::Host for Wasm {
     fn set_tick_ms(&self, ms: u32) -> Result<(), Status> {
         // SAFETY: no pointers.
         status(unsafe { proxy_set_tick_period_milliseconds(ms) })
+    }
+
+    fn done(&self) -> Result<(), Status> {
+        // SAFETY: no pointers.
+        status(unsafe { proxy_done() })
     }
 
     fn log(&self, level: hostapi::Level, msg: &str) {

@@ -8,8 +8,7 @@ use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::fallback;
 use crate::gateway::{self, Routed};
-use crate::hostapi;
-use crate::hostapi::{Buffer, Headers, Host, Map, MetricKind};
+use crate::hostapi::{self, Buffer, Headers, Host, Map, MetricKind};
 use crate::metrics;
 use crate::report::{self, Reporter};
 use crate::resolve::{self, Breaker, IdentityCache, Lookup, Refresher, Resolved, TokenBucket};
@@ -132,7 +131,7 @@ impl Metrics {
             return;
         }
         if let Some(id) = self.id(MetricKind::Gauge, name) {
-            H.add_metric(id, delta);
+            H.add_gauge(id, delta);
         }
     }
 
@@ -237,7 +236,7 @@ impl GatewayRoot {
         self.done_at = None;
         self.shared.reporter.replace(Reporter::default());
         self.shared.sync_buffered();
-        if let Err(e) = proxy_wasm::hostcalls::done() {
+        if let Err(e) = H.done() {
             log::warn!("llm-gateway: cannot signal done: {e:?}");
         }
     }
@@ -508,6 +507,8 @@ struct Exchange {
     status: u32,
     tap: Option<StreamTap>,
     json: Vec<u8>,
+    /// The non-streamed body passed `MAX_JSON_COPY`: it was not copied for usage.
+    json_overflow: bool,
     /// Native provider stream being translated to OpenAI chunks.
     translator: Option<Box<dyn crate::translate::StreamTranslator>>,
     /// Native non-streamed (or error) response: held whole, then translated.
@@ -529,6 +530,7 @@ impl Exchange {
             status: 0,
             tap: None,
             json: Vec::new(),
+            json_overflow: false,
             translator: None,
             translate_whole: false,
             translated_usage: None,
@@ -552,14 +554,6 @@ fn set_map_header(map: Map, name: &str, value: Option<&str>) {
 
 fn now_ms() -> u64 {
     H.now_ms()
-}
-
-/// The `:status` of a callout's answer.
-fn call_status() -> Option<u32> {
-    H.header(Map::CallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| hostapi::text(&s).trim().parse::<u32>().ok())
 }
 
 /// What to do with the request after authentication.
@@ -935,6 +929,14 @@ fn record_health(org: &str, provider: &str, ok: bool) {
     }
 }
 
+/// `:status` of a callout's answer (`None`: no answer — timeout, reset, no healthy sidecar).
+fn call_status() -> Option<u32> {
+    H.header(Map::CallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| hostapi::text(&s).trim().parse::<u32>().ok())
+}
+
 fn read_body(size: usize) -> Result<Vec<u8>, GatewayError> {
     H.buffer(Buffer::RequestBody, 0, size)
         .map_err(|e| GatewayError::Internal {
@@ -1059,10 +1061,14 @@ impl HttpContext for GatewayHttp {
                     }
                 }
             }
-            None if ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
+            None if !ex.json_overflow && ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
                 ex.json.extend_from_slice(&chunk)
             }
-            None => {}
+            None => {
+                // Past the bound: stop copying and free the copy; the usage is estimated.
+                ex.json_overflow = true;
+                ex.json = Vec::new();
+            }
         }
         Action::Continue
     }
@@ -1095,6 +1101,9 @@ impl HttpContext for GatewayHttp {
             .translator
             .as_ref()
             .map(|t| (t.usage().map(gateway::from_translated), !t.failed()));
+        let overflowed = ex.json_overflow
+            || ex.tap.as_ref().is_some_and(StreamTap::truncated)
+            || ex.translator.as_ref().is_some_and(|t| t.truncated());
         let (facts, done) = match &ex.tap {
             Some(t) => (
                 usage::ResponseFacts {
@@ -1198,7 +1207,8 @@ impl HttpContext for GatewayHttp {
             ttft_ms: ttft,
             stream: r.stream,
             fallback: ex.fallback,
-            truncated: r.stream && ok && !done,
+            // The stream ended early, or part of the response passed a buffer bound unread.
+            truncated: (r.stream && ok && !done) || overflowed,
             tags: std::mem::take(&mut self.tags),
             prompt: None,
             completion: None,

@@ -69,13 +69,15 @@ pub trait Host {
     fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status>;
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, Status>;
     fn increment_metric(&self, id: u32, by: u64);
-    /// Adds a signed delta (gauges go down too).
-    fn add_metric(&self, id: u32, delta: i64);
+    /// Adds `delta` (possibly negative) to a gauge.
+    fn add_gauge(&self, id: u32, delta: i64);
     fn record_metric(&self, id: u32, value: u64);
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status>;
     fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status>;
     fn now_ms(&self) -> u64;
     fn set_tick_ms(&self, ms: u32) -> Result<(), Status>;
+    /// The VM finished what it had to do after `on_done` returned false.
+    fn done(&self) -> Result<(), Status>;
     fn log(&self, level: Level, msg: &str);
 }
 
@@ -363,7 +365,7 @@ pub mod fake {
         fn increment_metric(&self, id: u32, by: u64) {
             *self.st().metric_values.entry(id).or_default() += by;
         }
-        fn add_metric(&self, id: u32, delta: i64) {
+        fn add_gauge(&self, id: u32, delta: i64) {
             let mut s = self.st();
             let v = s.metric_values.entry(id).or_default();
             *v = v.saturating_add_signed(delta);
@@ -384,6 +386,9 @@ pub mod fake {
             self.0.borrow().now_ms
         }
         fn set_tick_ms(&self, _ms: u32) -> Result<(), Status> {
+            self.fail()
+        }
+        fn done(&self) -> Result<(), Status> {
             self.fail()
         }
         fn log(&self, level: Level, msg: &str) {

@@ -8,20 +8,60 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Incremental parser. Holds only the unfinished tail of the stream.
-#[derive(Debug, Default)]
+/// The most bytes one event may hold (its unfinished line plus its data lines). A larger event is
+/// skipped (never buffered): its bytes still reach the client untouched, the parser only stops
+/// reading it and reports [`SseParser::overflowed`]. Real chat events are a few hundred bytes.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Incremental parser. Holds only the unfinished tail of the stream, at most `max_event` bytes.
+#[derive(Debug)]
 pub struct SseParser {
     line: Vec<u8>,
     event: Option<String>,
     data: Vec<String>,
+    /// Bytes held for the current event.
+    held: usize,
     has_data: bool,
     /// The previous chunk ended in `\r`: a leading `\n` in the next chunk belongs to it.
     pending_cr: bool,
+    max_event: usize,
+    /// The current event passed the bound: skip it up to its blank line.
+    skipping: bool,
+    /// While skipping: the current line is not empty.
+    skipped_line: bool,
+    /// Events skipped because they passed the bound.
+    pub skipped: u64,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::with_limit(MAX_EVENT_BYTES)
+    }
 }
 
 impl SseParser {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_limit(max_event: usize) -> Self {
+        SseParser {
+            line: Vec::new(),
+            event: None,
+            data: Vec::new(),
+            held: 0,
+            has_data: false,
+            pending_cr: false,
+            max_event,
+            skipping: false,
+            skipped_line: false,
+            skipped: 0,
+        }
+    }
+
+    /// Some event was larger than the bound and was not parsed.
+    pub fn overflowed(&self) -> bool {
+        self.skipped > 0
     }
 
     /// Feeds bytes; returns the events completed by them.
@@ -40,7 +80,14 @@ impl SseParser {
                     self.pending_cr = true;
                     self.end_line(&mut out);
                 }
-                _ => self.line.push(b),
+                _ if self.skipping => self.skipped_line = true,
+                _ => {
+                    self.line.push(b);
+                    self.held += 1;
+                    if self.held > self.max_event {
+                        self.skip();
+                    }
+                }
             }
         }
         out
@@ -56,7 +103,26 @@ impl SseParser {
         out
     }
 
+    /// Drops what is held of the current event and ignores the rest of it.
+    fn skip(&mut self) {
+        self.skipping = true;
+        self.skipped_line = true;
+        self.skipped += 1;
+        self.line = Vec::new();
+        self.data = Vec::new();
+        self.event = None;
+        self.has_data = false;
+        self.held = 0;
+    }
+
     fn end_line(&mut self, out: &mut Vec<SseEvent>) {
+        if self.skipping {
+            // Only a blank line ends the skipped event.
+            if !std::mem::take(&mut self.skipped_line) {
+                self.skipping = false;
+            }
+            return;
+        }
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
             self.dispatch(out);
@@ -90,6 +156,7 @@ impl SseParser {
         }
         self.data.clear();
         self.has_data = false;
+        self.held = 0;
     }
 }
 
@@ -141,6 +208,37 @@ mod tests {
                 assert_eq!(v, expected, "split at {i},{j}");
             }
         }
+    }
+
+    #[test]
+    fn an_event_past_the_bound_is_skipped_not_buffered() {
+        let mut p = SseParser::with_limit(64);
+        let mut input = b"data: small\n\ndata: ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 10_000));
+        input.extend_from_slice(b"\ndata: more\n\ndata: after\n\n");
+        let mut v = Vec::new();
+        for c in input.chunks(7) {
+            v.extend(p.push(c));
+            assert!(p.line.len() <= 64 && p.held <= 64);
+        }
+        v.extend(p.finish());
+        let data: Vec<_> = v.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["small", "after"]);
+        assert!(p.overflowed());
+        assert_eq!(p.skipped, 1);
+    }
+
+    #[test]
+    fn many_data_lines_count_toward_the_bound() {
+        let mut p = SseParser::with_limit(100);
+        let mut input = Vec::new();
+        for _ in 0..100 {
+            input.extend_from_slice(b"data: 0123456789\n");
+        }
+        input.extend_from_slice(b"\ndata: ok\n\n");
+        let v = p.push(&input);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].data, "ok");
     }
 
     #[test]

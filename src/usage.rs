@@ -135,6 +135,8 @@ pub struct StreamTap {
     /// With `capture`: the streamed text, for prompt storage.
     pub capture: bool,
     pub text: String,
+    /// Stripping was given up because an event passed the bound (see [`StreamTap::truncated`]).
+    overflowed: bool,
 }
 
 impl StreamTap {
@@ -152,6 +154,18 @@ impl StreamTap {
                 self.observe(&ev.data);
             }
             return None;
+        }
+        if self.pending.len().saturating_add(chunk.len()) > crate::sse::MAX_EVENT_BYTES {
+            // An event larger than the bound: stop holding bytes back. What is pending and the rest
+            // of the stream pass through untouched; the parser skips the oversized event itself.
+            self.strip = false;
+            self.overflowed = true;
+            let mut out = std::mem::take(&mut self.pending);
+            out.extend_from_slice(chunk);
+            for ev in self.parser.push(&out) {
+                self.observe(&ev.data);
+            }
+            return Some(out);
         }
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::with_capacity(self.pending.len());
@@ -174,6 +188,12 @@ impl StreamTap {
             return None;
         }
         Some(out)
+    }
+
+    /// Part of the stream could not be read (an event larger than the bound was passed through
+    /// unread): the usage record is marked truncated, and estimated when no usage was seen.
+    pub fn truncated(&self) -> bool {
+        self.overflowed || self.parser.overflowed()
     }
 
     /// End of stream: whatever is still pending goes out as it is.
@@ -438,6 +458,33 @@ mod tests {
         }
         s.push_str("data: [DONE]\n\n");
         s.into_bytes()
+    }
+
+    #[test]
+    fn a_huge_event_passes_through_and_marks_the_tap_truncated() {
+        for strip in [false, true] {
+            let mut input = b"data: {\"choices\":[{\"delta\":{\"content\":\"".to_vec();
+            input.extend(std::iter::repeat_n(b'a', 3 * crate::sse::MAX_EVENT_BYTES));
+            input.extend_from_slice(b"\"}}]}\n\n");
+            input.extend_from_slice(&stream(true));
+            let mut tap = StreamTap::new(strip);
+            let mut out = Vec::new();
+            for c in input.chunks(64 * 1024) {
+                match tap.push(c) {
+                    Some(b) => out.extend(b),
+                    None => out.extend_from_slice(c),
+                }
+                assert!(tap.pending.len() <= crate::sse::MAX_EVENT_BYTES);
+            }
+            if let Some(rest) = tap.finish() {
+                out.extend(rest);
+            }
+            // Past the bound nothing is stripped any more: the client gets every byte.
+            assert_eq!(out, input, "strip={strip}");
+            assert!(tap.truncated());
+            assert_eq!(tap.usage.map(|u| u.prompt_tokens), Some(11));
+            assert!(tap.done);
+        }
     }
 
     fn run(tap: &mut StreamTap, input: &[u8], cuts: &[usize]) -> Vec<u8> {

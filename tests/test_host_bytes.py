@@ -140,8 +140,17 @@ def test_provider_response_header_bytes(gw):
     no_panic(envoy)
 
 
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0
+
+
 def test_huge_sse_line_passes_through_and_the_vm_survives(gw):
     envoy, _ = gw
+    before = rss_mb(envoy.proc.pid)
     t0 = time.time()
     s, _, b = request("POST", envoy.url + CHAT, dict(BODY, model="huge", stream=True),
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
@@ -151,5 +160,9 @@ def test_huge_sse_line_passes_through_and_the_vm_survives(gw):
     assert b.count(b"a" * 1000) >= HUGE_LINE // 1000 - 1
     assert b"[DONE]" in b
     assert time.time() - t0 < 60
+    # The filter keeps at most one bounded event: Envoy's memory does not grow with the line.
+    grown = rss_mb(envoy.proc.pid) - before
+    print(f"envoy RSS grew {grown:.1f} MB for a {HUGE_LINE >> 20} MB SSE line")
+    assert grown < HUGE_LINE / (1 << 20), grown
     all_workers_answer(envoy)
     no_panic(envoy)

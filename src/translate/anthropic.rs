@@ -630,6 +630,10 @@ impl StreamTranslator for AnthropicStream {
         self.usage
     }
 
+    fn truncated(&self) -> bool {
+        self.parser.overflowed()
+    }
+
     fn failed(&self) -> bool {
         self.failed
     }

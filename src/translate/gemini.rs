@@ -814,6 +814,10 @@ impl StreamTranslator for GeminiStream {
         self.usage
     }
 
+    fn truncated(&self) -> bool {
+        self.parser.overflowed()
+    }
+
     fn failed(&self) -> bool {
         self.failed
     }

@@ -82,6 +82,10 @@ pub trait StreamTranslator {
     /// The provider reported an error inside the stream (or the stream ended early); the output
     /// then carries an OpenAI-style `data: {"error":{..}}` event.
     fn failed(&self) -> bool;
+    /// An event larger than [`crate::sse::MAX_EVENT_BYTES`] was skipped (not translated).
+    fn truncated(&self) -> bool {
+        false
+    }
 }
 
 /// Seconds since the Unix epoch (WASI clock in the filter); 0 if the clock is unavailable.
