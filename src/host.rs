@@ -929,6 +929,15 @@ fn record_health(org: &str, provider: &str, ok: bool) {
     }
 }
 
+/// Filter state for Envoy's access log (`%FILTER_STATE(wasm.llm_gateway.provider:PLAIN)%`, ...).
+fn set_filter_state(summary: &crate::access_log::Summary) {
+    for (key, value) in crate::access_log::filter_state(summary) {
+        if let Err(e) = hostcalls::set_property(vec![key], Some(value.as_bytes())) {
+            log::debug!("llm-gateway: cannot set filter state {key}: {e:?}");
+        }
+    }
+}
+
 /// `:status` of a callout's answer (`None`: no answer — timeout, reset, no healthy sidecar).
 fn call_status() -> Option<u32> {
     H.header(Map::CallResponseHeaders, ":status")
@@ -1153,6 +1162,25 @@ impl HttpContext for GatewayHttp {
         } else {
             None
         };
+        let model_used = facts
+            .model
+            .clone()
+            .unwrap_or_else(|| r.upstream_model.clone());
+        let cost = self
+            .plan
+            .price(&id, &provider, &r.upstream_model, &r.model)
+            .map(|p| p.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens));
+        set_filter_state(&crate::access_log::Summary {
+            provider: &provider,
+            model: &model_used,
+            model_requested: &r.model,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cost_nano_usd: cost,
+            fallback: ex.fallback,
+            key_id: &id.key_id,
+            config_id: &id.config_id,
+        });
         {
             let mut m = self.shared.metrics.borrow_mut();
             m.add(&metrics::requests(&provider, &r.model, status), 1);
@@ -1168,10 +1196,7 @@ impl HttpContext for GatewayHttp {
                 u.completion_tokens,
             );
             m.record(&metrics::duration(&provider, &r.model), latency);
-            let upstream = &r.upstream_model;
-            if let Some(price) = self.plan.price(&id, &provider, upstream, &r.model) {
-                let cost =
-                    price.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
+            if let Some(cost) = cost {
                 m.add(&metrics::cost(&provider, &r.model), cost);
             }
             if let Some(t) = ttft {
@@ -1197,7 +1222,7 @@ impl HttpContext for GatewayHttp {
             provider_type,
             provider_key_last4: key_last4,
             model_requested: r.model.clone(),
-            model_used: facts.model.unwrap_or_else(|| r.upstream_model.clone()),
+            model_used,
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             cached_tokens: u.cached_tokens,

@@ -5,6 +5,7 @@
 //! [`gateway`] (the composition). [`config`] compiles the configuration once into a read-only plan.
 //! Only `host` talks to Envoy; everything else is plain Rust tested on the host.
 
+pub mod access_log;
 pub mod auth;
 pub mod body;
 pub mod config;
