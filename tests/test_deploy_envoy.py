@@ -238,3 +238,21 @@ def test_every_shipped_envoy_yaml_validates(tmp_path):
     bad.write_text(yaml.safe_dump(doc))
     code, out = validate(str(bad), env=TOKEN_ENV)
     assert code != 0 and "stream_idle_timout" in out
+
+
+def test_prestop_drain_script():
+    """deploy/docker/llm-gateway-drain (the gateway's preStop hook) against a real Envoy: health
+    checks fail, listeners drain gracefully (readiness 503), and it returns after DRAIN_SECONDS."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+    with Envoy({"providers": []}, env=TOKEN_ENV) as envoy:
+        admin = f"http://127.0.0.1:{envoy.admin_port}"
+        t0 = time.time()
+        p = subprocess.run([os.path.join(ROOT, "deploy", "docker", "llm-gateway-drain")], timeout=30,
+                           env=dict(os.environ, ENVOY_ADMIN=admin, DRAIN_SECONDS="1"), capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert time.time() - t0 >= 1
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(admin + "/ready", timeout=5)
+        assert e.value.code == 503
