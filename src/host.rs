@@ -932,7 +932,7 @@ fn record_health(org: &str, provider: &str, ok: bool) {
 /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.llm_gateway.provider:PLAIN)%`, ...).
 fn set_filter_state(summary: &crate::access_log::Summary) {
     for (key, value) in crate::access_log::filter_state(summary) {
-        if let Err(e) = hostcalls::set_property(vec![key], Some(value.as_bytes())) {
+        if let Err(e) = H.set_property(&[key], value.as_bytes()) {
             log::debug!("llm-gateway: cannot set filter state {key}: {e:?}");
         }
     }
