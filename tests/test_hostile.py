@@ -322,6 +322,7 @@ def test_huge_sse_line_passes_through_with_memory_bounded(fresh_gw, include_usag
     assert tail.rstrip().endswith(b"data: [DONE]"), tail[-200:]
     assert time.time() - t0 < 45
     grown_mb = (process_rss_kb(envoy.proc.pid) - before) / 1024
+    print(f"RSS growth {grown_mb:.1f} MB")
     # A filter that keeps the line grows by a multiple of it (the line, the pending event, the copy).
     assert grown_mb < HUGE_LINE / MiB, f"Envoy grew by {grown_mb:.0f} MB for one {HUGE_LINE // MiB} MB line"
 
@@ -334,6 +335,7 @@ def test_huge_sse_line_in_a_translated_stream(fresh_gw):
     assert s == 200
     assert tail.rstrip().endswith(b"data: [DONE]"), tail[-300:]
     grown_mb = (process_rss_kb(envoy.proc.pid) - before) / 1024
+    print(f"RSS growth {grown_mb:.1f} MB")
     assert grown_mb < HUGE_LINE / 2 / MiB, f"Envoy grew by {grown_mb:.0f} MB"
 
 
@@ -347,6 +349,7 @@ def test_huge_json_response(fresh_gw):
     else:
         assert_openai_error(s, hd, b)
     grown_mb = (process_rss_kb(envoy.proc.pid) - before) / 1024
+    print(f"RSS growth {grown_mb:.1f} MB")
     assert grown_mb < 3 * 24, f"Envoy grew by {grown_mb:.0f} MB for one 24 MB body"
 
 
