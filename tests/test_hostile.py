@@ -188,7 +188,7 @@ def assert_no_vm_failure(envoy):
 def healthy(request):
     """After every test: the gateway still serves on every worker, and nothing panicked."""
     # Requested here, at setup, so that they are torn down after this check.
-    gateways = [request.getfixturevalue(n) for n in ("gw", "fresh_gw", "sprayed", "policy_gw")
+    gateways = [request.getfixturevalue(n) for n in ("gw", "fresh_gw", "timeout_gw", "sprayed", "policy_gw")
                 if n in request.fixturenames]
     yield
     for g in gateways:
@@ -362,6 +362,42 @@ def test_upstream_refused_is_openai_shaped(gw):
     s, hd, b = chat(envoy, {"model": "refused-m", "messages": [{"role": "user", "content": "x"}]})
     assert_openai_error(s, hd, b)
     assert s in (502, 503)
+
+
+def short_route_timeouts(cfg):
+    """Every route action gets a 1 s idle timeout (the shipped 120 s is too long for a test)."""
+    def walk(node):
+        if isinstance(node, dict):
+            if "cluster" in node or "cluster_header" in node or "weighted_clusters" in node:
+                if "idle_timeout" in node or "timeout" in node:
+                    node["idle_timeout"] = "1s"
+                    node["timeout"] = "2s"
+                if isinstance(node.get("retry_policy"), dict):
+                    node["retry_policy"]["per_try_idle_timeout"] = "1s"
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(cfg)
+    return cfg
+
+
+@pytest.fixture
+def timeout_gw(upstreams):
+    cfg = gateway_config(*upstreams)
+    g = Gateway(lambda: Envoy(cfg, patch=short_route_timeouts).start(), upstreams[0])
+    yield g
+    g.stop()
+
+
+def test_upstream_timeout_is_openai_shaped(timeout_gw):
+    envoy, _ = timeout_gw
+    t0 = time.time()
+    s, hd, b = chat(envoy, body("hang"), timeout=20)
+    assert time.time() - t0 < 7, "the route timeout did not apply"
+    err = assert_openai_error(s, hd, b)
+    assert s == 504, (s, err)
 
 
 def test_malformed_http_is_openai_shaped(gw):
