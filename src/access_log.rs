@@ -41,7 +41,9 @@ pub fn filter_state(s: &Summary) -> Vec<(&'static str, String)> {
         (COMPLETION_TOKENS, s.completion_tokens.to_string()),
         (
             TOTAL_TOKENS,
-            s.prompt_tokens.saturating_add(s.completion_tokens).to_string(),
+            s.prompt_tokens
+                .saturating_add(s.completion_tokens)
+                .to_string(),
         ),
         (FALLBACK, s.fallback.to_string()),
         (KEY_ID, clip(s.key_id)),
