@@ -12,6 +12,7 @@ pub mod config;
 pub mod destination;
 pub mod entry;
 pub mod error;
+pub mod exchange;
 pub mod fallback;
 pub mod gateway;
 pub mod hostapi;

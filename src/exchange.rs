@@ -1,0 +1,1730 @@
+//! One request's exchange with the gateway, and the worker VM's root: every decision the filter makes
+//! between Envoy's callbacks. Plain Rust over the [`Host`] trait (no proxy-wasm types), so the whole
+//! lifecycle — auth, resolve callout, selection, shaping, fallback plan, response tap/translation,
+//! usage record and metrics — runs in `cargo test` against [`hostapi::fake::Fake`]. `host.rs` only
+//! forwards Envoy's callbacks here and maps [`Flow`] to proxy-wasm actions.
+
+use crate::auth;
+use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
+use crate::entry::{self, Endpoint};
+use crate::error::GatewayError;
+use crate::fallback;
+use crate::gateway::{self, Routed};
+use crate::hostapi::{self, Buffer, Headers, Host, Map, MetricKind};
+use crate::metrics;
+use crate::report::{self, Reporter};
+use crate::resolve::{self, Breaker, IdentityCache, Lookup, Refresher, Resolved, TokenBucket};
+use crate::usage::{self, StreamTap, UsageRecord};
+use hashbrown::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+
+thread_local! {
+    /// The host of this VM (a wasm VM is single-threaded; each test thread installs its own double).
+    static HOST: Cell<Option<&'static dyn Host>> = const { Cell::new(None) };
+}
+
+/// Installs the host every call of this VM (or test thread) goes through.
+pub fn install(host: &'static dyn Host) {
+    HOST.with(|h| h.set(Some(host)));
+}
+
+/// A host that does nothing, until one is installed.
+struct NoHost;
+
+/// Status answered by [`NoHost`].
+const NO_HOST: hostapi::Status = 2;
+
+impl Host for NoHost {
+    fn headers(&self, _: Map) -> Result<hostapi::Pairs, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn header(&self, _: Map, _: &str) -> Result<Option<Vec<u8>>, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn set_header(&self, _: Map, _: &str, _: &[u8]) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn remove_header(&self, _: Map, _: &str) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn buffer(&self, _: Buffer, _: usize, _: usize) -> Result<Vec<u8>, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn set_buffer(&self, _: Buffer, _: usize, _: usize, _: &[u8]) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn send_response(&self, _: u32, _: &[(&str, &[u8])], _: &[u8]) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn call(&self, _: &str, _: &[(&str, &str)], _: &[u8], _: u64) -> Result<u32, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn resume_request(&self) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn shared_get(&self, _: &str) -> Result<Option<Vec<u8>>, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn shared_set(&self, _: &str, _: Option<&[u8]>) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn define_metric(&self, _: MetricKind, _: &str) -> Result<u32, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn increment_metric(&self, _: u32, _: u64) {}
+    fn add_gauge(&self, _: u32, _: i64) {}
+    fn record_metric(&self, _: u32, _: u64) {}
+    fn property(&self, _: &[&str]) -> Result<Option<Vec<u8>>, hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn set_property(&self, _: &[&str], _: &[u8]) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn now_ms(&self) -> u64 {
+        0
+    }
+    fn set_tick_ms(&self, _: u32) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn done(&self) -> Result<(), hostapi::Status> {
+        Err(NO_HOST)
+    }
+    fn log(&self, _: hostapi::Level, _: &str) {}
+}
+
+fn host() -> &'static dyn Host {
+    HOST.with(Cell::get).unwrap_or(&NoHost)
+}
+
+/// What Envoy should do with the request or response after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Pause,
+}
+
+/// Largest non-streamed response body copied for usage extraction (the response itself is never held).
+const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
+
+/// State one worker VM shares between its root context and its requests.
+struct Shared {
+    cache: RefCell<IdentityCache>,
+    /// Sidecar lookups of keys in no cache (key spraying guard).
+    lookups: RefCell<TokenBucket>,
+    /// Circuit breaker on the sidecar's resolve endpoint.
+    breaker: RefCell<Breaker>,
+    /// Stale identities the root context refreshes in the background.
+    refresher: RefCell<Refresher>,
+    reporter: RefCell<Reporter>,
+    metrics: RefCell<Metrics>,
+    /// Prefix making record ids unique across VMs and restarts.
+    id_prefix: RefCell<String>,
+    next_id: RefCell<u64>,
+    /// This VM's part of the records-buffered gauge, as last reported.
+    buffered_reported: RefCell<usize>,
+}
+
+impl Shared {
+    /// Brings this VM's part of `llmgw.usage.records_buffered` up to date (the preStop hook waits for
+    /// the gauge to reach zero before Envoy gets SIGTERM).
+    fn sync_buffered(&self) {
+        let now = self.reporter.borrow().buffered();
+        let before = self.buffered_reported.replace(now);
+        let delta = i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
+        self.metrics
+            .borrow_mut()
+            .gauge_add(metrics::USAGE_BUFFERED, delta);
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            cache: RefCell::default(),
+            lookups: RefCell::new(TokenBucket::new(20, 50)),
+            breaker: RefCell::new(Breaker::new(3, 10_000, 2_000)),
+            refresher: RefCell::new(Refresher::new(REFRESH_QUEUE, 2_000)),
+            reporter: RefCell::default(),
+            metrics: RefCell::default(),
+            id_prefix: RefCell::default(),
+            next_id: RefCell::default(),
+            buffered_reported: RefCell::default(),
+        }
+    }
+}
+
+/// Stale keys waiting for a background refresh, and refreshes sent per tick.
+const REFRESH_QUEUE: usize = 1024;
+const REFRESHES_PER_TICK: usize = 64;
+
+/// What a callout of the root context was for.
+enum RootCallout {
+    Usage,
+    Refresh(String),
+}
+
+/// Metric ids by name, defined on first use.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<String, u32>,
+}
+
+impl Metrics {
+    fn id(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        match host().define_metric(kind, name) {
+            Ok(id) => {
+                self.ids.insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot define metric {name}: {e:?}");
+                None
+            }
+        }
+    }
+
+    fn add(&mut self, name: &str, n: u64) {
+        if let Some(id) = self.id(MetricKind::Counter, name) {
+            host().increment_metric(id, n);
+        }
+    }
+
+    /// Adds `delta` to a gauge shared by every VM (each VM adds its own part).
+    fn gauge_add(&mut self, name: &str, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        if let Some(id) = self.id(MetricKind::Gauge, name) {
+            host().add_gauge(id, delta);
+        }
+    }
+
+    fn record(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricKind::Histogram, name) {
+            host().record_metric(id, value);
+        }
+    }
+}
+
+pub struct GatewayRoot {
+    plan: Option<Rc<Plan>>,
+    shared: Rc<Shared>,
+    callouts: HashMap<u32, RootCallout>,
+    /// Set when Envoy asked the VM to finish (`on_done`): when it asked.
+    done_at: Option<u64>,
+}
+
+impl Default for GatewayRoot {
+    fn default() -> Self {
+        GatewayRoot {
+            plan: None,
+            shared: Rc::new(Shared::default()),
+            callouts: HashMap::new(),
+            done_at: None,
+        }
+    }
+}
+
+impl GatewayRoot {
+    /// Sends the next batch of usage records to the sidecar, if there is one and none is in flight.
+    fn flush_usage(&mut self) {
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let mut reporter = self.shared.reporter.borrow_mut();
+        let Some(body) = reporter.take_batch() else {
+            return;
+        };
+        match call_sidecar(&sidecar, report::USAGE_PATH, &body, 5000) {
+            Ok(token) => {
+                self.callouts.insert(token, RootCallout::Usage);
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot send usage records: {e:?}");
+                let dropped = reporter.nack();
+                drop(reporter);
+                self.shared
+                    .metrics
+                    .borrow_mut()
+                    .add(metrics::USAGE_DROPPED, dropped);
+                self.shared.sync_buffered();
+            }
+        }
+    }
+
+    /// Background refreshes of stale identities (one in flight per key), unless the breaker is open.
+    fn refresh_stale(&mut self) {
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let now = now_ms();
+        let due = self
+            .shared
+            .refresher
+            .borrow_mut()
+            .take(REFRESHES_PER_TICK, now);
+        for hash in due {
+            if !self.shared.breaker.borrow_mut().allow(now) {
+                self.shared.refresher.borrow_mut().finished(&hash);
+                continue;
+            }
+            match dispatch_resolve(&sidecar, &hash) {
+                Ok(token) => {
+                    self.callouts.insert(token, RootCallout::Refresh(hash));
+                }
+                Err(e) => {
+                    log::warn!("llm-gateway: cannot refresh a key: {e:?}");
+                    self.shared.breaker.borrow_mut().failure(now);
+                    self.shared.refresher.borrow_mut().finished(&hash);
+                }
+            }
+        }
+    }
+
+    /// A background refresh answered.
+    fn on_refreshed(&mut self, hash: &str, status: Option<u32>, body: &[u8]) {
+        self.shared.refresher.borrow_mut().finished(hash);
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let _ = store_answer(&self.shared, &sidecar, hash, status, body);
+    }
+
+    /// Shutting down: finish once every record is handed over (or the grace period is over).
+    fn maybe_finish(&mut self) {
+        let Some(at) = self.done_at else { return };
+        let reporter = self.shared.reporter.borrow();
+        if !report::may_finish(&reporter, at, now_ms()) {
+            return;
+        }
+        let left = reporter.buffered();
+        drop(reporter);
+        if left > 0 {
+            log::warn!("llm-gateway: shutting down with {left} usage record(s) not delivered");
+            self.shared
+                .metrics
+                .borrow_mut()
+                .add(metrics::USAGE_DROPPED, left as u64);
+        } else {
+            log::info!("llm-gateway: usage records flushed; VM done");
+        }
+        self.done_at = None;
+        self.shared.reporter.replace(Reporter::default());
+        self.shared.sync_buffered();
+        if let Err(e) = host().done() {
+            log::warn!("llm-gateway: cannot signal done: {e:?}");
+        }
+    }
+}
+
+/// Applies a resolve answer to the VM cache, the shared cache and the breaker. Returns the identity
+/// (or the error for the caller) like [`resolve::parse_answer`].
+fn store_answer(
+    shared: &Shared,
+    sidecar: &SidecarPlan,
+    hash: &str,
+    status: Option<u32>,
+    body: &[u8],
+) -> Result<Rc<Identity>, GatewayError> {
+    let now = now_ms();
+    match resolve::parse_answer(status, body) {
+        Ok(Resolved::Known { identity, ttl_ms }) => {
+            shared.breaker.borrow_mut().success();
+            let fresh_until = now.saturating_add(ttl_ms);
+            let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
+            let identity: Rc<Identity> = Rc::from(identity);
+            shared.cache.borrow_mut().store_known(
+                hash,
+                identity.clone(),
+                now,
+                fresh_until,
+                stale_until,
+            );
+            let record = resolve::encode_shared(fresh_until, stale_until, body);
+            if let Err(e) = host().shared_set(&resolve::shared_key(hash), Some(&record)) {
+                log::warn!("llm-gateway: cannot share resolved key: {e:?}");
+            }
+            Ok(identity)
+        }
+        Ok(Resolved::Unknown) => {
+            shared.breaker.borrow_mut().success();
+            shared.cache.borrow_mut().store_unknown(
+                hash,
+                now,
+                now.saturating_add(sidecar.negative_ttl_ms),
+            );
+            // A revoked key must stop working everywhere, not only in this VM. Unknown keys that were
+            // never known write nothing to shared data (spraying must not grow it).
+            let key = resolve::shared_key(hash);
+            if let Ok(Some(bytes)) = host().shared_get(&key) {
+                if !bytes.is_empty() {
+                    let _ = host().shared_set(&key, Some(b""));
+                }
+            }
+            Err(GatewayError::InvalidApiKey)
+        }
+        Err(e) => {
+            shared.breaker.borrow_mut().failure(now);
+            Err(e)
+        }
+    }
+}
+
+impl GatewayRoot {
+    /// Envoy is done with this VM (shutdown, drain, configuration replaced): hand the queued usage
+    /// records over first. Returning false keeps the VM until `proxy_done` (see `maybe_finish`).
+    pub fn on_done(&mut self) -> bool {
+        let buffered = self.shared.reporter.borrow().buffered();
+        let has_sidecar = self.plan.as_ref().is_some_and(|p| p.sidecar.is_some());
+        log::info!("llm-gateway: VM done requested ({buffered} usage record(s) buffered)");
+        if !has_sidecar || buffered == 0 {
+            return true;
+        }
+        self.done_at = Some(now_ms());
+        self.flush_usage();
+        false
+    }
+
+    pub fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body: usize,
+        _trailers: usize,
+    ) {
+        let status = call_status();
+        match self.callouts.remove(&token) {
+            Some(RootCallout::Refresh(hash)) => {
+                let body = host()
+                    .buffer(Buffer::CallResponseBody, 0, body)
+                    .unwrap_or_default();
+                self.on_refreshed(&hash, status, &body);
+                return;
+            }
+            Some(RootCallout::Usage) => {}
+            None => return,
+        }
+        let mut reporter = self.shared.reporter.borrow_mut();
+        let (sent, dropped) = if status == Some(200) {
+            (reporter.ack(), 0)
+        } else {
+            log::warn!(
+                "llm-gateway: sidecar did not take usage records (status {status:?}); will retry"
+            );
+            (0, reporter.nack())
+        };
+        drop(reporter);
+        let mut m = self.shared.metrics.borrow_mut();
+        m.add(metrics::USAGE_SENT, sent);
+        m.add(metrics::USAGE_DROPPED, dropped);
+        drop(m);
+        self.shared.sync_buffered();
+        // Drain a backlog without waiting for the next tick.
+        if status == Some(200) {
+            self.flush_usage();
+        }
+        self.maybe_finish();
+    }
+}
+
+impl GatewayRoot {
+    pub fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match host().buffer(Buffer::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("llm-gateway: cannot read plugin configuration: {e:?}");
+                return false;
+            }
+        };
+        let plan = config::parse(&bytes).and_then(|raw| config::compile(&raw, &ProcessEnv));
+        match plan {
+            Ok(plan) => {
+                log::info!(
+                    "llm-gateway: configured with {} static key(s), sidecar {}",
+                    plan.keys.len(),
+                    if plan.sidecar.is_some() {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
+                if plan.sidecar.is_some() {
+                    if let Err(e) = host().set_tick_ms(1000) {
+                        log::warn!("llm-gateway: cannot start the usage timer: {e:?}");
+                    }
+                }
+                if let Some(sc) = &plan.sidecar {
+                    self.shared
+                        .lookups
+                        .replace(TokenBucket::new(sc.lookups_per_second, sc.lookup_burst));
+                    self.shared.breaker.replace(Breaker::new(
+                        sc.breaker_failures,
+                        sc.breaker_cooldown_ms,
+                        sc.timeout_ms,
+                    ));
+                    self.shared
+                        .refresher
+                        .replace(Refresher::new(REFRESH_QUEUE, sc.timeout_ms));
+                    self.shared
+                        .reporter
+                        .borrow_mut()
+                        .set_max_bytes(sc.usage_buffer_bytes);
+                }
+                self.plan = Some(Rc::new(plan));
+                self.shared.cache.replace(IdentityCache::default());
+                let seed = std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish();
+                self.shared
+                    .id_prefix
+                    .replace(format!("{:x}-{seed:016x}", now_ms()));
+                true
+            }
+            Err(e) => {
+                log::error!("llm-gateway: refusing to start: {e}");
+                false
+            }
+        }
+    }
+
+    pub fn on_tick(&mut self) {
+        self.flush_usage();
+        self.refresh_stale();
+        self.maybe_finish();
+    }
+
+    pub fn create_http_context(&self) -> Option<GatewayHttp> {
+        let plan = self.plan.clone()?;
+        Some(GatewayHttp {
+            plan,
+            shared: self.shared.clone(),
+            state: State::PassThrough,
+            tags: BTreeMap::new(),
+            exchange: None,
+        })
+    }
+}
+
+/// A header that must be text (a provider name, tags): present but not UTF-8 is a clear 400.
+fn utf8_header(headers: &Headers, name: &str) -> Result<Option<String>, GatewayError> {
+    headers
+        .utf8(name)
+        .map(|v| v.map(str::to_string))
+        .map_err(|_| GatewayError::InvalidHeader {
+            name: name.to_string(),
+        })
+}
+
+/// A request whose key is being resolved by the sidecar.
+struct Pending {
+    endpoint: Endpoint,
+    headers_ended: bool,
+    provider_header: Option<String>,
+    hash: String,
+    /// The complete body, if it arrived while the callout was in flight.
+    body: Option<(Vec<u8>, usize)>,
+    tags: Option<String>,
+    content_length: Option<usize>,
+}
+
+enum State {
+    /// Not a gateway request, or already answered locally.
+    PassThrough,
+    /// Waiting for the sidecar to resolve the key.
+    Resolving(Box<Pending>),
+    /// Authenticated chat request waiting for its body.
+    AwaitingBody {
+        identity: Rc<Identity>,
+        provider_header: Option<String>,
+    },
+    /// Attempt role: the attempt to shape, waiting for the replayed body.
+    AwaitingAttempt(Box<AttemptSlot>),
+    /// Sent upstream.
+    Routed(Box<Routed>),
+}
+
+/// Attempt role: which attempt of which plan this request is.
+struct AttemptSlot {
+    attempt: fallback::Attempt,
+    index: usize,
+    last: bool,
+    org: String,
+}
+
+pub struct GatewayHttp {
+    plan: Rc<Plan>,
+    shared: Rc<Shared>,
+    state: State,
+    tags: BTreeMap<String, String>,
+    /// What is known about the upstream exchange of a routed request, for its usage record.
+    exchange: Option<Box<Exchange>>,
+}
+
+/// A routed request's upstream exchange, observed as the response passes.
+struct Exchange {
+    /// The request's messages, when the key stores prompts.
+    prompt: Option<String>,
+    /// Main role: the caller. Attempt role: none (the main filter accounts for the request).
+    identity: Option<Rc<Identity>>,
+    /// Main role, fallback chain: name, type and key suffix of each provider that may serve.
+    chain: Vec<(String, &'static str, Option<String>)>,
+    /// Main role, fallback chain: the provider that answered and whether it was a fallback.
+    served_by: Option<String>,
+    fallback: bool,
+    /// Attempt role: the attempt this request is.
+    attempt: Option<Box<AttemptSlot>>,
+    start_ms: u64,
+    first_byte_ms: Option<u64>,
+    status: u32,
+    tap: Option<StreamTap>,
+    json: Vec<u8>,
+    /// The non-streamed body passed `MAX_JSON_COPY`: it was not copied for usage.
+    json_overflow: bool,
+    /// Native provider stream being translated to OpenAI chunks.
+    translator: Option<Box<dyn crate::translate::StreamTranslator>>,
+    /// Native non-streamed (or error) response: held whole, then translated.
+    translate_whole: bool,
+    translated_usage: Option<usage::Usage>,
+}
+
+impl Exchange {
+    fn new(identity: Option<Rc<Identity>>, attempt: Option<Box<AttemptSlot>>) -> Self {
+        Exchange {
+            prompt: None,
+            identity,
+            chain: Vec::new(),
+            served_by: None,
+            fallback: false,
+            attempt,
+            start_ms: now_ms(),
+            first_byte_ms: None,
+            status: 0,
+            tap: None,
+            json: Vec::new(),
+            json_overflow: false,
+            translator: None,
+            translate_whole: false,
+            translated_usage: None,
+        }
+    }
+}
+
+fn set_header(name: &str, value: Option<&str>) {
+    set_map_header(Map::RequestHeaders, name, value);
+}
+
+fn set_map_header(map: Map, name: &str, value: Option<&str>) {
+    let r = match value {
+        Some(v) => host().set_header(map, name, v.as_bytes()),
+        None => host().remove_header(map, name),
+    };
+    if let Err(e) = r {
+        log::warn!("llm-gateway: cannot set header {name}: {e:?}");
+    }
+}
+
+fn now_ms() -> u64 {
+    host().now_ms()
+}
+
+/// What to do with the request after authentication.
+enum Next {
+    Ready(Rc<Identity>, Box<Pending>),
+    /// A callout was dispatched; the request waits for `on_http_call_response`.
+    Waiting(Box<Pending>),
+}
+
+impl GatewayHttp {
+    fn reject(&mut self, err: &GatewayError) -> Flow {
+        self.state = State::PassThrough;
+        let headers = err.headers();
+        let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        let body = err.body();
+        if let Err(e) = host().send_response(err.status(), &pairs, body.as_bytes()) {
+            log::error!("llm-gateway: cannot send local reply: {e:?}");
+        }
+        Flow::Pause
+    }
+
+    fn reply_json(&mut self, body: &str) -> Flow {
+        self.state = State::PassThrough;
+        let headers: [(&str, &[u8]); 1] = [("content-type", b"application/json")];
+        if let Err(e) = host().send_response(200, &headers, body.as_bytes()) {
+            log::error!("llm-gateway: cannot send local reply: {e:?}");
+        }
+        Flow::Pause
+    }
+
+    fn handle_headers(&mut self, end_of_stream: bool) -> Result<Flow, GatewayError> {
+        // One host call for all request headers; removals only for headers that are present.
+        // Read as bytes: a header byte >= 0x80 is decoded lossily (or refused), never a panic.
+        let headers = Headers(host().headers(Map::RequestHeaders).unwrap_or_default());
+        let get = |name: &str| headers.text(name);
+        if let Some(slot) = self.plan.attempt_slot {
+            let plan = get(fallback::ATTEMPTS_HEADER).map(|v| fallback::decode(&v));
+            set_header(fallback::ATTEMPTS_HEADER, None);
+            set_header(gateway::CLUSTER_HEADER, None);
+            let plan = plan.ok_or(GatewayError::Internal {
+                reason: "no attempt plan".into(),
+            })??;
+            let last = slot + 1 >= plan.attempts.len();
+            let attempt = plan
+                .attempts
+                .get(slot)
+                .cloned()
+                .ok_or(GatewayError::Internal {
+                    reason: format!("no attempt {slot} in the plan"),
+                })?;
+            if end_of_stream {
+                return Err(GatewayError::InvalidBody {
+                    reason: "the body is empty".into(),
+                });
+            }
+            let org = plan.org;
+            self.state = State::AwaitingAttempt(Box::new(AttemptSlot {
+                attempt,
+                index: slot,
+                last,
+                org,
+            }));
+            return Ok(Flow::Pause);
+        }
+        // Callers must never choose the upstream cluster themselves (nor smuggle an attempt plan).
+        if get(gateway::CLUSTER_HEADER).is_some() {
+            set_header(gateway::CLUSTER_HEADER, None);
+        }
+        if get(fallback::ATTEMPTS_HEADER).is_some() {
+            set_header(fallback::ATTEMPTS_HEADER, None);
+        }
+        let endpoint = match entry::classify(
+            get(":method").as_deref().unwrap_or_default(),
+            get(":path").as_deref().unwrap_or_default(),
+        ) {
+            None => return Ok(Flow::Continue),
+            Some(r) => r?,
+        };
+        let key = auth::extract_key(get("x-api-key").as_deref(), get("authorization").as_deref());
+        let provider_header = utf8_header(&headers, "x-provider-name")?;
+        let tags = utf8_header(&headers, usage::TAGS_HEADER)?;
+        let content_length = get("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+        for h in gateway::STRIPPED_REQUEST_HEADERS {
+            if get(h).is_some() {
+                set_header(h, None);
+            }
+        }
+        let hash = auth::key_hash(&self.plan, key.as_deref())?;
+        let pending = Pending {
+            endpoint,
+            headers_ended: end_of_stream,
+            provider_header,
+            hash,
+            body: None,
+            tags,
+            content_length,
+        };
+        match self.authenticate(pending)? {
+            Next::Ready(identity, p) => self.proceed(identity, *p),
+            Next::Waiting(p) => {
+                self.state = State::Resolving(p);
+                Ok(Flow::Pause)
+            }
+        }
+    }
+
+    /// Static keys first, then the VM cache, the shared cache, and finally a sidecar callout.
+    fn authenticate(&mut self, p: Pending) -> Result<Next, GatewayError> {
+        if let Some(identity) = self.plan.identity_for_hash(&p.hash) {
+            return Ok(Next::Ready(identity, Box::new(p)));
+        }
+        let Some(sidecar) = self.plan.sidecar.clone() else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        let now = now_ms();
+        let cached = self.shared.cache.borrow().lookup(&p.hash, now);
+        match cached {
+            Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
+            Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
+            // Stale: serve it now; the root context refreshes it in the background.
+            Lookup::Stale(identity) => {
+                self.shared.refresher.borrow_mut().request(&p.hash, now);
+                return Ok(Next::Ready(identity, Box::new(p)));
+            }
+            Lookup::Miss => {}
+        }
+        // Another worker may already have asked the sidecar.
+        if let Ok(Some(bytes)) = host().shared_get(&resolve::shared_key(&p.hash)) {
+            if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
+                if now < stale_until {
+                    let identity = Rc::new(identity);
+                    self.shared.cache.borrow_mut().store_known(
+                        &p.hash,
+                        identity.clone(),
+                        now,
+                        fresh_until,
+                        stale_until,
+                    );
+                    if now >= fresh_until {
+                        self.shared.refresher.borrow_mut().request(&p.hash, now);
+                    }
+                    return Ok(Next::Ready(identity, Box::new(p)));
+                }
+            }
+        }
+        // A key in no cache: a sidecar lookup, within the per-VM rate and while the sidecar works.
+        if !self.shared.lookups.borrow_mut().try_take(now) {
+            return Err(GatewayError::KeyLookupRateLimited);
+        }
+        if !self.shared.breaker.borrow_mut().allow(now) {
+            return Err(GatewayError::ControlPlaneUnavailable);
+        }
+        match dispatch_resolve(&sidecar, &p.hash) {
+            Ok(_) => Ok(Next::Waiting(Box::new(p))),
+            Err(e) => {
+                log::warn!("llm-gateway: cannot call the sidecar: {e:?}");
+                self.shared.breaker.borrow_mut().failure(now);
+                Err(GatewayError::ControlPlaneUnavailable)
+            }
+        }
+    }
+
+    /// Continues an authenticated request (from the headers callback or after a callout).
+    fn proceed(&mut self, identity: Rc<Identity>, p: Pending) -> Result<Flow, GatewayError> {
+        match p.endpoint {
+            Endpoint::ListModels => Ok(self.reply_json(&gateway::list_models(&identity))),
+            Endpoint::GetModel(name) => {
+                let body = gateway::get_model(&identity, &name)?;
+                Ok(self.reply_json(&body))
+            }
+            Endpoint::ChatCompletions => {
+                self.tags = usage::parse_tags(p.tags.as_deref())?;
+                let limit = self.plan.max_body_bytes;
+                if p.content_length.is_some_and(|n| n > limit) {
+                    return Err(GatewayError::BodyTooLarge { limit });
+                }
+                if p.headers_ended {
+                    return Err(GatewayError::InvalidBody {
+                        reason: "the body is empty; send a JSON object".into(),
+                    });
+                }
+                match p.body {
+                    // The body completed while we waited for the sidecar: route now and resume.
+                    Some((body, size)) => {
+                        self.route(identity, p.provider_header.as_deref(), &body, size)?;
+                        if let Err(e) = host().resume_request() {
+                            log::error!("llm-gateway: cannot resume request: {e:?}");
+                        }
+                        Ok(Flow::Continue)
+                    }
+                    None => {
+                        self.state = State::AwaitingBody {
+                            identity,
+                            provider_header: p.provider_header,
+                        };
+                        Ok(Flow::Pause)
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_body(&mut self, body_size: usize, end_of_stream: bool) -> Result<Flow, GatewayError> {
+        let limit = self.plan.max_body_bytes;
+        match &mut self.state {
+            State::AwaitingBody { .. } | State::Resolving(_) if body_size > limit => {
+                Err(GatewayError::BodyTooLarge { limit })
+            }
+            State::AwaitingAttempt(_) if !end_of_stream => Ok(Flow::Pause),
+            State::AwaitingAttempt(_) => {
+                let State::AwaitingAttempt(slot) =
+                    std::mem::replace(&mut self.state, State::PassThrough)
+                else {
+                    return Ok(Flow::Continue);
+                };
+                let body = read_body(body_size)?;
+                let req = crate::body::inspect(&body)?;
+                let routed =
+                    gateway::route_to(&slot.attempt.provider, &slot.attempt.model, &req, &body)?;
+                self.exchange = Some(Box::new(Exchange::new(None, Some(slot))));
+                self.apply(routed, body_size)?;
+                Ok(Flow::Continue)
+            }
+            State::Resolving(p) => {
+                if end_of_stream {
+                    p.body = Some((read_body(body_size)?, body_size));
+                }
+                Ok(Flow::Pause)
+            }
+            State::AwaitingBody {
+                identity,
+                provider_header,
+            } => {
+                if !end_of_stream {
+                    return Ok(Flow::Pause);
+                }
+                let (identity, provider_header) = (identity.clone(), provider_header.clone());
+                let body = read_body(body_size)?;
+                self.route(identity, provider_header.as_deref(), &body, body_size)?;
+                Ok(Flow::Continue)
+            }
+            _ => Ok(Flow::Continue),
+        }
+    }
+
+    /// Applies the routing decision to the paused request.
+    fn route(
+        &mut self,
+        identity: Rc<Identity>,
+        provider_header: Option<&str>,
+        body: &[u8],
+        body_size: usize,
+    ) -> Result<(), GatewayError> {
+        let routed = gateway::route_chat(&identity, provider_header, body)?;
+        let prompt = if identity.store_prompts {
+            usage::prompt_text(body)
+        } else {
+            None
+        };
+        let chain = fallback_chain(&identity, &routed);
+        let mut exchange = Exchange::new(Some(identity), None);
+        exchange.prompt = prompt;
+        exchange.chain = chain
+            .iter()
+            .map(|a| {
+                (
+                    a.provider.name.clone(),
+                    a.provider.kind.as_str(),
+                    a.provider.key_last4(),
+                )
+            })
+            .collect();
+        self.exchange = Some(Box::new(exchange));
+        if chain.len() > 1 {
+            // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
+            // the replayed request for its provider.
+            let org = self
+                .exchange
+                .as_ref()
+                .and_then(|e| e.identity.as_ref())
+                .map(|i| i.org_id.clone());
+            let plan = fallback::AttemptPlan {
+                attempts: chain,
+                org: org.unwrap_or_default(),
+            };
+            set_header(fallback::ATTEMPTS_HEADER, Some(&fallback::encode(&plan)));
+            let cluster = format!("{}_{}", fallback::CHAIN_CLUSTER, plan.attempts.len());
+            set_header(gateway::CLUSTER_HEADER, Some(&cluster));
+            // The attempt filters shape, translate and mark the usage chunk; this one accounts.
+            let mut routed = routed;
+            routed.translation = None;
+            routed.strip_usage_chunk = false;
+            self.state = State::Routed(Box::new(routed));
+            return Ok(());
+        }
+        self.apply(routed, body_size)
+    }
+
+    /// Sends the request to the provider `routed` describes: host, path, auth, headers, body.
+    fn apply(&mut self, mut routed: Routed, body_size: usize) -> Result<(), GatewayError> {
+        set_header(":authority", Some(&routed.authority));
+        set_header(":path", Some(&routed.path));
+        set_header(gateway::CLUSTER_HEADER, Some(&routed.cluster));
+        if let Some((name, value)) = &routed.auth {
+            set_header(name, Some(value));
+        }
+        for (name, value) in &routed.extra_headers {
+            set_header(name, Some(value));
+        }
+        if routed.translation.is_some() {
+            set_header("content-type", Some("application/json"));
+            // Native APIs answer in their own encoding choices; ask for plain bodies to translate.
+            set_header("accept-encoding", None);
+        }
+        if let Some(new_body) = routed.body.take() {
+            host()
+                .set_buffer(Buffer::RequestBody, 0, body_size, &new_body)
+                .map_err(|e| GatewayError::Internal {
+                    reason: format!("cannot set body: {e:?}"),
+                })?;
+            set_header("content-length", Some(&new_body.len().to_string()));
+        }
+        self.state = State::Routed(Box::new(routed));
+        Ok(())
+    }
+
+    fn on_resolved(&mut self, status: Option<u32>, body: &[u8]) -> Result<Flow, GatewayError> {
+        let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
+            return Ok(Flow::Continue);
+        };
+        let Some(sidecar) = self.plan.sidecar.clone() else {
+            return Err(GatewayError::InvalidApiKey);
+        };
+        let identity = store_answer(&self.shared, &sidecar, &p.hash, status, body)?;
+        self.proceed(identity, *p)
+    }
+}
+
+/// The attempts for a routed request: its provider and, if it names fallbacks, their chain (healthy
+/// providers first). A single attempt means no fallback.
+fn fallback_chain(identity: &Identity, routed: &Routed) -> Vec<fallback::Attempt> {
+    let Some(provider) = identity.provider(&routed.provider) else {
+        return Vec::new();
+    };
+    let Some(model) = provider.model(&routed.model) else {
+        return Vec::new();
+    };
+    if provider.fallback.is_empty() {
+        return Vec::new();
+    }
+    let now = now_ms();
+    fallback::chain(identity, provider, model, |name| {
+        health(&identity.org_id, name).ejected(now)
+    })
+}
+
+fn health(org: &str, provider: &str) -> fallback::Health {
+    match host().shared_get(&fallback::health_key(org, provider)) {
+        Ok(Some(b)) => fallback::Health::decode(&b),
+        _ => fallback::Health::default(),
+    }
+}
+
+/// Records one attempt's outcome for its provider (shared by all workers; last writer wins).
+fn record_health(org: &str, provider: &str, ok: bool) {
+    let key = fallback::health_key(org, provider);
+    let next = health(org, provider).after(ok, now_ms());
+    if let Err(e) = host().shared_set(&key, Some(&next.encode())) {
+        log::warn!("llm-gateway: cannot record provider health: {e:?}");
+    }
+}
+
+/// Filter state for Envoy's access log (`%FILTER_STATE(wasm.llm_gateway.provider:PLAIN)%`, ...).
+fn set_filter_state(summary: &crate::access_log::Summary) {
+    for (key, value) in crate::access_log::filter_state(summary) {
+        if let Err(e) = host().set_property(&[key], value.as_bytes()) {
+            log::debug!("llm-gateway: cannot set filter state {key}: {e:?}");
+        }
+    }
+}
+
+/// `:status` of a callout's answer (`None`: no answer — timeout, reset, no healthy sidecar).
+fn call_status() -> Option<u32> {
+    host()
+        .header(Map::CallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| hostapi::text(&s).trim().parse::<u32>().ok())
+}
+
+fn read_body(size: usize) -> Result<Vec<u8>, GatewayError> {
+    host()
+        .buffer(Buffer::RequestBody, 0, size)
+        .map_err(|e| GatewayError::Internal {
+            reason: format!("cannot read body: {e:?}"),
+        })
+}
+
+fn dispatch_resolve(sidecar: &SidecarPlan, hash: &str) -> Result<u32, hostapi::Status> {
+    let body = resolve::request_body(hash);
+    call_sidecar(sidecar, resolve::RESOLVE_PATH, &body, sidecar.timeout_ms)
+}
+
+/// A JSON POST to one of the sidecar's internal endpoints.
+fn call_sidecar(
+    sidecar: &SidecarPlan,
+    path: &str,
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, hostapi::Status> {
+    host().call(
+        &sidecar.cluster,
+        &[
+            (":method", "POST"),
+            (":path", path),
+            (":authority", &sidecar.authority),
+            ("content-type", "application/json"),
+            (resolve::TOKEN_HEADER, &sidecar.token),
+        ],
+        body,
+        timeout_ms,
+    )
+}
+
+impl GatewayHttp {
+    pub fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let status = call_status();
+        let body = host()
+            .buffer(Buffer::CallResponseBody, 0, body_size)
+            .unwrap_or_default();
+        match self.on_resolved(status, &body) {
+            Ok(_) => {}
+            Err(e) => {
+                self.reject(&e);
+            }
+        }
+    }
+}
+
+impl GatewayHttp {
+    pub fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Flow {
+        match self.handle_headers(end_of_stream) {
+            Ok(a) => a,
+            Err(e) => self.reject(&e),
+        }
+    }
+
+    pub fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {
+        match self.handle_body(body_size, end_of_stream) {
+            Ok(a) => a,
+            Err(e) => self.reject(&e),
+        }
+    }
+
+    pub fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {
+        let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
+            return Flow::Continue;
+        };
+        if ex.first_byte_ms.is_none() && body_size > 0 {
+            ex.first_byte_ms = Some(now_ms());
+        }
+        if let (true, Some(t)) = (ex.translate_whole, r.translation) {
+            if !end_of_stream {
+                return Flow::Pause;
+            }
+            let body = host()
+                .buffer(Buffer::ResponseBody, 0, body_size)
+                .unwrap_or_default();
+            let (out, u, status) = gateway::translate_response(t, ex.status, &body, &r.model);
+            ex.translated_usage = u;
+            if status != ex.status {
+                ex.status = status;
+                set_map_header(Map::ResponseHeaders, ":status", Some(&status.to_string()));
+            }
+            if let Err(e) = host().set_buffer(Buffer::ResponseBody, 0, body_size, &out) {
+                log::warn!("llm-gateway: cannot set the translated response: {e:?}");
+            }
+            return Flow::Continue;
+        }
+        let chunk = match host().buffer(Buffer::ResponseBody, 0, body_size) {
+            Ok(b) => b,
+            Err(_) => return Flow::Continue,
+        };
+        if let Some(tr) = ex.translator.as_mut() {
+            let mut out = tr.push(&chunk);
+            if end_of_stream {
+                out.extend(tr.finish());
+            }
+            if let Err(e) = host().set_buffer(Buffer::ResponseBody, 0, body_size, &out) {
+                log::warn!("llm-gateway: cannot set a translated chunk: {e:?}");
+            }
+            return Flow::Continue;
+        }
+        match ex.tap.as_mut() {
+            Some(tap) => {
+                let mut replaced = tap.push(&chunk);
+                if end_of_stream {
+                    if let Some(rest) = tap.finish() {
+                        let mut all = replaced.unwrap_or_else(|| chunk.clone());
+                        all.extend_from_slice(&rest);
+                        replaced = Some(all);
+                    }
+                }
+                if let Some(out) = replaced {
+                    if let Err(e) = host().set_buffer(Buffer::ResponseBody, 0, body_size, &out) {
+                        log::warn!("llm-gateway: cannot rewrite a stream chunk: {e:?}");
+                    }
+                }
+            }
+            None if !ex.json_overflow && ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
+                ex.json.extend_from_slice(&chunk)
+            }
+            None => {
+                // Past the bound: stop copying and free the copy; the usage is estimated.
+                ex.json_overflow = true;
+                ex.json = Vec::new();
+            }
+        }
+        Flow::Continue
+    }
+
+    pub fn on_log(&mut self) {
+        let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.take()) else {
+            return;
+        };
+        if let Some(slot) = &ex.attempt {
+            // Attempt role: only the provider's health; the main filter accounts for the request.
+            let ok = ex.status != 0
+                && !fallback::fails_over(ex.status, slot.attempt.provider.fallback_on429);
+            record_health(&slot.org, &slot.attempt.provider.name, ok);
+            return;
+        }
+        let Some(id) = ex.identity.clone() else {
+            return;
+        };
+        // Which provider served: the chain's answer, else the one selected.
+        let provider = ex.served_by.clone().unwrap_or_else(|| r.provider.clone());
+        let (provider_type, key_last4) = match ex.chain.iter().find(|(n, _, _)| *n == provider) {
+            Some((_, kind, last4)) => (kind.to_string(), last4.clone()),
+            None => (
+                r.kind.as_str().to_string(),
+                id.provider(&provider).and_then(|p| p.key_last4()),
+            ),
+        };
+        let end = now_ms();
+        let translated = ex
+            .translator
+            .as_ref()
+            .map(|t| (t.usage().map(gateway::from_translated), !t.failed()));
+        let overflowed = ex.json_overflow
+            || ex.tap.as_ref().is_some_and(StreamTap::truncated)
+            || ex.translator.as_ref().is_some_and(|t| t.truncated());
+        let (facts, done) = match &ex.tap {
+            Some(t) => (
+                usage::ResponseFacts {
+                    usage: t.usage,
+                    model: t.model.clone(),
+                    completion_chars: t.completion_chars,
+                },
+                t.done,
+            ),
+            None => match (translated, ex.translate_whole) {
+                (Some((u, ok)), _) => (
+                    usage::ResponseFacts {
+                        usage: u,
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    ok,
+                ),
+                (None, true) => (
+                    usage::ResponseFacts {
+                        usage: ex.translated_usage,
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    true,
+                ),
+                (None, false) => (usage::from_json_response(&ex.json), true),
+            },
+        };
+        let status = if ex.status == 0 { 502 } else { ex.status };
+        let ok = (200..300).contains(&status);
+        let (u, estimated) = match facts.usage {
+            Some(u) => (u, false),
+            None if ok => (
+                usage::Usage {
+                    prompt_tokens: usage::estimate_tokens(r.request_bytes),
+                    completion_tokens: usage::estimate_tokens(facts.completion_chars),
+                    cached_tokens: 0,
+                },
+                true,
+            ),
+            None => (usage::Usage::default(), false),
+        };
+        let latency = end.saturating_sub(ex.start_ms);
+        let ttft = if r.stream {
+            ex.first_byte_ms.map(|t| t.saturating_sub(ex.start_ms))
+        } else {
+            None
+        };
+        let model_used = facts
+            .model
+            .clone()
+            .unwrap_or_else(|| r.upstream_model.clone());
+        let cost = self
+            .plan
+            .price(&id, &provider, &r.upstream_model, &r.model)
+            .map(|p| p.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens));
+        set_filter_state(&crate::access_log::Summary {
+            provider: &provider,
+            model: &model_used,
+            model_requested: &r.model,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cost_nano_usd: cost,
+            fallback: ex.fallback,
+            key_id: &id.key_id,
+            config_id: &id.config_id,
+        });
+        {
+            let mut m = self.shared.metrics.borrow_mut();
+            m.add(&metrics::requests(&provider, &r.model, status), 1);
+            if ex.fallback {
+                m.add(&metrics::fallbacks(&provider), 1);
+            }
+            m.add(
+                &metrics::tokens(&provider, &r.model, "input"),
+                u.prompt_tokens,
+            );
+            m.add(
+                &metrics::tokens(&provider, &r.model, "output"),
+                u.completion_tokens,
+            );
+            m.record(&metrics::duration(&provider, &r.model), latency);
+            if let Some(cost) = cost {
+                m.add(&metrics::cost(&provider, &r.model), cost);
+            }
+            if let Some(t) = ttft {
+                m.record(&metrics::ttft(&provider, &r.model), t);
+            }
+        }
+        if self.plan.sidecar.is_none() {
+            return;
+        }
+        let record_id = {
+            let mut n = self.shared.next_id.borrow_mut();
+            *n += 1;
+            format!("{}-{}", self.shared.id_prefix.borrow(), *n)
+        };
+        let mut record = UsageRecord {
+            id: record_id,
+            time: ex.start_ms,
+            org_id: id.org_id.clone(),
+            cluster_id: id.cluster_id.clone(),
+            api_key_id: id.key_id.clone(),
+            config_id: id.config_id.clone(),
+            provider,
+            provider_type,
+            provider_key_last4: key_last4,
+            model_requested: r.model.clone(),
+            model_used,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.cached_tokens,
+            estimated,
+            status,
+            latency_ms: latency,
+            ttft_ms: ttft,
+            stream: r.stream,
+            fallback: ex.fallback,
+            // The stream ended early, or part of the response passed a buffer bound unread.
+            truncated: (r.stream && ok && !done) || overflowed,
+            tags: std::mem::take(&mut self.tags),
+            prompt: None,
+            completion: None,
+        };
+        if id.store_prompts {
+            record.prompt = ex.prompt.clone();
+            record.completion = match &ex.tap {
+                Some(t) => Some(t.text.clone()),
+                None => usage::completion_text(&ex.json),
+            }
+            .map(|t| usage::clip(&t, usage::MAX_STORED_TEXT));
+        }
+        let newly_dropped = self.shared.reporter.borrow_mut().push(&record);
+        if newly_dropped > 0 {
+            self.shared
+                .metrics
+                .borrow_mut()
+                .add(metrics::USAGE_DROPPED, newly_dropped);
+        }
+        self.shared.sync_buffered();
+    }
+
+    pub fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Flow {
+        let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
+            return Flow::Continue;
+        };
+        // Provider headers are bytes: anything non-UTF-8 is decoded lossily, never a panic.
+        let headers = Headers(host().headers(Map::ResponseHeaders).unwrap_or_default());
+        let get = |name: &str| headers.text(name).map(|v| v.into_owned());
+        let set =
+            |name: &str, value: Option<&str>| set_map_header(Map::ResponseHeaders, name, value);
+        ex.status = get(":status")
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let sse = get("content-type").is_some_and(|c| c.contains("text/event-stream"));
+        let ok = (200..300).contains(&ex.status);
+        let chained = !ex.chain.is_empty() && ex.attempt.is_none();
+        // Main role after a fallback chain: the attempt filter says who answered and how.
+        let mut strip = r.strip_usage_chunk;
+        if chained {
+            ex.served_by = get(gateway::PROVIDER_RESPONSE_HEADER);
+            ex.fallback = get(fallback::FALLBACK_RESPONSE_HEADER).is_some();
+            strip = get(fallback::USAGE_INJECTED_HEADER).is_some();
+            set(fallback::USAGE_INJECTED_HEADER, None);
+        }
+        match (r.translation, &ex.attempt) {
+            (Some(t), _) => {
+                set("content-length", None);
+                if ok && r.stream {
+                    ex.translator = Some(gateway::stream_translator(
+                        t,
+                        &r.model,
+                        r.client_wants_usage,
+                    ));
+                    set("content-type", Some("text/event-stream"));
+                } else {
+                    ex.translate_whole = true;
+                    set("content-type", Some("application/json"));
+                }
+            }
+            // Attempt role: the main filter reads usage and strips the chunk it did not ask for.
+            (None, Some(_)) => {
+                if r.strip_usage_chunk {
+                    set(fallback::USAGE_INJECTED_HEADER, Some("1"));
+                }
+            }
+            (None, None) if sse => {
+                let mut tap = StreamTap::new(strip);
+                tap.capture = ex.identity.as_ref().is_some_and(|i| i.store_prompts);
+                ex.tap = Some(tap);
+                if strip {
+                    set("content-length", None);
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(slot) = &ex.attempt {
+            set(
+                fallback::ATTEMPT_RESPONSE_HEADER,
+                Some(&slot.index.to_string()),
+            );
+            if slot.index > 0 {
+                set(fallback::FALLBACK_RESPONSE_HEADER, Some("true"));
+            }
+            // A 429 of a provider configured to fall back on it: let Envoy try the next one.
+            if ex.status == 429 && slot.attempt.provider.fallback_on429 && !slot.last {
+                set(":status", Some("503"));
+            }
+        }
+        if !chained {
+            set(gateway::PROVIDER_RESPONSE_HEADER, Some(&r.provider));
+            set(gateway::MODEL_RESPONSE_HEADER, Some(&r.model));
+        }
+        if ex.translate_whole {
+            // The whole native body is translated first; status and headers may still change.
+            Flow::Pause
+        } else {
+            Flow::Continue
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostapi::fake::Fake;
+    use sha2::{Digest, Sha256};
+
+    const KEY: &str = "sk-test-key";
+    const CHAT: &str = "/openai/v1/chat/completions";
+
+    fn sha(k: &str) -> String {
+        Sha256::digest(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A VM with a static-key configuration, on a fresh fake host for this test thread.
+    fn vm() -> (&'static Fake, GatewayRoot) {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().now_ms = 1_000;
+        f.st().config = serde_json::json!({
+            "maxBodyBytes": 4096,
+            "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                           "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        (f, root)
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> hostapi::Pairs {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    fn req_headers(extra: &[(&str, &[u8])]) -> hostapi::Pairs {
+        let auth = format!("Bearer {KEY}");
+        let mut h = headers(&[
+            (":method", b"POST"),
+            (":path", CHAT.as_bytes()),
+            (":authority", b"gw"),
+            ("content-type", b"application/json"),
+            ("authorization", auth.as_bytes()),
+        ]);
+        h.extend(headers(extra));
+        h
+    }
+
+    fn get(h: &hostapi::Pairs, name: &str) -> Option<String> {
+        Headers(h.clone()).text(name).map(|v| v.into_owned())
+    }
+
+    /// The error JSON of the single local reply, checked for the OpenAI shape.
+    fn reply(f: &Fake) -> (u32, serde_json::Value) {
+        let st = f.st();
+        assert_eq!(st.local_replies.len(), 1, "{:?}", st.local_replies);
+        let (code, _, body) = &st.local_replies[0];
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        (*code, v)
+    }
+
+    #[test]
+    fn chat_lifecycle_through_the_host() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[("x-odd", b"\xff\xfe")]);
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Continue);
+        {
+            let st = f.st();
+            assert!(get(&st.request_headers, gateway::CLUSTER_HEADER).is_some());
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/chat/completions")
+            );
+            assert!(st.local_replies.is_empty());
+        }
+        f.st().response_headers = headers(&[
+            (":status", b"200"),
+            ("content-type", b"application/json; x=\xff"),
+        ]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Continue);
+        let answer = br#"{"id":"x","model":"m1-up","choices":[{"index":0,"message":{"role":"assistant","content":"yo"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+        f.st().response_body = answer.to_vec();
+        f.st().now_ms = 1_250;
+        assert_eq!(
+            http.on_http_response_body(answer.len(), true),
+            Flow::Continue
+        );
+        assert_eq!(
+            get(&f.st().response_headers, gateway::PROVIDER_RESPONSE_HEADER).as_deref(),
+            Some("local")
+        );
+        http.on_log();
+        assert_eq!(f.metric(&metrics::requests("local", "m1", 200)), Some(1));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(7));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
+    }
+
+    #[test]
+    fn streamed_lifecycle_strips_the_usage_chunk_the_client_did_not_ask_for() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        let body = br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Continue);
+        let sent: serde_json::Value = serde_json::from_slice(&f.st().request_body).unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"text/event-stream")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Continue);
+        let chunks: [&[u8]; 3] = [
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\xff\"}}]}\n\ndata: {\"cho",
+            b"ices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n",
+            b"data: [DONE]\n\n",
+        ];
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            f.st().response_body = c.to_vec();
+            http.on_http_response_body(c.len(), i == chunks.len() - 1);
+            out.extend(f.st().response_body.clone());
+        }
+        let out = String::from_utf8_lossy(&out);
+        assert!(!out.contains("usage"), "{out}");
+        assert!(out.contains("[DONE]"));
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(3));
+    }
+
+    #[test]
+    fn every_error_path_is_an_openai_error() {
+        type Case = (
+            Vec<(&'static str, &'static [u8])>,
+            &'static [u8],
+            u32,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                vec![("authorization", b"Bearer nope")],
+                b"{}",
+                401,
+                "invalid_api_key",
+            ),
+            (
+                vec![("authorization", b"Bearer \xff\xfe")],
+                b"{}",
+                401,
+                "invalid_api_key",
+            ),
+            (
+                vec![("x-provider-name", b"lo\xffcal")],
+                b"{}",
+                400,
+                "invalid_header",
+            ),
+            (
+                vec![("x-llm-gateway-tags", b"a=\xff")],
+                b"{}",
+                400,
+                "invalid_header",
+            ),
+            (
+                vec![("x-provider-name", b"other")],
+                br#"{"model":"m1","messages":[]}"#,
+                400,
+                "unknown_provider",
+            ),
+            (vec![], b"not json", 400, "invalid_body"),
+            (
+                vec![],
+                b"{\"model\":\"nope\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}",
+                404,
+                "model_not_found",
+            ),
+            (vec![], &[b'x'; 5000], 413, "request_too_large"),
+        ];
+        for (extra, body, status, code) in cases {
+            let (f, root) = vm();
+            let mut http = root.create_http_context().unwrap();
+            let mut h = req_headers(&[]);
+            for (k, v) in &extra {
+                h.retain(|(n, _)| n.as_slice() != k.as_bytes());
+                h.push((k.as_bytes().to_vec(), v.to_vec()));
+            }
+            f.st().request_headers = h;
+            if http.on_http_request_headers(5, false) == Flow::Pause
+                && f.st().local_replies.is_empty()
+            {
+                f.st().request_body = body.to_vec();
+                http.on_http_request_body(body.len(), true);
+            }
+            let (got, v) = reply(f);
+            assert_eq!(
+                (got, v["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{extra:?}"
+            );
+            assert!(v["error"]["message"].is_string());
+            http.on_log();
+        }
+    }
+
+    #[test]
+    fn missing_key_and_other_paths() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = headers(&[(":method", b"POST"), (":path", CHAT.as_bytes())]);
+        http.on_http_request_headers(2, false);
+        assert_eq!(reply(f).0, 401);
+        // Not a gateway path: untouched, no reply, even with odd bytes.
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers =
+            headers(&[(":method", b"GET"), (":path", b"/x\xff"), ("x-a", b"\xff")]);
+        assert_eq!(http.on_http_request_headers(3, true), Flow::Continue);
+        assert!(f.st().local_replies.is_empty());
+        http.on_log();
+    }
+
+    #[test]
+    fn a_failing_host_never_panics() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        f.st().fail_with = Some(2);
+        http.on_http_request_headers(5, false);
+        http.on_http_request_body(10, true);
+        http.on_http_response_headers(2, false);
+        http.on_http_response_body(10, true);
+        http.on_log();
+    }
+
+    /// Arbitrary bytes in every header and body, through the whole lifecycle (a small deterministic
+    /// property test: no panic, and every local reply is an OpenAI error).
+    #[test]
+    fn arbitrary_bytes_everywhere() {
+        struct Rng(u64);
+        impl Rng {
+            fn next(&mut self) -> u64 {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                self.0
+            }
+            fn bytes(&mut self, pieces: &[&[u8]]) -> Vec<u8> {
+                let mut v = Vec::new();
+                for _ in 0..(self.next() % 6) {
+                    let r = self.next();
+                    if r.is_multiple_of(3) {
+                        v.push((r >> 8) as u8);
+                    } else {
+                        v.extend_from_slice(pieces[(r >> 16) as usize % pieces.len()]);
+                    }
+                }
+                v
+            }
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let pieces: [&[u8]; 8] = [
+            b"\xff",
+            b"\x80\x00",
+            br#"{"model":"m1","messages":[{"role":"user","content":"x"}]"#,
+            b"}",
+            b"\"stream\":true",
+            b"data: ",
+            b"\n\n",
+            b"\xc3",
+        ];
+        for _ in 0..300 {
+            let (f, root) = vm();
+            let mut http = root.create_http_context().unwrap();
+            let (a, b, c, d) = (
+                rng.bytes(&pieces),
+                rng.bytes(&pieces),
+                rng.bytes(&pieces),
+                rng.bytes(&pieces),
+            );
+            let mut h = req_headers(&[("x-llm-gateway-tags", &a), ("x-odd", &b)]);
+            if rng.next().is_multiple_of(2) {
+                h.push((b"x-provider-name".to_vec(), c.clone()));
+            }
+            f.st().request_headers = h;
+            http.on_http_request_headers(6, false);
+            let mut body = br#"{"model":"m1","messages":[{"role":"user","content":"x"}]"#.to_vec();
+            body.extend(&d);
+            if rng.next().is_multiple_of(2) {
+                body = d.clone();
+            }
+            f.st().request_body = body.clone();
+            http.on_http_request_body(body.len(), true);
+            f.st().response_headers = headers(&[(":status", &a), ("content-type", &c)]);
+            http.on_http_response_headers(2, false);
+            for part in [&b, &d, &a] {
+                f.st().response_body = part.to_vec();
+                http.on_http_response_body(part.len(), false);
+            }
+            http.on_http_response_body(0, true);
+            http.on_log();
+            for (code, _, body) in &f.st().local_replies {
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                assert!(*code >= 400 && v["error"]["code"].is_string(), "{v}");
+            }
+        }
+    }
+}
