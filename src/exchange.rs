@@ -553,6 +553,8 @@ enum State {
 struct AttemptSlot {
     attempt: fallback::Attempt,
     index: usize,
+    /// Served by another provider than the one the request selected.
+    fallback: bool,
     last: bool,
     org: String,
 }
@@ -686,10 +688,12 @@ impl GatewayHttp {
                     reason: "the body is empty".into(),
                 });
             }
+            let fallback = plan.is_fallback(slot);
             let org = plan.org;
             self.state = State::AwaitingAttempt(Box::new(AttemptSlot {
                 attempt,
                 index: slot,
+                fallback,
                 last,
                 org,
             }));
@@ -915,6 +919,7 @@ impl GatewayHttp {
             let plan = fallback::AttemptPlan {
                 attempts: chain,
                 org: org.unwrap_or_default(),
+                primary: routed.provider.clone(),
             };
             set_header(fallback::ATTEMPTS_HEADER, Some(&fallback::encode(&plan)));
             let cluster = format!("{}_{}", fallback::CHAIN_CLUSTER, plan.attempts.len());
@@ -1391,7 +1396,7 @@ impl GatewayHttp {
                 fallback::ATTEMPT_RESPONSE_HEADER,
                 Some(&slot.index.to_string()),
             );
-            if slot.index > 0 {
+            if slot.fallback {
                 set(fallback::FALLBACK_RESPONSE_HEADER, Some("true"));
             }
             // A 429 of a provider configured to fall back on it: let Envoy try the next one.

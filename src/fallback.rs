@@ -42,6 +42,21 @@ pub struct AttemptPlan {
     /// Organization of the caller (provider health is kept per organization and provider name).
     #[serde(default)]
     pub org: String,
+    /// The provider the request selected. Ejection reorders the chain (a fallback may then be
+    /// attempt 0), so "served by a fallback" means "served by another provider than this one".
+    #[serde(default)]
+    pub primary: String,
+}
+
+impl AttemptPlan {
+    /// Whether attempt `index` is a fallback: its provider is not the one the request selected.
+    /// (Plans without `primary`, from an older filter, fall back to the attempt position.)
+    pub fn is_fallback(&self, index: usize) -> bool {
+        match self.attempts.get(index) {
+            Some(a) if !self.primary.is_empty() => a.provider.name != self.primary,
+            _ => index > 0,
+        }
+    }
 }
 
 /// The attempts for a request that selected `first`/`model`: the provider, then its fallback chain
@@ -194,6 +209,18 @@ mod tests {
         assert_eq!(c[0].provider.name, "a");
         assert_eq!(c[2].provider.name, "hosted");
         assert_eq!(c[0].model.name, "gpt-4o"); // a does not serve llama: its first model
+                                               // The ejected primary moved last: attempt 0 is still a fallback, the primary is not.
+        let plan = AttemptPlan {
+            attempts: c,
+            org: "o".into(),
+            primary: "hosted".into(),
+        };
+        assert!(plan.is_fallback(0) && plan.is_fallback(1) && !plan.is_fallback(2));
+        let legacy = AttemptPlan {
+            primary: String::new(),
+            ..plan
+        };
+        assert!(!legacy.is_fallback(0) && legacy.is_fallback(1));
     }
 
     #[test]
@@ -203,6 +230,7 @@ mod tests {
         let plan = AttemptPlan {
             attempts: chain(&id, first, &first.models[0], |_| false),
             org: "o".into(),
+            primary: first.name.clone(),
         };
         let back = decode(&encode(&plan)).unwrap();
         assert_eq!(back, plan);

@@ -343,3 +343,26 @@ class SidecarProcess:
         except ValueError:
             doc = b
         return s, doc
+
+
+def prom_samples(text):
+    """Parses Prometheus text exposition into [(name, {label: value}, float)]."""
+    import re
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})? (\S+)$', line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        try:
+            out.append((m.group(1), labels, float(m.group(4))))
+        except ValueError:
+            pass
+    return out
+
+
+def prom_value(samples, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == x for k, x in labels.items()))

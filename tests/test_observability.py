@@ -84,3 +84,109 @@ def test_access_log_carries_model_provider_tokens(gw):
     assert (sse["prompt_tokens"], sse["completion_tokens"], sse["total_tokens"]) == ("4", "6", "10")
     text = open(log).read()
     assert KEY not in text and secret not in text and "sk-up-7777" not in text
+
+
+# --- Metrics: labels under three bootstraps, and the Grafana dashboard names what exists ---------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "llm-gateway-dashboard.json")
+RELABEL = os.path.join(ROOT, "deploy", "prometheus", "llm-gateway-relabel.yaml")
+OUR_LABELS = ["gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]
+# Istio's bootstrap (tools/packaging/common/envoy_bootstrap.json): no default tags, its own rules, and
+# one `(<tag>=\.=(.*?);\.;)` rule per `extraStatTags` entry (here: the gateway's three GenAI labels).
+ISTIO_TAGS = [
+    {"tag_name": "cluster_name", "regex": r"^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)"},
+    {"tag_name": "tcp_prefix", "regex": r"^tcp\.((.*?)\.)\w+?$"},
+    {"tag_name": "response_code", "regex": r"(response_code=\.=(.+?);\.;)|_rq(_(\.d{3}))$"},
+    {"tag_name": "response_code_class", "regex": r"_rq(_(\dxx))$"},
+    {"tag_name": "reporter", "regex": r"(reporter=\.=(.*?);\.;)"},
+    {"tag_name": "source_workload", "regex": r"(source_workload=\.=(.*?);\.;)"},
+    {"tag_name": "destination_service", "regex": r"(destination_service=\.=(.*?);\.;)"},
+] + [{"tag_name": t, "regex": f"({t}=\\.=(.*?);\\.;)"} for t in OUR_LABELS]
+
+
+def bootstrap(mode):
+    def patch(cfg):
+        if mode == "default":
+            cfg.pop("stats_config", None)
+        elif mode == "istio":
+            cfg["stats_config"] = {"use_all_default_tags": False, "stats_tags": ISTIO_TAGS}
+        return cfg
+    return patch
+
+
+def relabel(samples, rules):
+    """Prometheus metric_relabel_configs (replace action) applied to parsed samples."""
+    import re
+    out = []
+    for name, labels, value in samples:
+        labels = dict(labels, __name__=name)
+        for r in rules:
+            src = ";".join(labels.get(s, "") for s in r["source_labels"])
+            m = re.fullmatch(r["regex"], src)
+            if m:
+                labels[r["target_label"]] = re.sub(r"\$(\d)", lambda g: m.group(int(g.group(1))) or "",
+                                                  r.get("replacement", "$1"))
+        out.append((labels.pop("__name__"), labels, value))
+    return out
+
+
+def dashboard_queries():
+    import re
+    with open(DASHBOARD) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v.get("type") == "query"]
+    uses = {}
+    for e in exprs:
+        for m in re.finditer(r"(llmgw_[a-z_]+)(\{[^}]*\})?", e):
+            labels = set(re.findall(r"([a-z_]+)\s*=~?", m.group(2) or ""))
+            uses.setdefault(m.group(1), set()).update(labels)
+        # Labels aggregated by apply to every metric of the expression.
+        by = set(l.strip() for g in re.findall(r"by \(([^)]*)\)", e) for l in g.split(",")) - {"le"}
+        for m in re.finditer(r"llmgw_[a-z_]+", e):
+            uses[m.group(0)].update(by)
+    return uses
+
+
+@pytest.mark.parametrize("mode", ["ours", "default", "istio"])
+def test_prometheus_labels_and_dashboard(mode):
+    import yaml
+    up = FakeUpstream(responder)
+    sc = FakeSidecar(up.url)
+    cfg = {"sidecar": {"token": TOKEN, "timeoutMs": 1000}, "providers": [], "keys": []}
+    envoy = Envoy(cfg, sidecar_port=sc.server.port, patch=bootstrap(mode)).start()
+    try:
+        for stream in (False, True, False):
+            body = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+            s, _, b = chat(envoy, body)
+            assert s == 200, b
+        assert len(sc.wait_for(3)) == 3  # records sent: the usage counters exist
+        s, _, b = request("GET", f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus")
+        from harness import prom_samples, prom_value
+        samples = prom_samples(b.decode())
+        if mode == "default":
+            # Without stats tags the labels stay in the (sanitized) name; the shipped relabelling
+            # recovers them.
+            assert not any(n == "llmgw_requests_total" for n, _, _ in samples)
+            with open(RELABEL) as f:
+                samples = relabel(samples, yaml.safe_load(f))
+        pm = {"gen_ai_provider_name": "hosted", "gen_ai_request_model": "m"}
+        assert prom_value(samples, "llmgw_requests_total", response_code="200", **pm) == 3
+        # JSON answers report 5 prompt tokens, the stream's usage chunk (asked for by the filter) 4.
+        assert prom_value(samples, "llmgw_gen_ai_client_token_usage_tokens_total", gen_ai_token_type="input",
+                          **pm) == 5 + 4 + 5
+        assert prom_value(samples, "llmgw_gen_ai_client_operation_duration_milliseconds_bucket", **pm) >= 0
+        # Every metric the dashboard queries exists in this scrape with every label the query uses
+        # (fallbacks only exist once a fallback happened: test_fallback checks that one).
+        for name, labels in dashboard_queries().items():
+            if name == "llmgw_fallbacks_total":
+                continue
+            found = [l for n, l, _ in samples if n == name]
+            assert found, (mode, name)
+            for label in labels:
+                assert any(label in l for l in found), (mode, name, label, found[:3])
+    finally:
+        envoy.stop()
+        sc.server.stop()
+        up.stop()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import Envoy, FakeUpstream, chat_response, request, sse_chunks
+from harness import Envoy, FakeUpstream, chat_response, prom_samples, prom_value, request, sse_chunks
 
 KEY = "sk-gw-usage-key"
 TOKEN = "usage-test-token"
@@ -200,12 +200,13 @@ def test_metrics_on_prometheus(gw):
         assert chat(envoy, {"model": "m", "messages": msgs()})[0] == 200
     with urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus", timeout=5) as r:
         text = r.read().decode()
-    lines = {l.split(" ")[0]: float(l.split(" ")[1]) for l in text.splitlines() if l.startswith("llmgw_")}
-    req = lines['llmgw_requests{gen_ai_provider_name="hosted",gen_ai_request_model="m",http_status_class="2xx"}']
-    inp = lines['llmgw_gen_ai_client_token_usage{gen_ai_provider_name="hosted",gen_ai_request_model="m",gen_ai_token_type="input"}']
+    samples = prom_samples(text)
+    pm = {"gen_ai_provider_name": "hosted", "gen_ai_request_model": "m"}
+    req = prom_value(samples, "llmgw_requests_total", response_code="200", **pm)
+    inp = prom_value(samples, "llmgw_gen_ai_client_token_usage_tokens_total", gen_ai_token_type="input", **pm)
     assert req >= 3 and inp >= 15
-    assert any(k.startswith("llmgw_gen_ai_client_operation_duration_ms_count") for k in lines)
-    assert 'llmgw_usage_records_sent' in " ".join(lines)
+    assert any(n == "llmgw_gen_ai_client_operation_duration_milliseconds_count" for n, _, _ in samples)
+    assert any(n == "llmgw_usage_records_sent" for n, _, _ in samples)
     # Cost from the price the sidecar sent: JSON requests cost (5*1 + 3*2) USD/1M = 11,000 nano-USD each.
-    cost = lines['llmgw_gen_ai_client_cost_nano_usd{gen_ai_provider_name="hosted",gen_ai_request_model="m"}']
+    cost = prom_value(samples, "llmgw_gen_ai_client_cost_nano_usd_total", **pm)
     assert cost >= 3 * 11_000 and cost % 1000 == 0
