@@ -89,6 +89,8 @@ def test_ecds_reload_applies_and_refuses_invalid():
         while time.time() < deadline and "config update rejected" not in envoy.logs():
             time.sleep(0.2)
         assert "Filesystem config update rejected" in envoy.logs()
+        stats = envoy.stats()
+        assert "extension_config_discovery.http_filter.llm_gateway.update_rejected: 1" in stats
         time.sleep(1)
         for _ in range(10):
             s, _, body = request("POST", envoy.url + CHAT, BODY, {"authorization": "Bearer " + K2})

@@ -256,3 +256,16 @@ def test_prestop_drain_script():
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(admin + "/ready", timeout=5)
         assert e.value.code == 503
+
+
+def test_documented_tracer_config_validates(tmp_path):
+    """The tracer snippet of docs/operations.md "## Tracing", added to the shipped config, is valid."""
+    text = open(os.path.join(ROOT, "docs", "operations.md")).read()
+    block = text.split("## Tracing", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    hcm_part, cluster_part = block.split("# in static_resources.clusters:")
+    cfg = envoy_config.load_template()
+    envoy_config._hcm(cfg).update(yaml.safe_load(hcm_part))
+    cfg["static_resources"]["clusters"].extend(yaml.safe_load(cluster_part))
+    path = envoy_config.write(cfg, str(tmp_path / "traced.yaml"))
+    code, out = validate(path, env=TOKEN_ENV)
+    assert code == 0, out[-2000:]
