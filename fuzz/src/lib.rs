@@ -4,6 +4,9 @@
 //! for any input (chunking never changes a parse, pass-through never grows, streams end in `[DONE]`).
 //! The only failure a target can report is a panic (or an abort: out-of-memory, stack overflow).
 
+mod lifecycle;
+pub use lifecycle::lifecycle;
+
 use llm_gateway::{
     auth, body, config, destination, entry, fallback, gateway, hostapi, metrics, pbstruct, resolve,
     sse, translate, usage,
@@ -290,4 +293,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("headers", headers),
     ("destination", destination),
     ("header_pairs", header_pairs),
+    ("lifecycle", lifecycle),
 ];
