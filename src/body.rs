@@ -10,6 +10,31 @@ use std::borrow::Cow;
 pub struct ChatRequest {
     pub model: Option<String>,
     pub stream: bool,
+    /// `stream_options`, read in the same parse (shaping and translation use it; no second parse).
+    pub stream_options: StreamOptions,
+}
+
+/// What the body says about `stream_options`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamOptions {
+    /// Absent or `null`.
+    #[default]
+    Absent,
+    /// An object, with its `include_usage` if that is a boolean.
+    Object { include_usage: Option<bool> },
+    /// Something else: left exactly as sent.
+    Other,
+}
+
+impl StreamOptions {
+    pub fn include_usage(self) -> bool {
+        matches!(
+            self,
+            StreamOptions::Object {
+                include_usage: Some(true)
+            }
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -18,6 +43,14 @@ struct Peek<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsPeek {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// Parses the body once (the whole document is validated, unknown fields are skipped, not built).
@@ -37,9 +70,19 @@ pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         reason: format!("not valid JSON for a chat completion ({e})"),
     })?;
     let model = peek.model.map(|m| m.into_owned()).filter(|m| !m.is_empty());
+    let stream_options = match peek.stream_options {
+        None => StreamOptions::Absent,
+        Some(raw) => match serde_json::from_str::<StreamOptionsPeek>(raw.get()) {
+            Ok(o) => StreamOptions::Object {
+                include_usage: o.include_usage,
+            },
+            Err(_) => StreamOptions::Other,
+        },
+    };
     Ok(ChatRequest {
         model,
         stream: peek.stream.unwrap_or(false),
+        stream_options,
     })
 }
 
@@ -214,7 +257,8 @@ mod tests {
             r,
             ChatRequest {
                 model: Some("gpt-4o".into()),
-                stream: true
+                stream: true,
+                stream_options: StreamOptions::Absent,
             }
         );
         let r = inspect(br#" {"messages":[]} "#).unwrap();
@@ -222,8 +266,29 @@ mod tests {
             r,
             ChatRequest {
                 model: None,
-                stream: false
+                stream: false,
+                stream_options: StreamOptions::Absent,
             }
+        );
+        let so = |b: &[u8]| inspect(b).unwrap().stream_options;
+        assert_eq!(
+            so(br#"{"stream_options":{"include_usage":true}}"#),
+            StreamOptions::Object {
+                include_usage: Some(true)
+            }
+        );
+        assert!(so(br#"{"stream_options":{"include_usage":true}}"#).include_usage());
+        assert_eq!(
+            so(br#"{"stream_options":{}}"#),
+            StreamOptions::Object {
+                include_usage: None
+            }
+        );
+        assert_eq!(so(br#"{"stream_options":null}"#), StreamOptions::Absent);
+        assert_eq!(so(br#"{"stream_options":5}"#), StreamOptions::Other);
+        assert_eq!(
+            so(br#"{"stream_options":{"include_usage":"y"}}"#),
+            StreamOptions::Other
         );
         assert_eq!(inspect(b"").unwrap_err().status(), 400);
         assert_eq!(inspect(b"[1]").unwrap_err().status(), 400);

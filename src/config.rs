@@ -130,6 +130,10 @@ pub struct SidecarSpec {
     /// Usage records buffered per worker while the sidecar cannot take them, in bytes of JSON.
     #[serde(default = "default_usage_buffer_bytes")]
     pub usage_buffer_bytes: usize,
+    /// Operator allow-list of provider destinations (SSRF policy, `crate::destination`): providers
+    /// resolved by the sidecar whose URL the policy refuses are refused by the filter too.
+    #[serde(default)]
+    pub allowed_destinations: String,
 }
 
 fn default_sidecar_cluster() -> String {
@@ -177,6 +181,7 @@ pub struct SidecarPlan {
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
     pub usage_buffer_bytes: usize,
+    pub destinations: crate::destination::Policy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -292,6 +297,9 @@ pub struct ProviderSpec {
     /// always fall back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fallback_on429: bool,
+    /// Upstream timeouts for this provider (`totalMs`, `perTryMs`); unset: the Envoy route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<crate::plan::Timeouts>,
 }
 
 /// A custom configuration: which providers and models a key may use, with optional overrides.
@@ -349,127 +357,9 @@ pub struct KeySpec {
 // What requests read.
 // ----------------------------------------------------------------------------------------------
 
-/// Provider API flavours the gateway can shape requests for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProviderKind {
-    #[serde(rename = "OPENAI")]
-    OpenAi,
-    #[serde(rename = "AZURE")]
-    Azure,
-    #[serde(rename = "GEMINI")]
-    Gemini,
-    #[serde(rename = "VERTEXAIGEMINI")]
-    VertexAiGemini,
-    #[serde(rename = "MISTRAL")]
-    Mistral,
-    #[serde(rename = "GROQ")]
-    Groq,
-    #[serde(rename = "ANTHROPIC")]
-    Anthropic,
-    /// Any OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) at a user-given URL.
-    #[serde(rename = "OPENAI_COMPATIBLE")]
-    OpenAiCompatible,
-}
-
-impl ProviderKind {
-    pub fn parse(s: &str) -> Option<ProviderKind> {
-        let up = s.trim().to_ascii_uppercase().replace(['-', ' '], "_");
-        Some(match up.as_str() {
-            "OPENAI" => ProviderKind::OpenAi,
-            "AZURE" | "AZURE_OPENAI" | "AZUREOPENAI" => ProviderKind::Azure,
-            "GEMINI" | "GOOGLE" => ProviderKind::Gemini,
-            "VERTEXAIGEMINI" | "VERTEX_AI_GEMINI" | "VERTEXAI" | "VERTEX" => {
-                ProviderKind::VertexAiGemini
-            }
-            "MISTRAL" => ProviderKind::Mistral,
-            "GROQ" => ProviderKind::Groq,
-            "ANTHROPIC" => ProviderKind::Anthropic,
-            "OPENAI_COMPATIBLE" | "CUSTOM" | "VLLM" | "OLLAMA" | "LLAMACPP" | "LLAMA_CPP"
-            | "HOSTED" => ProviderKind::OpenAiCompatible,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi => "OPENAI",
-            ProviderKind::Azure => "AZURE",
-            ProviderKind::Gemini => "GEMINI",
-            ProviderKind::VertexAiGemini => "VERTEXAIGEMINI",
-            ProviderKind::Mistral => "MISTRAL",
-            ProviderKind::Groq => "GROQ",
-            ProviderKind::Anthropic => "ANTHROPIC",
-            ProviderKind::OpenAiCompatible => "OPENAI_COMPATIBLE",
-        }
-    }
-}
-
-/// A model as the client names it, and as the provider expects it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Model {
-    pub name: String,
-    pub upstream: String,
-}
-
-/// A provider as one key's configuration sees it: overrides applied, models narrowed.
-/// `Debug` is written by hand so that the key can never reach a log line.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResolvedProvider {
-    pub name: String,
-    pub kind: ProviderKind,
-    pub base: BaseUrl,
-    #[serde(default)]
-    pub api_version: Option<String>,
-    pub models: Vec<Model>,
-    #[serde(default)]
-    pub is_hosted: bool,
-    /// The provider key. Serialized only on the sidecar→filter internal channel; never logged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-    /// Envoy cluster the request goes to.
-    pub envoy_cluster: String,
-    #[serde(default)]
-    pub cluster_id: Option<String>,
-    #[serde(default)]
-    pub fallback: Vec<String>,
-    /// Speaks the provider's native API (requests and responses translated by the gateway).
-    #[serde(default)]
-    pub native: bool,
-    #[serde(default)]
-    pub fallback_on429: bool,
-}
-
-impl std::fmt::Debug for ResolvedProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResolvedProvider")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("base", &self.base)
-            .field("models", &self.models)
-            .field("is_hosted", &self.is_hosted)
-            .field("api_key", &self.key_last4().map(|l| format!("...{l}")))
-            .field("envoy_cluster", &self.envoy_cluster)
-            .finish()
-    }
-}
-
-impl ResolvedProvider {
-    pub fn model(&self, name: &str) -> Option<&Model> {
-        self.models.iter().find(|m| m.name == name)
-    }
-
-    /// Last four characters of the provider key, for reports.
-    pub fn key_last4(&self) -> Option<String> {
-        self.api_key.as_deref().map(last4)
-    }
-}
-
-/// Last four characters of a secret (or fewer if it is that short).
-pub fn last4(secret: &str) -> String {
-    let n = secret.chars().count();
-    secret.chars().skip(n.saturating_sub(4)).collect()
-}
+// Provider kinds, models and resolved providers live in `plan` (a leaf module both this one and
+// `providers` import: no module circle).
+pub use crate::plan::{last4, Model, ProviderKind, ResolvedProvider};
 
 /// Everything a request needs to know about its caller: produced from static config or by the sidecar.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -497,6 +387,10 @@ pub struct Identity {
     /// Prices by `provider/model` (the sidecar's catalog and overrides), for the cost metric.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, Price>,
+    /// Set by the filter when a provider of this identity points where the destination policy
+    /// forbids: `(provider, reason)`; requests with the key are refused (403 destination_forbidden).
+    #[serde(skip)]
+    pub refused: Option<(String, String)>,
 }
 
 impl Identity {
@@ -638,6 +532,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             fallback_providers,
             store_prompts: false,
             prices: Default::default(),
+            refused: None,
         };
         if keys.insert(hash, Rc::new(identity)).is_some() {
             return Err(format!("key '{}' has the same sha256 as another key", k.id));
@@ -675,6 +570,8 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
                 breaker_failures: sc.breaker_failures,
                 breaker_cooldown_ms: sc.breaker_cooldown_seconds.saturating_mul(1000),
                 usage_buffer_bytes: sc.usage_buffer_bytes,
+                destinations: crate::destination::Policy::parse(&sc.allowed_destinations)
+                    .map_err(|e| format!("sidecar.allowedDestinations: {e}"))?,
             })
         }
     };
@@ -881,6 +778,7 @@ fn resolve_entry(
         fallback: reg.spec.fallback.clone(),
         native: reg.native,
         fallback_on429: reg.spec.fallback_on429,
+        timeouts: reg.spec.timeouts,
     })
 }
 

@@ -125,7 +125,12 @@ struct Shared {
     next_id: RefCell<u64>,
     /// This VM's part of the records-buffered gauge, as last reported.
     buffered_reported: RefCell<usize>,
+    /// Key → SHA-256 digest, for the keys this VM has seen (at most `MAX_DIGESTS`).
+    digests: RefCell<HashMap<String, String>>,
 }
+
+/// Keys whose digest a VM remembers.
+const MAX_DIGESTS: usize = 1024;
 
 impl Shared {
     /// Brings this VM's part of `llmgw.usage.records_buffered` up to date (the preStop hook waits for
@@ -152,6 +157,7 @@ impl Default for Shared {
             id_prefix: RefCell::default(),
             next_id: RefCell::default(),
             buffered_reported: RefCell::default(),
+            digests: RefCell::default(),
         }
     }
 }
@@ -166,13 +172,88 @@ enum RootCallout {
     Refresh(String),
 }
 
-/// Metric ids by name, defined on first use.
+/// Metric ids by name, defined on first use; per-request metrics by (provider, model), so a request
+/// formats no name and hashes two short strings.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<String, u32>,
+    models: HashMap<String, HashMap<String, ModelMetrics>>,
+}
+
+/// The ids of one (provider, model)'s metrics (`requests` per status code, defined on first use).
+struct ModelMetrics {
+    requests: Vec<(u32, Option<u32>)>,
+    tokens_in: Option<u32>,
+    tokens_out: Option<u32>,
+    duration: Option<u32>,
+    cost: Option<u32>,
+    ttft: Option<u32>,
+    fallbacks: Option<u32>,
+}
+
+/// Status codes whose request-counter id one (provider, model) remembers.
+const MAX_STATUS_IDS: usize = 32;
+
+fn define(kind: MetricKind, name: &str) -> Option<u32> {
+    match host().define_metric(kind, name) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            log::warn!("llm-gateway: cannot define metric {name}: {e:?}");
+            None
+        }
+    }
+}
+
+impl ModelMetrics {
+    fn new(provider: &str, model: &str) -> Self {
+        use MetricKind::{Counter, Histogram};
+        ModelMetrics {
+            requests: Vec::new(),
+            tokens_in: define(Counter, &metrics::tokens(provider, model, "input")),
+            tokens_out: define(Counter, &metrics::tokens(provider, model, "output")),
+            duration: define(Histogram, &metrics::duration(provider, model)),
+            cost: define(Counter, &metrics::cost(provider, model)),
+            ttft: define(Histogram, &metrics::ttft(provider, model)),
+            fallbacks: define(Counter, &metrics::fallbacks(provider)),
+        }
+    }
+
+    fn request(&mut self, provider: &str, model: &str, status: u32) -> Option<u32> {
+        if let Some((_, id)) = self.requests.iter().find(|(s, _)| *s == status) {
+            return *id;
+        }
+        let id = define(
+            MetricKind::Counter,
+            &metrics::requests(provider, model, status),
+        );
+        if self.requests.len() < MAX_STATUS_IDS {
+            self.requests.push((status, id));
+        }
+        id
+    }
+}
+
+fn inc(id: Option<u32>, n: u64) {
+    if let Some(id) = id {
+        host().increment_metric(id, n);
+    }
+}
+
+fn rec(id: Option<u32>, v: u64) {
+    if let Some(id) = id {
+        host().record_metric(id, v);
+    }
 }
 
 impl Metrics {
+    /// The metrics of one (provider, model), defined the first time it is seen.
+    fn model(&mut self, provider: &str, model: &str) -> &mut ModelMetrics {
+        let by_model = self.models.entry_ref(provider).or_default();
+        by_model
+            .entry_ref(model)
+            .or_insert_with(|| ModelMetrics::new(provider, model))
+    }
+
     fn id(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
         if let Some(id) = self.ids.get(name) {
             return Some(*id);
@@ -202,12 +283,6 @@ impl Metrics {
         }
         if let Some(id) = self.id(MetricKind::Gauge, name) {
             host().add_gauge(id, delta);
-        }
-    }
-
-    fn record(&mut self, name: &str, value: u64) {
-        if let Some(id) = self.id(MetricKind::Histogram, name) {
-            host().record_metric(id, value);
         }
     }
 }
@@ -334,10 +409,14 @@ fn store_answer(
 ) -> Result<Rc<Identity>, GatewayError> {
     let now = now_ms();
     match resolve::parse_answer(status, body) {
-        Ok(Resolved::Known { identity, ttl_ms }) => {
+        Ok(Resolved::Known {
+            mut identity,
+            ttl_ms,
+        }) => {
             shared.breaker.borrow_mut().success();
             let fresh_until = now.saturating_add(ttl_ms);
             let stale_until = fresh_until.saturating_add(sidecar.stale_ms);
+            identity.refused = resolve::refused_destination(&identity, &sidecar.destinations);
             let identity: Rc<Identity> = Rc::from(identity);
             shared.cache.borrow_mut().store_known(
                 hash,
@@ -509,6 +588,13 @@ impl GatewayRoot {
             exchange: None,
         })
     }
+}
+
+/// The status the client received (`response.code`, an 8-byte little-endian integer), at log time.
+fn client_status() -> Option<u32> {
+    let b = host().property(&["response", "code"]).ok().flatten()?;
+    let a: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    u32::try_from(i64::from_le_bytes(a)).ok().filter(|s| *s > 0)
 }
 
 /// A header that must be text (a provider name, tags): present but not UTF-8 is a clear 400.
@@ -722,7 +808,7 @@ impl GatewayHttp {
                 set_header(h, None);
             }
         }
-        let hash = auth::key_hash(&self.plan, key.as_deref())?;
+        let hash = self.key_digest(key.as_deref())?;
         let pending = Pending {
             endpoint,
             headers_ended: end_of_stream,
@@ -739,6 +825,23 @@ impl GatewayHttp {
                 Ok(Flow::Pause)
             }
         }
+    }
+
+    /// The key's SHA-256, computed once per VM for the keys it sees (a bounded map, cleared when full).
+    fn key_digest(&self, key: Option<&str>) -> Result<String, GatewayError> {
+        let Some(k) = key else {
+            return auth::key_hash(&self.plan, None);
+        };
+        if let Some(h) = self.shared.digests.borrow().get(k) {
+            return Ok(h.clone());
+        }
+        let h = auth::key_hash(&self.plan, Some(k))?;
+        let mut d = self.shared.digests.borrow_mut();
+        if d.len() >= MAX_DIGESTS {
+            d.clear();
+        }
+        d.insert(k.to_string(), h.clone());
+        Ok(h)
     }
 
     /// Static keys first, then the VM cache, the shared cache, and finally a sidecar callout.
@@ -763,8 +866,10 @@ impl GatewayHttp {
         }
         // Another worker may already have asked the sidecar.
         if let Ok(Some(bytes)) = host().shared_get(&resolve::shared_key(&p.hash)) {
-            if let Some((fresh_until, stale_until, identity)) = resolve::decode_shared(&bytes) {
+            if let Some((fresh_until, stale_until, mut identity)) = resolve::decode_shared(&bytes) {
                 if now < stale_until {
+                    identity.refused =
+                        resolve::refused_destination(&identity, &sidecar.destinations);
                     let identity = Rc::new(identity);
                     self.shared.cache.borrow_mut().store_known(
                         &p.hash,
@@ -799,6 +904,12 @@ impl GatewayHttp {
 
     /// Continues an authenticated request (from the headers callback or after a callout).
     fn proceed(&mut self, identity: Rc<Identity>, p: Pending) -> Result<Flow, GatewayError> {
+        if let Some((provider, reason)) = &identity.refused {
+            return Err(GatewayError::DestinationForbidden {
+                provider: provider.clone(),
+                reason: reason.clone(),
+            });
+        }
         match p.endpoint {
             Endpoint::ListModels => Ok(self.reply_json(&gateway::list_models(&identity))),
             Endpoint::GetModel(name) => {
@@ -1223,7 +1334,11 @@ impl GatewayHttp {
                 (None, false) => (usage::from_json_response(&ex.json), true),
             },
         };
-        let status = if ex.status == 0 { 502 } else { ex.status };
+        // What the client received: Envoy's `response.code` (an Envoy-generated 5xx after the
+        // provider's headers, a translated status), else the provider's status; no answer is a 502.
+        let status = client_status()
+            .or((ex.status != 0).then_some(ex.status))
+            .unwrap_or(502);
         let ok = (200..300).contains(&status);
         let (u, estimated) = match facts.usage {
             Some(u) => (u, false),
@@ -1263,25 +1378,20 @@ impl GatewayHttp {
             config_id: &id.config_id,
         });
         {
-            let mut m = self.shared.metrics.borrow_mut();
-            m.add(&metrics::requests(&provider, &r.model, status), 1);
+            let mut all = self.shared.metrics.borrow_mut();
+            let m = all.model(&provider, &r.model);
+            inc(m.request(&provider, &r.model, status), 1);
             if ex.fallback {
-                m.add(&metrics::fallbacks(&provider), 1);
+                inc(m.fallbacks, 1);
             }
-            m.add(
-                &metrics::tokens(&provider, &r.model, "input"),
-                u.prompt_tokens,
-            );
-            m.add(
-                &metrics::tokens(&provider, &r.model, "output"),
-                u.completion_tokens,
-            );
-            m.record(&metrics::duration(&provider, &r.model), latency);
+            inc(m.tokens_in, u.prompt_tokens);
+            inc(m.tokens_out, u.completion_tokens);
+            rec(m.duration, latency);
             if let Some(cost) = cost {
-                m.add(&metrics::cost(&provider, &r.model), cost);
+                inc(m.cost, cost);
             }
             if let Some(t) = ttft {
-                m.record(&metrics::ttft(&provider, &r.model), t);
+                rec(m.ttft, t);
             }
         }
         if self.plan.sidecar.is_none() {
@@ -1522,6 +1632,26 @@ mod tests {
         assert_eq!(f.metric(&metrics::requests("local", "m1", 200)), Some(1));
         assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(7));
         assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
+    }
+
+    #[test]
+    fn the_record_says_what_the_client_received() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        http.on_http_request_headers(5, false);
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        f.st().request_body = body.to_vec();
+        http.on_http_request_body(body.len(), true);
+        f.st().response_headers = headers(&[(":status", b"200")]);
+        http.on_http_response_headers(1, false);
+        // The provider said 200, then Envoy answered 504 itself (e.g. the upstream timed out).
+        f.st()
+            .properties
+            .insert("response.code".into(), 504i64.to_le_bytes().to_vec());
+        http.on_log();
+        assert_eq!(f.metric(&metrics::requests("local", "m1", 504)), Some(1));
+        assert_eq!(f.metric(&metrics::requests("local", "m1", 200)), None);
     }
 
     #[test]

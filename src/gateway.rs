@@ -27,6 +27,9 @@ pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "anthropic-api-key",
     crate::usage::TAGS_HEADER,
     CLUSTER_HEADER,
+    // Timeouts are the operator's (route and per-provider), not the client's.
+    crate::plan::TOTAL_TIMEOUT_HEADER,
+    crate::plan::PER_TRY_TIMEOUT_HEADER,
 ];
 
 /// Everything the adapter must apply to send a chat request upstream.
@@ -90,7 +93,8 @@ pub fn route_to(
     let translated = target.translation.is_some();
     if req.stream && !translated && providers::supports_stream_usage(provider.kind) {
         let current = new_body.as_deref().unwrap_or(raw_body);
-        let (with_usage, client_asked) = usage::ensure_stream_usage(current);
+        let (with_usage, client_asked) =
+            usage::ensure_stream_usage_for(current, req.stream_options);
         strip_usage_chunk = !client_asked;
         if with_usage.is_some() {
             new_body = with_usage;
@@ -105,14 +109,20 @@ pub fn route_to(
         authority: provider.base.authority.clone(),
         path: target.path,
         auth: target.auth,
-        extra_headers: target.extra_headers,
+        extra_headers: {
+            let mut h = target.extra_headers;
+            if let Some(t) = &provider.timeouts {
+                h.extend(t.headers());
+            }
+            h
+        },
         body: new_body,
         stream: req.stream,
         upstream_model: target.body_model.unwrap_or_else(|| model.upstream.clone()),
         strip_usage_chunk,
         request_bytes: raw_body.len(),
         translation: target.translation,
-        client_wants_usage: translated && crate::translate::include_usage(raw_body),
+        client_wants_usage: translated && req.stream_options.include_usage(),
     })
 }
 

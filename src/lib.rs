@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod hostapi;
 pub mod metrics;
 pub mod pbstruct;
+pub mod plan;
 pub mod providers;
 pub mod report;
 pub mod resolve;

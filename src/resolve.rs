@@ -354,6 +354,28 @@ impl Refresher {
     }
 }
 
+/// The first provider of `identity` (selectable or fallback-only) whose destination `policy` refuses,
+/// as `(provider, reason)`. Checked once when the sidecar's answer arrives (issue 9 item 4: the API
+/// refuses such registrations, and the filter refuses them again in case the database was written
+/// some other way or the policies differ).
+pub fn refused_destination(
+    identity: &Identity,
+    policy: &crate::destination::Policy,
+) -> Option<(String, String)> {
+    identity
+        .providers
+        .iter()
+        .chain(identity.fallback_providers.iter())
+        .find_map(|p| {
+            let scheme = if p.base.tls { "https" } else { "http" };
+            let url = format!("{scheme}://{}{}", p.base.authority, p.base.path);
+            policy
+                .check_url(&url, p.is_hosted)
+                .err()
+                .map(|reason| (p.name.clone(), reason))
+        })
+}
+
 /// Body of the resolve callout.
 pub fn request_body(hash: &str) -> Vec<u8> {
     format!("{{\"keySha256\":\"{hash}\"}}").into_bytes()
@@ -598,6 +620,30 @@ mod tests {
         // A refresh that never finished stops blocking after the timeout.
         assert!(r.request("b", 1000));
         assert_eq!(r.take(1, 1000), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn destinations_are_checked() {
+        use crate::destination::Policy;
+        let id = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
+            Resolved::Known { identity, .. } => identity,
+            _ => unreachable!(),
+        };
+        assert_eq!(refused_destination(&id, &Policy::default()), None);
+        let mut bad = (*id).clone();
+        bad.providers[0].base.authority = "169.254.169.254".into();
+        let (p, reason) = refused_destination(&bad, &Policy::parse("169.254.0.0/16").unwrap())
+            .expect("metadata endpoints are never allowed");
+        assert_eq!(p, "p");
+        assert!(!reason.is_empty());
+        bad.providers[0].base.authority = "127.0.0.1:9901".into();
+        assert!(refused_destination(&bad, &Policy::default()).is_some());
+        assert!(refused_destination(&bad, &Policy::parse("127.0.0.1").unwrap()).is_none());
+        // Private addresses: hosted providers only.
+        bad.providers[0].base.authority = "10.1.2.3:8000".into();
+        assert!(refused_destination(&bad, &Policy::default()).is_some());
+        bad.providers[0].is_hosted = true;
+        assert!(refused_destination(&bad, &Policy::default()).is_none());
     }
 
     #[test]

@@ -133,6 +133,7 @@ mod tests {
             fallback: vec![],
             native: false,
             fallback_on429: false,
+            timeouts: None,
         }
     }
 
@@ -152,6 +153,7 @@ mod tests {
             fallback_providers: vec![],
             store_prompts: false,
             prices: Default::default(),
+            refused: None,
         }
     }
 

@@ -298,14 +298,32 @@ pub fn ensure_stream_usage(body: &[u8]) -> (Option<Vec<u8>>, bool) {
     let Ok(peek) = serde_json::from_slice::<StreamOptionsPeek>(body) else {
         return (None, true);
     };
-    match peek.stream_options {
-        Some(o) if o.include_usage == Some(true) => (None, true),
-        Some(_) => {
+    let opts = match peek.stream_options {
+        Some(o) => crate::body::StreamOptions::Object {
+            include_usage: o.include_usage,
+        },
+        None => crate::body::StreamOptions::Absent,
+    };
+    ensure_stream_usage_for(body, opts)
+}
+
+/// [`ensure_stream_usage`] for a body whose `stream_options` were already read (no second parse).
+pub fn ensure_stream_usage_for(
+    body: &[u8],
+    opts: crate::body::StreamOptions,
+) -> (Option<Vec<u8>>, bool) {
+    use crate::body::StreamOptions as O;
+    match opts {
+        O::Other => (None, true),
+        O::Object {
+            include_usage: Some(true),
+        } => (None, true),
+        O::Object { .. } => {
             let b =
                 crate::body::with_object_member(body, "stream_options", "include_usage", "true");
             (b, false)
         }
-        None => {
+        O::Absent => {
             let b = crate::body::with_field(body, "stream_options", r#"{"include_usage":true}"#);
             (b, false)
         }

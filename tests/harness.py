@@ -152,6 +152,10 @@ class Envoy:
                  sidecar_port=None, patch=None):
         self.port = free_port()
         self.admin_port = free_port()
+        if isinstance(gateway_config, dict) and isinstance(gateway_config.get("sidecar"), dict):
+            # Fake providers listen on loopback, which the filter's SSRF policy refuses by default.
+            gateway_config = dict(gateway_config, sidecar=dict(
+                {"allowedDestinations": "127.0.0.1 localhost"}, **gateway_config["sidecar"]))
         self.dir = tempfile.mkdtemp(prefix="llmgw-envoy-")
         cfg = envoy_config.render(self.port, self.admin_port, gateway_config, as_string=as_string,
                                   extra_clusters=extra_clusters, env_keys=env_keys,

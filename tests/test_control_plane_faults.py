@@ -194,3 +194,29 @@ def test_hung_control_plane_serves_stale_and_breaks():
             envoy.stop()
         sc.stop()
         up.stop()
+
+
+def test_filter_refuses_forbidden_destinations():
+    """SSRF (issue 9 item 4), filter side: a provider the sidecar hands over that points at loopback (here
+    Envoy's own admin port) is refused unless the filter's allow-list names it."""
+    key = "sk-gw-ssrf-key"
+    up = FakeUpstream(hosted_responder)
+    sc = CountingSidecar(up.url, key)
+    cfg = {"sidecar": {"token": TOKEN, "timeoutMs": 1000, "allowedDestinations": "10.0.0.0/8"},
+           "providers": [], "keys": []}
+    envoy = Envoy(cfg, sidecar_port=sc.port)
+    # The tenant's provider points at Envoy's admin listener.
+    sc.identity["providers"][0]["base"]["authority"] = f"127.0.0.1:{envoy.admin_port}"
+    sc.identity["providers"][0]["isHosted"] = False
+    envoy.start()
+    try:
+        s, b, _ = timed_chat(envoy, key)
+        err = json.loads(b)["error"]
+        assert s == 403 and err["code"] == "destination_forbidden" and err["type"] == "permission_error", b
+        assert "hosted" in err["message"] and "127.0.0.1" in err["message"]
+        s, _, b = request("GET", envoy.url + "/openai/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert s == 403
+    finally:
+        envoy.stop()
+        sc.server.stop()
+        up.stop()

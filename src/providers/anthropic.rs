@@ -2,8 +2,8 @@
 //! (The native Messages API translation is a separate, later provider mode.)
 
 use super::{required_key, Target, Translation};
-use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ResolvedProvider};
 
 pub const DEFAULT_BASE: Option<&str> = Some("https://api.anthropic.com/v1");
 
@@ -28,7 +28,7 @@ pub fn native(p: &ResolvedProvider, model: &Model, body: &[u8]) -> Result<Target
 mod tests {
     use super::super::test_support::{model, provider};
     use super::*;
-    use crate::config::ProviderKind;
+    use crate::plan::ProviderKind;
 
     #[test]
     fn shapes_anthropic_compat() {

@@ -2,8 +2,8 @@
 //! `api-key` header. The deployment is the model's upstream name.
 
 use super::{encode_segment, required_key, Target};
-use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ResolvedProvider};
 
 pub const DEFAULT_BASE: Option<&str> = None;
 /// Used when the registration names no `apiVersion`.
@@ -29,7 +29,7 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
 mod tests {
     use super::super::test_support::{model, provider};
     use super::*;
-    use crate::config::ProviderKind;
+    use crate::plan::ProviderKind;
 
     #[test]
     fn shapes_azure() {

@@ -1,8 +1,8 @@
 //! Google Gemini API through its OpenAI-compatible endpoint: `{base}/chat/completions`, bearer key.
 
 use super::{required_key, Target, Translation};
-use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ResolvedProvider};
 
 pub const DEFAULT_BASE: Option<&str> =
     Some("https://generativelanguage.googleapis.com/v1beta/openai");
@@ -37,7 +37,7 @@ pub fn native(
 mod tests {
     use super::super::test_support::{model, provider};
     use super::*;
-    use crate::config::ProviderKind;
+    use crate::plan::ProviderKind;
 
     #[test]
     fn shapes_gemini() {

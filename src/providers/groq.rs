@@ -1,8 +1,8 @@
 //! Groq: `POST {base}/chat/completions` under `/openai/v1`, bearer key.
 
 use super::Target;
-use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ResolvedProvider};
 
 pub const DEFAULT_BASE: Option<&str> = Some("https://api.groq.com/openai/v1");
 
@@ -14,7 +14,7 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
 mod tests {
     use super::super::test_support::{model, provider};
     use super::*;
-    use crate::config::ProviderKind;
+    use crate::plan::ProviderKind;
 
     #[test]
     fn shapes_groq() {

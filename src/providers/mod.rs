@@ -2,8 +2,8 @@
 //! caller's config sees it and the chosen model, each returns the upstream [`Target`]: path, auth
 //! header and the model name the body must carry. Adding a provider is adding a file and a match arm.
 
-use crate::config::{Model, ProviderKind, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ProviderKind, ResolvedProvider};
 
 mod anthropic;
 mod azure;
@@ -152,7 +152,7 @@ pub(crate) fn encode_segment(s: &str) -> String {
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    use crate::config::{Model, ProviderKind, ResolvedProvider};
+    use crate::plan::{Model, ProviderKind, ResolvedProvider};
     use crate::url::BaseUrl;
 
     pub fn provider(kind: ProviderKind, url: &str, key: Option<&str>) -> ResolvedProvider {
@@ -169,6 +169,7 @@ pub(crate) mod test_support {
             fallback: vec![],
             native: false,
             fallback_on429: false,
+            timeouts: None,
         }
     }
 

@@ -2,8 +2,8 @@
 //! `{base}/chat/completions`; a bearer key only if one is configured.
 
 use super::{bearer, Target};
-use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ResolvedProvider};
 
 pub const DEFAULT_BASE: Option<&str> = None;
 
@@ -24,7 +24,7 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
 mod tests {
     use super::super::test_support::{model, provider};
     use super::*;
-    use crate::config::ProviderKind;
+    use crate::plan::ProviderKind;
 
     #[test]
     fn shapes_custom() {

@@ -3,8 +3,8 @@
 //! `.../v1/projects/{project}/locations/{location}`; bearer access token; models are `google/<name>`.
 
 use super::{bearer, required_key, Target, Translation};
-use crate::config::{Model, ResolvedProvider};
 use crate::error::GatewayError;
+use crate::plan::{Model, ResolvedProvider};
 
 pub const DEFAULT_BASE: Option<&str> = None;
 
@@ -50,7 +50,7 @@ pub fn native(
 mod tests {
     use super::super::test_support::{model, provider};
     use super::*;
-    use crate::config::ProviderKind;
+    use crate::plan::ProviderKind;
 
     #[test]
     fn shapes_vertex() {

@@ -51,6 +51,9 @@ struct ProviderIn {
     /// Fall back to the next provider on 429 too (5xx and connection failures always fall back).
     #[serde(default, alias = "fallback_on_429")]
     fallback_on429: bool,
+    /// Upstream timeouts (`totalMs`, `perTryMs`), set by the filter as Envoy per-request headers.
+    #[serde(default)]
+    timeouts: Option<llm_gateway::plan::Timeouts>,
     /// Price overrides, USD per 1M tokens, by model (stored with the registration, not in the filter's spec).
     #[serde(default)]
     prices: Option<PriceOverrides>,
@@ -185,6 +188,7 @@ impl ProviderIn {
             fallback,
             api: self.api.clone().filter(|a| !a.trim().is_empty()),
             fallback_on429: self.fallback_on429,
+            timeouts: self.timeouts,
         })
     }
 }
@@ -214,6 +218,7 @@ fn provider_out(p: &StoredProvider) -> Value {
         "fallback": p.spec.fallback,
         "api": p.spec.api,
         "fallbackOn429": p.spec.fallback_on429,
+        "timeouts": p.spec.timeouts,
         "prices": p.prices,
         "apiKeyLast4": p.last4,
         "createTime": rfc3339(p.created_at),

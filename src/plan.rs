@@ -1,0 +1,165 @@
+//! What a request reads about providers: their kinds, models and the provider a key's configuration
+//! resolves to. Plain types with accessors, imported by both `config` (which compiles them) and
+//! `providers` (which shapes requests with them), so neither imports the other.
+
+use crate::url::BaseUrl;
+use serde::{Deserialize, Serialize};
+
+/// Provider API flavours the gateway can shape requests for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProviderKind {
+    #[serde(rename = "OPENAI")]
+    OpenAi,
+    #[serde(rename = "AZURE")]
+    Azure,
+    #[serde(rename = "GEMINI")]
+    Gemini,
+    #[serde(rename = "VERTEXAIGEMINI")]
+    VertexAiGemini,
+    #[serde(rename = "MISTRAL")]
+    Mistral,
+    #[serde(rename = "GROQ")]
+    Groq,
+    #[serde(rename = "ANTHROPIC")]
+    Anthropic,
+    /// Any OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) at a user-given URL.
+    #[serde(rename = "OPENAI_COMPATIBLE")]
+    OpenAiCompatible,
+}
+
+impl ProviderKind {
+    pub fn parse(s: &str) -> Option<ProviderKind> {
+        let up = s.trim().to_ascii_uppercase().replace(['-', ' '], "_");
+        Some(match up.as_str() {
+            "OPENAI" => ProviderKind::OpenAi,
+            "AZURE" | "AZURE_OPENAI" | "AZUREOPENAI" => ProviderKind::Azure,
+            "GEMINI" | "GOOGLE" => ProviderKind::Gemini,
+            "VERTEXAIGEMINI" | "VERTEX_AI_GEMINI" | "VERTEXAI" | "VERTEX" => {
+                ProviderKind::VertexAiGemini
+            }
+            "MISTRAL" => ProviderKind::Mistral,
+            "GROQ" => ProviderKind::Groq,
+            "ANTHROPIC" => ProviderKind::Anthropic,
+            "OPENAI_COMPATIBLE" | "CUSTOM" | "VLLM" | "OLLAMA" | "LLAMACPP" | "LLAMA_CPP"
+            | "HOSTED" => ProviderKind::OpenAiCompatible,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "OPENAI",
+            ProviderKind::Azure => "AZURE",
+            ProviderKind::Gemini => "GEMINI",
+            ProviderKind::VertexAiGemini => "VERTEXAIGEMINI",
+            ProviderKind::Mistral => "MISTRAL",
+            ProviderKind::Groq => "GROQ",
+            ProviderKind::Anthropic => "ANTHROPIC",
+            ProviderKind::OpenAiCompatible => "OPENAI_COMPATIBLE",
+        }
+    }
+}
+
+/// A model as the client names it, and as the provider expects it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Model {
+    pub name: String,
+    pub upstream: String,
+}
+
+/// A provider as one key's configuration sees it: overrides applied, models narrowed.
+/// `Debug` is written by hand so that the key can never reach a log line.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedProvider {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base: BaseUrl,
+    #[serde(default)]
+    pub api_version: Option<String>,
+    pub models: Vec<Model>,
+    #[serde(default)]
+    pub is_hosted: bool,
+    /// The provider key. Serialized only on the sidecar→filter internal channel; never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Envoy cluster the request goes to.
+    pub envoy_cluster: String,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// Speaks the provider's native API (requests and responses translated by the gateway).
+    #[serde(default)]
+    pub native: bool,
+    #[serde(default)]
+    pub fallback_on429: bool,
+    /// Per-provider timeouts, sent to Envoy as per-request headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+}
+
+/// Upstream timeouts of one provider, in milliseconds (each optional; unset keeps the route's value
+/// from the Envoy configuration). Envoy enforces them: the filter only sets
+/// `x-envoy-upstream-rq-timeout-ms` (`totalMs`) and `x-envoy-upstream-rq-per-try-timeout-ms`
+/// (`perTryMs`) on the request it routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// The whole exchange, from the end of the request to the end of the response (streams
+    /// included: a stream longer than this is cut). `0` disables it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    /// Each attempt (the first and every retry), bounded by `totalMs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_ms: Option<u64>,
+}
+
+/// Envoy's per-request timeout headers (the router reads them when it routes the request).
+pub const TOTAL_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
+pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
+
+impl Timeouts {
+    /// The headers that carry these timeouts.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        if let Some(t) = self.total_ms {
+            v.push((TOTAL_TIMEOUT_HEADER, t.to_string()));
+        }
+        if let Some(t) = self.per_try_ms {
+            v.push((PER_TRY_TIMEOUT_HEADER, t.to_string()));
+        }
+        v
+    }
+}
+
+impl std::fmt::Debug for ResolvedProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedProvider")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base", &self.base)
+            .field("models", &self.models)
+            .field("is_hosted", &self.is_hosted)
+            .field("api_key", &self.key_last4().map(|l| format!("...{l}")))
+            .field("envoy_cluster", &self.envoy_cluster)
+            .finish()
+    }
+}
+
+impl ResolvedProvider {
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Last four characters of the provider key, for reports.
+    pub fn key_last4(&self) -> Option<String> {
+        self.api_key.as_deref().map(last4)
+    }
+}
+
+/// Last four characters of a secret (or fewer if it is that short).
+pub fn last4(secret: &str) -> String {
+    let n = secret.chars().count();
+    secret.chars().skip(n.saturating_sub(4)).collect()
+}
