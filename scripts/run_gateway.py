@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import envoy_config  # noqa: E402
 
 DEMO_KEY = "sk-gw-demo-0123456789"
-SIDECAR_BIN = os.path.join(envoy_config.ROOT, "target", "release", "llm-gateway-sidecar")
+SIDECAR_BIN = os.environ.get("LLM_GATEWAY_SIDECAR_BIN") or os.path.join(
+    envoy_config.ROOT, "target", "release", "llm-gateway-sidecar")
 
 
 def wait_ready(url, deadline, procs):

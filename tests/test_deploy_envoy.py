@@ -152,7 +152,8 @@ def test_no_route_is_openai_404():
         assert_openai_error(s, hd, b, 404, "not_found", "invalid_request_error")
 
 
-def access_lines(envoy, want, timeout=5):
+def access_lines(envoy, want, timeout=15):
+    # Envoy flushes access-log files every 10 s by default (--file-flush-interval-msec).
     deadline = time.time() + timeout
     while True:
         lines = []
