@@ -33,6 +33,8 @@ ensure_python() {
     python3 -c 'import pytest' 2>/dev/null || need+=(pytest)
     python3 -c 'import openai' 2>/dev/null || need+=(openai)
     python3 -c 'import langchain_openai' 2>/dev/null || need+=(langchain-openai)
+    # Property-based API test of the sidecar against its OpenAPI document.
+    command -v schemathesis >/dev/null || need+=(schemathesis)
   fi
   if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"

@@ -192,6 +192,7 @@ pub struct UpstreamClusters {
 }
 
 /// Routing preferences; used at org level and per API key.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
@@ -217,6 +218,7 @@ pub struct Settings {
 }
 
 /// A model entry: either a plain name, or a public name mapped to the name the provider expects.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ModelSpec {
@@ -323,6 +325,7 @@ pub struct ConfigSpec {
     pub providers: Vec<ConfigProviderSpec>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigProviderSpec {

@@ -6,6 +6,7 @@ use crate::url::BaseUrl;
 use serde::{Deserialize, Serialize};
 
 /// Provider API flavours the gateway can shape requests for.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProviderKind {
     #[serde(rename = "OPENAI")]
@@ -103,6 +104,7 @@ pub struct ResolvedProvider {
 /// from the Envoy configuration). Envoy enforces them: the filter only sets
 /// `x-envoy-upstream-rq-timeout-ms` (`totalMs`) and `x-envoy-upstream-rq-per-try-timeout-ms`
 /// (`perTryMs`) on the request it routes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeouts {

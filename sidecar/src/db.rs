@@ -18,11 +18,39 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// PostgreSQL advisory lock held while migrating and bootstrapping (replicas start concurrently).
 const STARTUP_LOCK: i64 = 7_426_001;
 
+/// True when the pool is SQLite (set once by [`connect`]).
+static SQLITE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A write transaction. On SQLite it starts with `BEGIN IMMEDIATE`: the write lock is taken up front, so a
+/// second writer (another process on the same file) waits up to the busy timeout instead of failing with
+/// "database is locked" when its read transaction would have to be upgraded.
+pub async fn begin_write(
+    pool: &AnyPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    } else {
+        pool.begin().await
+    }
+}
+
 pub async fn connect(url: &str, is_pg: bool) -> Result<AnyPool, String> {
     sqlx::any::install_default_drivers();
+    SQLITE.store(!is_pg, std::sync::atomic::Ordering::Relaxed);
     let pool = AnyPoolOptions::new()
         .max_connections(if is_pg { 8 } else { 4 })
         .acquire_timeout(Duration::from_secs(5))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if !is_pg {
+                    // Writers of other processes wait (up to 15 s) rather than fail.
+                    sqlx::query("PRAGMA busy_timeout = 15000")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
         .connect(url)
         .await
         .map_err(|e| format!("cannot open the database: {e}"))?;
@@ -84,7 +112,11 @@ async fn init_locked(
         if applied.contains(version) {
             continue;
         }
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut tx = if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
+            sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?
+        } else {
+            sqlx::Connection::begin(&mut *conn).await?
+        };
         for stmt in split_sql(sql) {
             sqlx::query(&stmt).execute(&mut *tx).await?;
         }
@@ -134,7 +166,11 @@ pub async fn create_org(
 ) -> Result<String, sqlx::Error> {
     let org_id = new_id("org");
     let now = now_ms();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
+        sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?
+    } else {
+        sqlx::Connection::begin(&mut *conn).await?
+    };
     sqlx::query(
         "INSERT INTO organizations (id, name, settings, created_at) VALUES ($1, $2, $3, $4)",
     )
@@ -182,7 +218,7 @@ pub fn routing(s: &Settings) -> Settings {
 }
 
 /// Per-model price override of a provider registration, USD per 1M tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceOverride {
     pub input: f64,

@@ -8,6 +8,7 @@
 mod caller;
 mod db;
 mod error;
+mod metrics;
 mod org;
 mod prices;
 mod routes;
@@ -17,22 +18,32 @@ mod tx;
 mod util;
 mod vault;
 
+use std::future::IntoFuture;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-const USAGE: &str = "usage: llm-gateway-sidecar [--data-dir DIR] [--listen ADDR]
+const USAGE: &str = "usage: llm-gateway-sidecar [serve] [--data-dir DIR] [--listen ADDR]
+       llm-gateway-sidecar openapi      print the OpenAPI document (what sidecar/openapi.json holds)
 
   --data-dir DIR   data directory (env LLM_GATEWAY_DATA_DIR, default ./.run/sidecar)
   --listen ADDR    listen address (env SIDECAR_ADDR, default 127.0.0.1:8081; port 0 picks a free port)
+  --internal-listen ADDR
+                   serve /internal/*, /metrics and health on this separate address (env
+                   SIDECAR_INTERNAL_ADDR); the public address then refuses /internal. Unset: one address
+                   serves everything (compatible default)
 
 Environment:
   DATABASE_URL                 postgres://... to use PostgreSQL (default: SQLite file DIR/sidecar.db)
   LLM_GATEWAY_VAULT_KEY        base64 of 32 bytes (default: DIR/vault.key, created 0600)
   LLM_GATEWAY_INTERNAL_TOKEN   token of /internal/* (default: DIR/internal.token, created 0600)
-  LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start
+  LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start (never printed)
+  LLM_GATEWAY_ADMIN_KEY_FILE   the same, read from a file (a mounted secret); without either, a key is
+                               generated and printed once on stdout
+  LLM_GATEWAY_LOG              log filter (default info; e.g. warn, debug, request=off)
+  LLM_GATEWAY_LOG_FORMAT       json (default) or text
   LLM_GATEWAY_CACHE_TTL        ttlSeconds returned by /internal/v1/resolve (default 30)
   LLM_GATEWAY_MODEL_SPECS      hosted model catalog (default config/hosted-model-specs.json, else built in)
   LLM_GATEWAY_MODEL_PRICES     list-price catalog (default config/model-prices.json, else built in)
@@ -43,6 +54,7 @@ Environment:
 struct Options {
     data_dir: PathBuf,
     listen: String,
+    internal_listen: Option<String>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -56,7 +68,11 @@ fn options() -> Result<Option<Options>, String> {
     let mut data_dir =
         env_nonempty("LLM_GATEWAY_DATA_DIR").unwrap_or_else(|| "./.run/sidecar".to_string());
     let mut listen = env_nonempty("SIDECAR_ADDR").unwrap_or_else(|| "127.0.0.1:8081".to_string());
-    let mut args = std::env::args().skip(1);
+    let mut internal_listen = env_nonempty("SIDECAR_INTERNAL_ADDR");
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("serve") {
+        args.next();
+    }
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) => (f.to_string(), Some(v.to_string())),
@@ -71,6 +87,7 @@ fn options() -> Result<Option<Options>, String> {
         match flag.as_str() {
             "--data-dir" => data_dir = value()?,
             "--listen" => listen = value()?,
+            "--internal-listen" => internal_listen = Some(value()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -81,10 +98,15 @@ fn options() -> Result<Option<Options>, String> {
     Ok(Some(Options {
         data_dir: PathBuf::from(data_dir),
         listen,
+        internal_listen,
     }))
 }
 
 async fn run() -> Result<(), String> {
+    if std::env::args().nth(1).as_deref() == Some("openapi") {
+        print!("{}", routes::openapi_json());
+        return Ok(());
+    }
     let Some(opts) = options()? else {
         return Ok(());
     };
@@ -109,9 +131,7 @@ async fn run() -> Result<(), String> {
         &env_nonempty(llm_gateway::destination::ALLOW_ENV).unwrap_or_default(),
     )
     .map_err(|e| format!("{}: {e}", llm_gateway::destination::ALLOW_ENV))?;
-    let hosted_specs = specs::load()?;
-    let pricing = prices::Pricing::new(prices::load()?, &hosted_specs);
-    let model_specs = serde_json::to_value(hosted_specs).map_err(|e| e.to_string())?;
+    let catalogs = state::Catalogs::load()?;
 
     let (url, is_pg) = match env_nonempty("DATABASE_URL") {
         Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => (u, true),
@@ -129,11 +149,28 @@ async fn run() -> Result<(), String> {
         }
     };
     let pool = db::connect(&url, is_pg).await?;
-    if let Some(boot) = db::init(&pool, is_pg, env_nonempty("LLM_GATEWAY_ADMIN_KEY")).await? {
+    let admin_key = match (
+        env_nonempty("LLM_GATEWAY_ADMIN_KEY"),
+        env_nonempty("LLM_GATEWAY_ADMIN_KEY_FILE"),
+    ) {
+        (Some(k), _) => Some(k),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("LLM_GATEWAY_ADMIN_KEY_FILE {path}: {e}"))?,
+        )
+        .filter(|k| !k.is_empty()),
+        (None, None) => None,
+    };
+    if let Some(boot) = db::init(&pool, is_pg, admin_key).await? {
+        tracing::info!(organization = %boot.org_id, "created the first organization");
         println!("llm-gateway-sidecar: created organization {}", boot.org_id);
         match boot.printed_key {
+            // Only a generated key is shown (once, on stdout, not in the log); a provided one never is.
             Some(k) => println!("admin API key (shown once, store it now): {k}"),
-            None => println!("admin API key: taken from LLM_GATEWAY_ADMIN_KEY"),
+            None => {
+                println!("admin API key: taken from LLM_GATEWAY_ADMIN_KEY (or _FILE), not printed")
+            }
         }
     }
 
@@ -143,23 +180,74 @@ async fn run() -> Result<(), String> {
         internal_token,
         ttl_seconds,
         write_lock: tokio::sync::Mutex::new(()),
-        model_specs,
-        pricing,
+        catalogs: std::sync::RwLock::new(Arc::new(catalogs)),
         destinations,
+        openapi: routes::openapi_json(),
+        metrics: metrics::Metrics::default(),
     });
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!(
-        "llm-gateway-sidecar listening on {addr} ({})",
-        if is_pg { "postgresql" } else { "sqlite" }
-    );
+    let internal = match &opts.internal_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let backend = if is_pg { "postgresql" } else { "sqlite" };
+    tokio::spawn(reload_on_sighup(state.clone()));
+    let public = match &internal {
+        Some(_) => routes::Listener::Public,
+        None => routes::Listener::All,
+    };
+    let public = axum::serve(listener, routes::router(state.clone(), public))
+        .with_graceful_shutdown(shutdown());
+    println!("llm-gateway-sidecar listening on {addr} ({backend})");
+    tracing::info!(%addr, backend, "listening");
+    let Some(internal) = internal else {
+        let _ = std::io::stdout().flush();
+        return public.await.map_err(|e| format!("server: {e}"));
+    };
+    let iaddr = internal.local_addr().map_err(|e| e.to_string())?;
+    println!("llm-gateway-sidecar internal endpoints on {iaddr}");
+    tracing::info!(addr = %iaddr, "internal endpoints listening");
     let _ = std::io::stdout().flush();
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .map_err(|e| format!("server: {e}"))
+    let internal = axum::serve(internal, routes::router(state, routes::Listener::Internal))
+        .with_graceful_shutdown(shutdown());
+    let (a, b) = tokio::join!(public.into_future(), internal.into_future());
+    a.and(b).map_err(|e| format!("server: {e}"))
+}
+
+/// `kill -HUP`: re-read the catalogs (hosted model specs, list prices) without a restart; a bad file is
+/// logged and the previous catalogs keep serving.
+async fn reload_on_sighup(st: state::AppState) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match st.reload_catalogs() {
+            Ok(()) => tracing::info!("catalogs reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "catalog reload failed; the previous catalogs keep serving")
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LLM_GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if env_nonempty("LLM_GATEWAY_LOG_FORMAT").as_deref() == Some("text") {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
 }
 
 async fn shutdown() {
@@ -179,10 +267,11 @@ async fn shutdown() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    init_logging();
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("llm-gateway-sidecar: {e}");
+            tracing::error!(error = %e, "llm-gateway-sidecar cannot run");
             ExitCode::FAILURE
         }
     }

@@ -12,6 +12,8 @@ use sqlx::{Any, Transaction};
 
 pub struct OrgWrite<'a> {
     _guard: tokio::sync::MutexGuard<'a, ()>,
+    started: std::time::Instant,
+    metrics: &'a crate::metrics::Metrics,
     pub tx: Transaction<'static, Any>,
     /// The organization's providers and configs as stored when the transaction began.
     pub providers: Vec<StoredProvider>,
@@ -21,12 +23,15 @@ pub struct OrgWrite<'a> {
 impl<'a> OrgWrite<'a> {
     pub async fn begin(st: &'a AppState, org: &'a str) -> ApiResult<OrgWrite<'a>> {
         let guard = st.write_lock.lock().await;
-        let mut tx = st.pool.begin().await?;
+        let started = std::time::Instant::now();
+        let mut tx = db::begin_write(&st.pool).await?;
         db::lock_org(&mut tx, org).await?;
         let providers = db::providers(&mut tx, org).await?;
         let configs = db::configs(&mut tx, org).await?;
         Ok(OrgWrite {
             _guard: guard,
+            started,
+            metrics: &st.metrics,
             tx,
             providers,
             configs,
@@ -51,6 +56,7 @@ impl<'a> OrgWrite<'a> {
 
     pub async fn commit(self) -> ApiResult<()> {
         self.tx.commit().await?;
+        self.metrics.db_write.observe(self.started.elapsed());
         Ok(())
     }
 }

@@ -28,9 +28,9 @@ pub fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Resu
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
             if meta.permissions().mode() & 0o077 != 0 {
-                eprintln!(
-                    "llm-gateway-sidecar: warning: {} is readable by group/others; chmod 600 it",
-                    path.display()
+                tracing::warn!(
+                    path = %path.display(),
+                    "secret file is readable by group/others; chmod 600 it"
                 );
             }
             std::fs::read_to_string(path)
@@ -110,6 +110,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::bad_request(
             "invalid_json",
             "the request body is empty; a JSON object is expected",
+        ));
+    }
+    // serde reads a struct from a JSON array too (`[null, null]`); every body of this API is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            "the request body must be a JSON object",
         ));
     }
     serde_json::from_slice(bytes).map_err(|e| {

@@ -1275,3 +1275,171 @@ fn destinations_and_unusable_registrations_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("LLM_GATEWAY_ALLOWED_DESTINATIONS"));
 }
+
+/// Issue 16: the OpenAPI document is generated from the types and handlers; the committed file, the
+/// `openapi` command and `GET /openapi.json` are the same document.
+#[test]
+fn openapi_document_is_generated_and_committed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = include_str!("../openapi.json");
+    assert!(
+        generated == committed,
+        "sidecar/openapi.json is stale: regenerate it with \
+         `cargo run -q -p llm-gateway-sidecar -- openapi > sidecar/openapi.json`"
+    );
+    let s = Server::start();
+    let r = s.request("GET", "/openapi.json", &[], None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.raw, committed);
+    let doc: Value = serde_json::from_str(committed).unwrap();
+    // Request types are as strict as the server: unknown members are refused in both.
+    for t in [
+        "ProviderIn",
+        "ProvidersIn",
+        "ConfigIn",
+        "KeyIn",
+        "Settings",
+        "RecordIn",
+    ] {
+        assert_eq!(
+            doc["components"]["schemas"][t]["additionalProperties"],
+            json!(false),
+            "{t}"
+        );
+    }
+}
+
+/// Issue 12: the sidecar as an operated service. `/internal` and `/metrics` on their own port, JSON logs
+/// with a request log that never holds keys, the admin key from a secret file never printed, catalogs
+/// reloaded on SIGHUP without a restart (a bad file keeps the previous catalog).
+#[test]
+fn operated_service_listeners_logs_metrics_and_reload() {
+    let tmp = std::env::temp_dir().join(common::unique("llm-sidecar-ops"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let admin = "lgw_admin_from_a_secret_file_0123456789";
+    let key_file = tmp.join("admin.key");
+    std::fs::write(&key_file, format!("{admin}\n")).unwrap();
+    let specs = tmp.join("specs.json");
+    let catalog = |model: &str| {
+        json!({"items": [{"model": model, "description": "d", "cpu": 1, "memoryMib": 1024,
+            "provider": "ollama", "tokensPerSecond": 1, "createTime": "2024-11-08T12:36:45Z",
+            "quantization": "Q4_K_M", "regions": []}]})
+        .to_string()
+    };
+    std::fs::write(&specs, catalog("first-model")).unwrap();
+    let s = Server::start_logged(
+        &[
+            ("LLM_GATEWAY_ADMIN_KEY_FILE", key_file.to_str().unwrap()),
+            ("LLM_GATEWAY_MODEL_SPECS", specs.to_str().unwrap()),
+        ],
+        &["--internal-listen", "127.0.0.1:0"],
+    );
+    assert_ne!(s.port, s.internal_port);
+    let a = admin;
+
+    // Separate listeners: the public port refuses /internal and /metrics, the internal port serves only them.
+    let provider = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-secret-provider-key-9876","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", a, provider).status, 201);
+    let r = s.resolve(a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let body = format!("{{\"keySha256\":\"{}\"}}", llm_gateway::config::hash_key(a));
+    let public = s.request(
+        "POST",
+        "/internal/v1/resolve",
+        &[("x-gateway-token", &s.token)],
+        Some(&body),
+    );
+    assert_error(&public, 404, "not_found");
+    assert_eq!(s.request("GET", "/metrics", &[], None).status, 404);
+    let on_internal = s.request_on(
+        s.internal_port,
+        "GET",
+        "/v1/llm/providers",
+        &[("X-API-Key", a)],
+        None,
+    );
+    assert_eq!(on_internal.status, 404);
+    assert_eq!(
+        s.request_on(s.internal_port, "GET", "/readyz", &[], None)
+            .status,
+        200
+    );
+    let unknown = format!("{{\"keySha256\":\"{}\"}}", "ab".repeat(32));
+    let miss = s.request_on(
+        s.internal_port,
+        "POST",
+        "/internal/v1/resolve",
+        &[("x-gateway-token", &s.token)],
+        Some(&unknown),
+    );
+    assert_eq!(miss.status, 404);
+
+    // Metrics in Prometheus text.
+    let m = s.request_on(s.internal_port, "GET", "/metrics", &[], None);
+    assert_eq!(m.status, 200);
+    for line in [
+        "llmgw_sidecar_resolve_total{result=\"hit\"} 1",
+        "llmgw_sidecar_resolve_total{result=\"miss\"} 1",
+        "# TYPE llmgw_sidecar_db_duration_seconds histogram",
+        "llmgw_sidecar_db_duration_seconds_count{operation=\"write\"} 1",
+        "llmgw_sidecar_http_requests_total{method=\"POST\",route=\"/v1/llm/providers\",status=\"201\"} 1",
+        "llmgw_sidecar_usage_records_total{outcome=\"accepted\"} 0",
+    ] {
+        assert!(m.raw.contains(line), "metrics lack {line}:\n{}", m.raw);
+    }
+
+    // Catalog reload on SIGHUP; a broken file is refused and the last good catalog keeps serving.
+    let model = |s: &Server| {
+        s.get("/ai-optimizer/v1beta/hosted-model-specs", a).body["items"][0]["model"].clone()
+    };
+    assert_eq!(model(&s), "first-model");
+    std::fs::write(&specs, catalog("second-model")).unwrap();
+    let pid = s.pid().to_string();
+    let hup = || {
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while model(&s) != "second-model" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(model(&s), "second-model");
+    std::fs::write(&specs, "{not json").unwrap();
+    hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.log().contains("catalog reload failed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(model(&s), "second-model");
+
+    // Structured JSON logs; the request log has routes and statuses, never keys.
+    let log = s.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["level"] == "INFO" && l["route"] == "/v1/llm/providers" && l["status"] == 201));
+    assert!(lines.iter().any(|l| l["level"] == "ERROR"
+        && l["message"]
+            .as_str()
+            .unwrap()
+            .contains("catalog reload failed")));
+    for secret in [admin, "sk-secret-provider-key-9876", &s.token] {
+        assert!(!log.contains(secret), "the log holds a secret");
+        assert!(
+            !s.stdout.join("\n").contains(secret),
+            "stdout holds a secret"
+        );
+    }
+}

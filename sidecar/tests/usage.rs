@@ -369,6 +369,17 @@ fn group_by_filters_and_csv() {
     );
     assert_error(&s.get("/v1/llm/usage?tag=team", &a), 400, "invalid_value");
     assert_error(&s.get("/v1/llm/usage?from=soon", &a), 400, "invalid_value");
+    // Strict dates (issue 12): no rolling over into the next month.
+    for bad in [
+        "2025-02-31",
+        "2025-11-31",
+        "2025-13-01",
+        "2025-11-24T25:00:00Z",
+    ] {
+        let r = s.get(&format!("/v1/llm/usage?from={bad}"), &a);
+        assert_error(&r, 400, "invalid_value");
+        assert_eq!(r.body["error"]["param"], "from", "{bad}");
+    }
     assert_error(&s.get("/v1/llm/usage?format=xml", &a), 400, "invalid_value");
     assert_error(&s.get("/v1/llm/usage?colour=red", &a), 400, "unknown_field");
     assert_error(
@@ -815,5 +826,33 @@ fn report_authentication_and_links() {
         "/internal/v1/usage",
     ] {
         assert!(o.body["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+}
+
+/// Issue 12: two sidecar processes on one database (SQLite file or PostgreSQL) ingesting at the same time
+/// lose nothing: SQLite writers wait (BEGIN IMMEDIATE + busy timeout) instead of failing "database is locked".
+#[test]
+fn two_processes_ingest_concurrently_without_lost_writes() {
+    let s = Server::start();
+    let r = s.replica();
+    let org = org_of(&s);
+    const BATCHES: usize = 40;
+    const PER_BATCH: usize = 25;
+    std::thread::scope(|scope| {
+        for (w, server) in [&s, &r].into_iter().enumerate() {
+            let org = org.clone();
+            scope.spawn(move || {
+                for b in 0..BATCHES {
+                    let recs: Vec<Value> = (0..PER_BATCH)
+                        .map(|i| rec(&format!("w{w}-b{b}-r{i}"), &org, json!({})))
+                        .collect();
+                    assert_eq!(ingest_ok(server, &recs), (PER_BATCH as u64, 0));
+                }
+            });
+        }
+    });
+    let total = (2 * BATCHES * PER_BATCH) as u64;
+    for server in [&s, &r] {
+        assert_eq!(usage(server, &s.admin, "")["totals"]["requests"], total);
     }
 }

@@ -9,13 +9,15 @@ use crate::tx::OrgWrite;
 use crate::util::{new_api_key, new_id, now_ms, rfc3339, JsonBody};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use llm_gateway::config::{hash_key, DEFAULT_CONFIG_ID};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyIn {
     #[serde(default)]
@@ -45,6 +47,14 @@ fn key_out(k: &StoredKey) -> Value {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/llm/api-keys",
+    tag = "api-keys",
+    request_body = KeyIn,
+    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn create_key(
     State(st): State<AppState>,
     caller: Caller,
@@ -118,6 +128,13 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/llm/api-keys",
+    tag = "api-keys",
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn list_keys(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_org()?;
     let mut conn = st.pool.acquire().await?;
@@ -134,6 +151,14 @@ async fn find_key(st: &AppState, caller: &Caller, id: &str) -> ApiResult<StoredK
         .ok_or_else(|| ApiError::not_found(format!("API key '{id}' not found")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/llm/api-keys/{id}",
+    tag = "api-keys",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn get_key(
     State(st): State<AppState>,
     caller: Caller,
@@ -143,6 +168,14 @@ async fn get_key(
     Ok(Json(key_out(&find_key(&st, &caller, &id).await?)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/llm/api-keys/{id}",
+    tag = "api-keys",
+    params(("id" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn revoke_key(
     State(st): State<AppState>,
     caller: Caller,
@@ -161,6 +194,14 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/llm/api-keys/{id}/settings",
+    tag = "api-keys",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = StoredSettings), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn get_key_settings(
     State(st): State<AppState>,
     caller: Caller,
@@ -170,6 +211,15 @@ async fn get_key_settings(
     Ok(Json(find_key(&st, &caller, &id).await?.settings))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/llm/api-keys/{id}/settings",
+    tag = "api-keys",
+    request_body = StoredSettings,
+    params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = StoredSettings), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn put_key_settings(
     State(st): State<AppState>,
     caller: Caller,
@@ -185,12 +235,9 @@ async fn put_key_settings(
     Ok(Json(settings))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/llm/api-keys", post(create_key).get(list_keys))
-        .route("/v1/llm/api-keys/{id}", get(get_key).delete(revoke_key))
-        .route(
-            "/v1/llm/api-keys/{id}/settings",
-            get(get_key_settings).put(put_key_settings),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(get_key, revoke_key))
+        .routes(routes!(get_key_settings, put_key_settings))
 }

@@ -12,8 +12,7 @@ use crate::util::{new_id, now_ms, parse_json, rfc3339, JsonBody};
 use crate::vault::Vault;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use llm_gateway::config::{
     flatten_configs, last4, ConfigProviderSpec, ConfigSpec, DEFAULT_CONFIG_ID,
 };
@@ -21,8 +20,11 @@ use llm_gateway::destination::Policy;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ConfigIn {
     #[serde(default)]
@@ -37,6 +39,16 @@ struct ConfigIn {
     inherits: Option<String>,
     #[serde(default)]
     providers: Vec<ConfigProviderSpec>,
+}
+
+/// The body of `PATCH /config/{id}` (JSON merge patch): a member set to `null` is removed.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ConfigPatch {
+    name: Option<String>,
+    inherits: Option<String>,
+    providers: Option<Vec<ConfigProviderSpec>>,
 }
 
 /// Builds the stored form of a config; per-provider keys without a new value keep the previous one.
@@ -191,6 +203,14 @@ fn builtin_refused() -> ApiError {
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/config",
+    tag = "configs",
+    request_body = ConfigIn,
+    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn create_config(
     State(st): State<AppState>,
     caller: Caller,
@@ -220,6 +240,13 @@ async fn create_config(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/config",
+    tag = "configs",
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn list_configs(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_org()?;
     let mut conn = st.pool.acquire().await?;
@@ -239,6 +266,14 @@ async fn list_configs(State(st): State<AppState>, caller: Caller) -> ApiResult<J
     Ok(Json(json!({ "configs": out })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/config/{config_id}",
+    tag = "configs",
+    params(("config_id" = String, Path)),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn get_config(
     State(st): State<AppState>,
     caller: Caller,
@@ -307,6 +342,15 @@ async fn replace_config(
     Ok(Json(out))
 }
 
+#[utoipa::path(
+    put,
+    path = "/config/{config_id}",
+    tag = "configs",
+    request_body = ConfigIn,
+    params(("config_id" = String, Path)),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn put_config(
     State(st): State<AppState>,
     caller: Caller,
@@ -321,6 +365,15 @@ async fn put_config(
 }
 
 /// JSON merge patch (RFC 7396) over `{name, inherits, providers}`; `providers` is replaced as a whole.
+#[utoipa::path(
+    patch,
+    path = "/config/{config_id}",
+    tag = "configs",
+    request_body = ConfigPatch,
+    params(("config_id" = String, Path)),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn patch_config(
     State(st): State<AppState>,
     caller: Caller,
@@ -382,6 +435,14 @@ fn strip_nulls(v: Value) -> Value {
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/config/{config_id}",
+    tag = "configs",
+    params(("config_id" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn delete_config(
     State(st): State<AppState>,
     caller: Caller,
@@ -431,14 +492,8 @@ async fn delete_config(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/config", post(create_config).get(list_configs))
-        .route(
-            "/config/{id}",
-            get(get_config)
-                .put(put_config)
-                .patch(patch_config)
-                .delete(delete_config),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_config, list_configs))
+        .routes(routes!(get_config, put_config, patch_config, delete_config))
 }

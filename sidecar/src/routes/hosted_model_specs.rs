@@ -3,17 +3,22 @@
 use crate::caller::Caller;
 use crate::state::AppState;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+#[utoipa::path(
+    get,
+    path = "/ai-optimizer/v1beta/hosted-model-specs",
+    tag = "hosted-model-specs",
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn hosted_model_specs(State(st): State<AppState>, _caller: Caller) -> Json<Value> {
-    Json(st.model_specs.clone())
+    Json(st.catalogs().model_specs.clone())
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/ai-optimizer/v1beta/hosted-model-specs",
-        get(hosted_model_specs),
-    )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(hosted_model_specs))
 }

@@ -4,26 +4,37 @@
 use crate::caller::check_internal_token;
 use crate::db::{self, StoredKey, StoredSettings};
 use crate::error::{ApiError, ApiResult};
+use crate::metrics;
 use crate::org::{config_secrets, config_spec, NoSecrets};
 use crate::state::AppState;
 use crate::util::{new_api_key, parse_json};
 use crate::vault::Vault;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use llm_gateway::config::{compile, Identity, KeySpec, RawConfig};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResolveIn {
     #[serde(rename = "keySha256", alias = "key_sha256")]
     key_sha256: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/internal/v1/resolve",
+    tag = "internal",
+    request_body = ResolveIn,
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("gatewayToken" = []))
+)]
 async fn resolve(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -38,16 +49,18 @@ async fn resolve(
                 .with_param("keySha256"),
         );
     }
+    let started = std::time::Instant::now();
     let mut conn = st.pool.acquire().await?;
-    let key = db::active_key_by_hash(&mut conn, &hash)
-        .await?
-        .ok_or_else(|| ApiError::not_found("unknown or revoked API key"))?;
+    let Some(key) = db::active_key_by_hash(&mut conn, &hash).await? else {
+        st.metrics.db_resolve.observe(started.elapsed());
+        metrics::add(&st.metrics.resolve_misses, 1);
+        return Err(ApiError::not_found("unknown or revoked API key"));
+    };
     let (identity, store_prompts) = identity_for(&st.vault, &mut conn, &key).await?;
-    let prices = identity_prices(
-        &st.pricing,
-        &db::providers(&mut conn, &key.org_id).await?,
-        &identity,
-    );
+    let stored = db::providers(&mut conn, &key.org_id).await?;
+    st.metrics.db_resolve.observe(started.elapsed());
+    metrics::add(&st.metrics.resolve_hits, 1);
+    let prices = identity_prices(&st.catalogs().pricing, &stored, &identity);
     Ok(Json(json!({
         "identity": identity,
         "ttlSeconds": st.ttl_seconds,
@@ -148,7 +161,7 @@ fn compile_identity(raw: &RawConfig, sha256: &str) -> ApiResult<Identity> {
         .ok_or_else(|| ApiError::internal("compiled plan lacks the key"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OrgIn {
     #[serde(default)]
@@ -156,6 +169,14 @@ struct OrgIn {
 }
 
 /// Operator endpoint: a new organization with its first organization-scoped key.
+#[utoipa::path(
+    post,
+    path = "/internal/v1/organizations",
+    tag = "internal",
+    request_body = OrgIn,
+    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("gatewayToken" = []))
+)]
 async fn create_organization(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -181,9 +202,9 @@ async fn create_organization(
     ))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/internal/v1/usage", post(super::usage::ingest))
-        .route("/internal/v1/resolve", post(resolve))
-        .route("/internal/v1/organizations", post(create_organization))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(super::usage::ingest))
+        .routes(routes!(resolve))
+        .routes(routes!(create_organization))
 }

@@ -10,26 +10,30 @@ use crate::util::{now_ms, rfc3339, JsonBody};
 use crate::vault::Vault;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use llm_gateway::config::{last4, ModelSpec, ProviderKind, ProviderSpec};
 use llm_gateway::destination::Policy;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ProviderIn {
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._+:@-]{1,128}$")]
     name: Option<String>,
     #[serde(alias = "type", alias = "supported_provider")]
+    #[schema(value_type = llm_gateway::config::ProviderKind)]
     supported_provider: String,
     #[serde(default, alias = "api_key")]
     api_key: Option<String>,
@@ -56,12 +60,14 @@ struct ProviderIn {
     timeouts: Option<llm_gateway::plan::Timeouts>,
     /// Price overrides, USD per 1M tokens, by model (stored with the registration, not in the filter's spec).
     #[serde(default)]
+    #[schema(value_type = Option<std::collections::HashMap<String, crate::db::PriceOverride>>)]
     prices: Option<PriceOverrides>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProvidersIn {
+    #[schema(min_items = 1)]
     providers: Vec<ProviderIn>,
 }
 
@@ -238,6 +244,14 @@ fn seal_provider_key(
     Ok((sealed, last4(key)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/llm/providers",
+    tag = "providers",
+    request_body = ProvidersIn,
+    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn create_providers(
     State(st): State<AppState>,
     caller: Caller,
@@ -315,6 +329,13 @@ async fn create_providers(
     Ok((StatusCode::CREATED, Json(json!({ "providers": out }))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/llm/providers",
+    tag = "providers",
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn list_providers(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     let mut conn = st.pool.acquire().await?;
     let list = db::providers(&mut conn, &caller.org_id).await?;
@@ -330,6 +351,14 @@ fn provider_not_found(name: &str) -> ApiError {
     ApiError::not_found(format!("provider '{name}' not found"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/llm/providers/{name}",
+    tag = "providers",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn get_provider(
     State(st): State<AppState>,
     caller: Caller,
@@ -344,6 +373,15 @@ async fn get_provider(
     Ok(Json(provider_out(p)))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/llm/providers/{name}",
+    tag = "providers",
+    request_body = ProviderIn,
+    params(("name" = String, Path)),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn update_provider(
     State(st): State<AppState>,
     caller: Caller,
@@ -407,6 +445,14 @@ async fn update_provider(
     Ok(Json(provider_out(&sp)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/llm/providers/{name}",
+    tag = "providers",
+    params(("name" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn delete_provider(
     State(st): State<AppState>,
     caller: Caller,
@@ -454,16 +500,8 @@ async fn delete_provider(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/v1/llm/providers",
-            post(create_providers).get(list_providers),
-        )
-        .route(
-            "/v1/llm/providers/{name}",
-            get(get_provider)
-                .put(update_provider)
-                .delete(delete_provider),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_providers, list_providers))
+        .routes(routes!(get_provider, update_provider, delete_provider))
 }

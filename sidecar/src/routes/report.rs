@@ -15,11 +15,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use axum::Router;
 use llm_gateway::config::hash_key;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 const LINK_AAD: &str = "report-link:v1";
 const DEFAULT_LINK_TTL: u64 = 900;
@@ -39,7 +41,7 @@ struct LinkClaims {
     e: i64,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct LinkIn {
     #[serde(default, alias = "ttl_seconds")]
@@ -64,6 +66,14 @@ fn from_url_token(t: &str) -> String {
 }
 
 /// `POST /v1/llm/report/link`: a signed report URL valid `ttlSeconds` (default 900, max 86400).
+#[utoipa::path(
+    post,
+    path = "/v1/llm/report/link",
+    tag = "report",
+    request_body = LinkIn,
+    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn create_link(
     State(st): State<AppState>,
     caller: Caller,
@@ -647,6 +657,26 @@ fn error_page(e: &ApiError) -> Response {
 }
 
 /// `GET /v1/llm/report`.
+#[utoipa::path(
+    get,
+    path = "/v1/llm/report",
+    tag = "report",
+    params(
+        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
+        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
+        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
+        ("tag" = Option<String>, Query, description = "key=value"),
+        ("token" = Option<String>, Query, description = "signed link token from POST /v1/llm/report/link")
+    ),
+    responses(
+        (status = 200, description = "the HTML report", content_type = "text/html", body = String),
+        (status = "4XX", description = "error page", content_type = "text/html", body = String),
+        (status = "5XX", description = "error page", content_type = "text/html", body = String)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn report(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     match build(&st, &headers, &uri).await {
         Ok(html) => (
@@ -777,19 +807,22 @@ async fn build(st: &AppState, headers: &HeaderMap, uri: &Uri) -> ApiResult<Strin
         by_provider,
         by_model,
         savings,
-        catalog: format!(
-            "{} ({})",
-            st.pricing.catalog.version, st.pricing.catalog.date
-        ),
+        catalog: {
+            let catalogs = st.catalogs();
+            format!(
+                "{} ({})",
+                catalogs.pricing.catalog.version, catalogs.pricing.catalog.date
+            )
+        },
         range_links,
     };
     Ok(render(&page))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/llm/report", axum::routing::get(report))
-        .route("/v1/llm/report/link", axum::routing::post(create_link))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(report))
+        .routes(routes!(create_link))
 }
 
 #[cfg(test)]

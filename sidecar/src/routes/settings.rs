@@ -7,8 +7,9 @@ use crate::org::check_settings;
 use crate::state::AppState;
 use crate::util::JsonBody;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Organization settings always show `storePrompts` (default false); a cluster context only when set
 /// (absent: inherited from the organization).
@@ -23,6 +24,13 @@ fn settings_out(s: StoredSettings, org_level: bool) -> StoredSettings {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/llm/settings",
+    tag = "settings",
+    responses((status = 200, description = "OK", body = StoredSettings), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn get_settings(
     State(st): State<AppState>,
     caller: Caller,
@@ -35,6 +43,14 @@ async fn get_settings(
     Ok(Json(settings_out(s, caller.cluster_id.is_none())))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/llm/settings",
+    tag = "settings",
+    request_body = StoredSettings,
+    responses((status = 200, description = "OK", body = StoredSettings), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 async fn put_settings(
     State(st): State<AppState>,
     caller: Caller,
@@ -50,6 +66,6 @@ async fn put_settings(
     Ok(Json(settings_out(settings, caller.cluster_id.is_none())))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/llm/settings", get(get_settings).put(put_settings))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_settings, put_settings))
 }

@@ -4,6 +4,7 @@
 use crate::caller::{check_internal_token, Caller};
 use crate::db::{self, StoredProvider};
 use crate::error::{ApiError, ApiResult};
+use crate::metrics;
 use crate::prices::Tokens;
 use crate::state::AppState;
 use crate::util::{now_ms, parse_json, rfc3339};
@@ -11,11 +12,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub const MAX_BATCH: usize = 500;
 const MAX_TAGS: usize = 64;
@@ -30,7 +33,15 @@ struct BatchIn {
     records: Vec<Value>,
 }
 
-#[derive(Deserialize)]
+/// The batch as documented: each record is validated on its own (a bad record fails the batch with its
+/// index), so the handler reads `records` as raw JSON first.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct BatchDoc {
+    records: Vec<RecordIn>,
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RecordIn {
     id: String,
@@ -167,6 +178,14 @@ async fn org_exists(conn: &mut AnyConnection, org: &str) -> ApiResult<bool> {
 }
 
 /// `POST /internal/v1/usage`: idempotent on record id; `{"accepted":N,"duplicates":M}`.
+#[utoipa::path(
+    post,
+    path = "/internal/v1/usage",
+    tag = "internal",
+    request_body = BatchDoc,
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("gatewayToken" = []))
+)]
 pub async fn ingest(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -184,17 +203,27 @@ pub async fn ingest(
         )
         .with_param("records"));
     }
+    metrics::add(&st.metrics.ingest_batches, 1);
+    let n = batch.records.len() as u64;
     let mut records = Vec::with_capacity(batch.records.len());
     for (i, v) in batch.records.into_iter().enumerate() {
         let id = v.get("id").and_then(Value::as_str).map(str::to_string);
-        let r: RecordIn =
-            serde_json::from_value(v).map_err(|e| record_error(i, id.as_deref(), e))?;
-        validate(i, &r)?;
-        records.push(r);
+        let r: Result<RecordIn, ApiError> =
+            serde_json::from_value(v).map_err(|e| record_error(i, id.as_deref(), e));
+        match r.and_then(|r| validate(i, &r).map(|_| r)) {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                metrics::add(&st.metrics.ingest_refused, n);
+                tracing::warn!(records = n, index = i, "usage batch refused: {}", e.message);
+                return Err(e);
+            }
+        }
     }
 
+    let catalogs = st.catalogs();
     let _w = st.write_lock.lock().await;
-    let mut tx = st.pool.begin().await?;
+    let started = std::time::Instant::now();
+    let mut tx = db::begin_write(&st.pool).await?;
     let mut providers: HashMap<String, Vec<StoredProvider>> = HashMap::new();
     let mut prompts: HashMap<(String, Option<String>), bool> = HashMap::new();
     let mut known: HashMap<String, bool> = HashMap::new();
@@ -238,7 +267,7 @@ pub async fn ingest(
             completion: r.completion_tokens,
             cached: r.cached_tokens.unwrap_or(0),
         };
-        let costed = st.pricing.cost(
+        let costed = catalogs.pricing.cost(
             provider,
             r.provider_type.as_deref(),
             &model_used,
@@ -288,7 +317,7 @@ pub async fn ingest(
         .bind(costed.cost_nusd)
         .bind(costed.list_cost_nusd)
         .bind(costed.source.as_str())
-        .bind(st.pricing.catalog.version.clone())
+        .bind(catalogs.pricing.catalog.version.clone())
         .bind(received)
         .execute(&mut *tx)
         .await?
@@ -312,9 +341,14 @@ pub async fn ingest(
         }
     }
     tx.commit().await?;
+    st.metrics.db_ingest.observe(started.elapsed());
+    metrics::add(&st.metrics.ingest_accepted, accepted);
+    metrics::add(&st.metrics.ingest_duplicates, duplicates);
+    metrics::add(&st.metrics.ingest_orphans, orphans);
     if orphans > 0 {
-        eprintln!(
-            "llm-gateway-sidecar: stored {orphans} usage record(s) of unknown organization(s)"
+        tracing::warn!(
+            records = orphans,
+            "stored usage records of unknown organization(s)"
         );
     }
     Ok(Json(
@@ -373,66 +407,32 @@ pub fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
         .collect()
 }
 
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Unix milliseconds, an RFC 3339 time (`2025-11-24T10:00:00Z`, offsets allowed) or a UTC date.
+/// Unix milliseconds, an RFC 3339 time (`2025-11-24T10:00:00Z`, offsets allowed) or a UTC date,
+/// parsed strictly by the `time` crate: `2025-02-31` is refused, not read as March 3.
 pub fn parse_time(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
     let s = s.trim();
     if let Ok(ms) = s.parse::<i64>() {
         return Some(ms);
     }
-    let num = |a: usize, b: usize| s.get(a..b).and_then(|x| x.parse::<i64>().ok());
-    if s.len() < 10 || s.as_bytes().get(4) != Some(&b'-') || s.as_bytes().get(7) != Some(&b'-') {
-        return None;
-    }
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let mut ms = days_from_civil(y, mo, d) * 86_400_000;
-    if s.len() == 10 {
-        return Some(ms);
-    }
-    let rest = s.get(10..)?;
-    let rest = rest.strip_prefix('T').or_else(|| rest.strip_prefix(' '))?;
-    let (h, mi, se) = (
-        rest.get(0..2)?.parse::<i64>().ok()?,
-        rest.get(3..5)?.parse::<i64>().ok()?,
-        rest.get(6..8)?.parse::<i64>().ok()?,
-    );
-    if h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    ms += (h * 3600 + mi * 60 + se) * 1000;
-    let mut tail = rest.get(8..)?;
-    if let Some(frac) = tail.strip_prefix('.') {
-        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
-        let padded = format!("{:0<3}", digits.chars().take(3).collect::<String>());
-        ms += padded.parse::<i64>().ok()?;
-        tail = &frac[digits.len()..];
-    }
-    match tail {
-        "Z" | "z" => Some(ms),
-        t if t.len() == 6 && (t.starts_with('+') || t.starts_with('-')) => {
-            let oh = t.get(1..3)?.parse::<i64>().ok()?;
-            let om = t.get(4..6)?.parse::<i64>().ok()?;
-            let off = (oh * 60 + om) * 60_000;
-            Some(if t.starts_with('+') {
-                ms - off
-            } else {
-                ms + off
-            })
-        }
-        _ => None,
-    }
+    let nanos = if s.len() == 10 {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        time::Date::parse(s, &format)
+            .ok()?
+            .midnight()
+            .assume_utc()
+            .unix_timestamp_nanos()
+    } else {
+        // RFC 3339 also allows a space between date and time.
+        let t = match (s.get(..10), s.get(10..11), s.get(11..)) {
+            (Some(d), Some(" "), Some(rest)) => format!("{d}T{rest}"),
+            _ => s.to_string(),
+        };
+        time::OffsetDateTime::parse(&t, &Rfc3339)
+            .ok()?
+            .unix_timestamp_nanos()
+    };
+    i64::try_from(nanos / 1_000_000).ok()
 }
 
 /// A grouping dimension of `group_by`.
@@ -852,6 +852,23 @@ fn csv_field(s: &str) -> String {
 }
 
 /// `GET /v1/llm/usage`.
+#[utoipa::path(
+    get,
+    path = "/v1/llm/usage",
+    tag = "usage",
+    params(
+        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
+        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
+        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
+        ("tag" = Option<String>, Query, description = "key=value"),
+        ("group_by" = Option<String>, Query, description = "up to 4 of provider, provider_type, model, model_requested, api_key, cluster, config, day, tag:<key>, comma-separated"),
+        ("format" = Option<String>, Query, description = "json or csv")
+    ),
+    responses((status = 200, description = "sums (JSON) or CSV", content((serde_json::Value = "application/json"), (String = "text/csv"))), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiResult<Response> {
     let q = parse_query(&query_pairs(&uri), &[])?;
     let mut conn = st.pool.acquire().await?;
@@ -946,7 +963,7 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
         "to": if q.filter.to == i64::MAX { Value::Null } else { json!(rfc3339(q.filter.to)) },
         "groupBy": names,
         "currency": "USD",
-        "catalogVersion": st.pricing.catalog.version,
+        "catalogVersion": st.catalogs().pricing.catalog.version,
         "rows": json_rows,
         "totals": Value::Object(t),
     }))
@@ -954,6 +971,22 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
 }
 
 /// `GET /v1/llm/usage/records`: individual records, newest first (`limit` 1-1000, default 100).
+#[utoipa::path(
+    get,
+    path = "/v1/llm/usage/records",
+    tag = "usage",
+    params(
+        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
+        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
+        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
+        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
+        ("tag" = Option<String>, Query, description = "key=value"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000)
+    ),
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn records(
     State(st): State<AppState>,
     caller: Caller,
@@ -1043,15 +1076,22 @@ pub async fn records(
 }
 
 /// `GET /v1/llm/prices`: the list-price catalog in force.
+#[utoipa::path(
+    get,
+    path = "/v1/llm/prices",
+    tag = "usage",
+    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    security(("apiKey" = []), ("bearer" = []))
+)]
 pub async fn prices(State(st): State<AppState>, _caller: Caller) -> Json<Value> {
-    Json(serde_json::to_value(&st.pricing.catalog).unwrap_or(Value::Null))
+    Json(serde_json::to_value(&st.catalogs().pricing.catalog).unwrap_or(Value::Null))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/llm/usage", axum::routing::get(usage))
-        .route("/v1/llm/usage/records", axum::routing::get(records))
-        .route("/v1/llm/prices", axum::routing::get(prices))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(usage))
+        .routes(routes!(records))
+        .routes(routes!(prices))
 }
 
 #[cfg(test)]
@@ -1088,6 +1128,15 @@ mod tests {
             Some(1_731_069_405_258)
         );
         assert_eq!(parse_time("2024-13-01"), None);
+        assert_eq!(parse_time("2025-02-31"), None);
+        assert_eq!(parse_time("2025-02-29"), None);
+        assert_eq!(parse_time("2024-02-29"), Some(1_709_164_800_000));
+        assert_eq!(parse_time("2024-11-08T24:00:00Z"), None);
+        assert_eq!(parse_time("2024-11-08T12:00:00"), None);
+        assert_eq!(
+            parse_time("2024-11-08 12:36:45.258Z"),
+            Some(1_731_069_405_258)
+        );
         assert_eq!(parse_time("yesterday"), None);
     }
 

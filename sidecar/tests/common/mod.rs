@@ -73,6 +73,12 @@ pub struct Server {
     pub db_url: Option<String>,
     pub env: Vec<(String, String)>,
     pub stdout: Vec<String>,
+    /// The port of `/internal` (the public port unless `--internal-listen` was given).
+    pub internal_port: u16,
+    /// Extra command-line arguments (kept for restarts).
+    pub args: Vec<String>,
+    /// When true, the server's stderr (its JSON log) goes to `dir/stderr.log`.
+    pub log_to_file: bool,
     owns_dir: bool,
 }
 
@@ -98,6 +104,23 @@ impl Server {
         Self::launch(dir, db_url, env, true)
     }
 
+    /// A server with extra arguments whose log (stderr) is kept in `dir/stderr.log`.
+    pub fn start_logged(env: &[(&str, &str)], args: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(unique("llm-sidecar-test"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db_url = pg_base().map(|b| fresh_pg_database(&b));
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Self::launch_with(dir, db_url, env, true, args, true)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
     /// A second replica sharing this server's database and vault key (its own data dir).
     pub fn replica(&self) -> Server {
         let dir = std::env::temp_dir().join(unique("llm-sidecar-replica"));
@@ -117,11 +140,13 @@ impl Server {
     pub fn restart(mut self) -> Server {
         self.stop();
         self.owns_dir = false;
-        let mut s = Self::launch(
+        let mut s = Self::launch_with(
             self.dir.clone(),
             self.db_url.clone(),
             self.env.clone(),
             true,
+            self.args.clone(),
+            self.log_to_file,
         );
         s.admin = self.admin.clone();
         s
@@ -133,6 +158,17 @@ impl Server {
         env: Vec<(String, String)>,
         owns_dir: bool,
     ) -> Server {
+        Self::launch_with(dir, db_url, env, owns_dir, Vec::new(), false)
+    }
+
+    fn launch_with(
+        dir: PathBuf,
+        db_url: Option<String>,
+        env: Vec<(String, String)>,
+        owns_dir: bool,
+        args: Vec<String>,
+        log_to_file: bool,
+    ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"));
         cmd.args([
             "--data-dir",
@@ -140,9 +176,19 @@ impl Server {
             "--listen",
             "127.0.0.1:0",
         ])
+        .args(&args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stdout(Stdio::piped());
+        if log_to_file {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("stderr.log"))
+                .unwrap();
+            cmd.stderr(f);
+        } else {
+            cmd.stderr(Stdio::inherit());
+        }
         for v in [
             "DATABASE_URL",
             "LLM_GATEWAY_VAULT_KEY",
@@ -153,6 +199,10 @@ impl Server {
             "SIDECAR_ADDR",
             "LLM_GATEWAY_MODEL_SPECS",
             "LLM_GATEWAY_ALLOWED_DESTINATIONS",
+            "LLM_GATEWAY_ADMIN_KEY_FILE",
+            "SIDECAR_INTERNAL_ADDR",
+            "LLM_GATEWAY_LOG",
+            "LLM_GATEWAY_LOG_FORMAT",
         ] {
             cmd.env_remove(v);
         }
@@ -183,16 +233,21 @@ impl Server {
             db_url,
             env,
             stdout: Vec::new(),
+            internal_port: 0,
+            args,
+            log_to_file,
             owns_dir,
         };
+        let split = s.args.iter().any(|a| a == "--internal-listen");
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(l) => l,
                 Err(_) => panic!(
-                    "sidecar did not start in time; output so far: {:?}",
-                    s.stdout
+                    "sidecar did not start in time; output so far: {:?} {}",
+                    s.stdout,
+                    s.log()
                 ),
             };
             s.stdout.push(line.clone());
@@ -201,8 +256,17 @@ impl Server {
             }
             if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
                 s.port = rest.split_whitespace().next().unwrap().parse().unwrap();
+                if !split {
+                    break;
+                }
+            }
+            if let Some(rest) = line.split("internal endpoints on 127.0.0.1:").nth(1) {
+                s.internal_port = rest.split_whitespace().next().unwrap().parse().unwrap();
                 break;
             }
+        }
+        if s.internal_port == 0 {
+            s.internal_port = s.port;
         }
         s.token = s
             .env
@@ -221,6 +285,10 @@ impl Server {
         s
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or_default()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -235,7 +303,18 @@ impl Server {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Resp {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        self.request_on(self.port, method, path, headers, body)
+    }
+
+    pub fn request_on(
+        &self,
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -304,7 +383,8 @@ impl Server {
             "{{\"keySha256\":\"{}\"}}",
             llm_gateway::config::hash_key(key)
         );
-        self.request(
+        self.request_on(
+            self.internal_port,
             "POST",
             "/internal/v1/resolve",
             &[("x-gateway-token", &self.token)],
@@ -314,7 +394,8 @@ impl Server {
 
     /// A new organization through the operator endpoint; returns (org id, its admin key).
     pub fn new_org(&self, name: &str) -> (String, String) {
-        let r = self.request(
+        let r = self.request_on(
+            self.internal_port,
             "POST",
             "/internal/v1/organizations",
             &[("x-gateway-token", &self.token)],
