@@ -464,30 +464,38 @@ def test_request_body_over_the_limit_is_openai_shaped(gw):
 # 9.3 Key spraying: unknown keys must not grow memory without bound, nor each cost a sidecar lookup.
 # ---------------------------------------------------------------------------------------------
 
+def fake_provider(name, authority, models, hosted=True):
+    """A provider as the sidecar's resolve answer carries it."""
+    return {"name": name, "kind": "OPENAI_COMPATIBLE", "base": {"tls": False, "authority": authority, "path": "/v1"},
+            "models": [{"name": m, "upstream": m + "-up"} for m in models], "isHosted": hosted,
+            "apiKey": "sk-up-1", "envoyCluster": "llm_gateway_dfp_http", "fallback": []}
+
+
+def fake_identity(key_id, providers):
+    return {"keyId": key_id, "orgId": "org_1", "configId": "cfg_1", "clusterId": None, "keySettings": {},
+            "orgSettings": {}, "providers": providers}
+
+
 class CountingSidecar:
-    """A fake control plane: knows one key, counts the lookups of every other."""
+    """A fake control plane: knows the keys it is given (sha256 -> identity), counts every lookup."""
 
     TOKEN = "hostile-token"
 
-    def __init__(self, upstream_url):
+    def __init__(self, upstream_url, identities=None):
         self.lookups = 0
         self.lock = threading.Lock()
-        self.identity = {
-            "keyId": "key_1", "orgId": "org_1", "configId": "cfg_1", "clusterId": None, "keySettings": {},
-            "orgSettings": {},
-            "providers": [{"name": "hosted", "kind": "OPENAI_COMPATIBLE",
-                           "base": {"tls": False, "authority": upstream_url.split("//")[1], "path": "/v1"},
-                           "models": [{"name": "m", "upstream": "m-up"}], "isHosted": True,
-                           "apiKey": "sk-up-1", "envoyCluster": "llm_gateway_dfp_http", "fallback": []}]}
+        self.identities = identities or {
+            h(KEY): fake_identity("key_1", [fake_provider("hosted", upstream_url.split("//")[1], ["m"])])}
         self.server = FakeUpstream(self.respond)
 
     def respond(self, rec):
         if rec.path == "/internal/v1/resolve":
             with self.lock:
                 self.lookups += 1
-            if rec.json().get("keySha256") == h(KEY):
+            identity = self.identities.get(rec.json().get("keySha256"))
+            if identity:
                 return 200, {"content-type": "application/json"}, json.dumps(
-                    {"identity": self.identity, "ttlSeconds": 60}).encode()
+                    {"identity": identity, "ttlSeconds": 60}).encode()
             return 404, {"content-type": "application/json"}, b'{"error":{}}'
         if rec.path == "/internal/v1/usage":
             return 200, {"content-type": "application/json"}, b'{"accepted":1}'
@@ -606,31 +614,31 @@ def test_registration_refuses_unusable_providers(sidecar):
     assert s == 400, doc
 
 
+EVIL_KEY = "sk-gw-hostile-evil-key"
+
+
 @pytest.fixture(scope="module")
 def policy_gw():
-    """A static config whose providers point at Envoy's own admin port and at the cloud metadata address:
-    the filter must not route there. Envoy's admin listens on 127.0.0.2 here, so that the destination
-    policy decides, not the loopback address the tests' own fake providers use."""
+    """Sidecar mode. The control plane answers, for one key, providers that point at Envoy's own admin
+    port and at the cloud metadata address (a database written before the policy, or by hand): the
+    filter must refuse to route there. The harness allow-lists 127.0.0.1 for the fake providers;
+    Envoy's admin listens on 127.0.0.2 here, outside that list."""
     up = FakeUpstream(hostile_responder)
     admin_port = free_port()
-    cfg = {
-        "providers": [
-            {"name": "ok", "supportedProvider": "OPENAI_COMPATIBLE", "url": up.url + "/v1", "isHosted": True,
-             "models": [{"name": "m", "upstreamName": "m-up"}]},
-            {"name": "admin", "supportedProvider": "OPENAI_COMPATIBLE",
-             "url": f"http://127.0.0.2:{admin_port}/", "models": ["admin-m"]},
-            {"name": "meta", "supportedProvider": "OPENAI_COMPATIBLE", "url": "http://169.254.169.254/latest",
-             "models": ["meta-m"]},
-        ],
-        "keys": [{"id": "k", "sha256": h(KEY), "config": "default"}],
-    }
+    sc = CountingSidecar(up.url, identities={
+        h(KEY): fake_identity("key_1", [fake_provider("ok", up.url.split("//")[1], ["m"])]),
+        h(EVIL_KEY): fake_identity("key_evil", [
+            fake_provider("admin", f"127.0.0.2:{admin_port}", ["admin-m"], hosted=False),
+            fake_provider("meta", "169.254.169.254", ["meta-m"], hosted=True)]),
+    })
+    cfg = {"sidecar": {"token": CountingSidecar.TOKEN, "timeoutMs": 1000}, "providers": [], "keys": []}
 
     def patch(c):
         c["admin"]["address"]["socket_address"].update({"address": "127.0.0.2", "port_value": admin_port})
         return c
 
     def make():
-        envoy = Envoy(cfg, patch=patch)
+        envoy = Envoy(cfg, sidecar_port=sc.server.port, patch=patch)
         envoy.admin_port = admin_port
         start_with_admin_on(envoy, "127.0.0.2")
         return envoy
@@ -638,16 +646,18 @@ def policy_gw():
     g = Gateway(make, up)
     yield g
     g.stop()
+    sc.server.stop()
     up.stop()
 
 
 def test_filter_refuses_destinations_outside_policy(policy_gw):
     envoy, up = policy_gw
     for model in ("admin-m", "meta-m"):
-        s, hd, b = chat(envoy, {"model": model, "messages": [{"role": "user", "content": "x"}]}, timeout=15)
+        s, hd, b = chat(envoy, {"model": model, "messages": [{"role": "user", "content": "x"}]},
+                        {"x-api-key": EVIL_KEY}, timeout=15)
         assert b"quitquitquit" not in b and b"admin commands" not in b, b[:300]
-        assert_openai_error(s, hd, b)
-        assert s in (400, 403, 502, 503), (model, s, b[:200])
+        err = assert_openai_error(s, hd, b)
+        assert s == 403 and err["code"] == "destination_forbidden", (model, s, err)
 
 
 def start_with_admin_on(envoy, host):
