@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Gateway benchmark, one command: builds the gateway filter and the empty baseline filter, then runs
-# plain Envoy / Envoy + empty wasm / Envoy + llm-gateway side by side against the same local upstream
+# Gateway benchmark, one command: builds the gateway filter and the empty and floor baseline filters,
+# then runs plain Envoy / Envoy + empty wasm / floor wasm / Envoy + llm-gateway side by side against the same local upstream
 # (loopback only, bounded in time: about 4 minutes) and rewrites the figures in docs/benchmarks.md.
 #   bench/run.sh                 full run
 #   bench/run.sh --rounds 2      repeat the wrk cases, report medians (about 6 minutes)
@@ -23,6 +23,9 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "==> building the empty baseline filter (bench/empty-filter)" >&2
   CARGO_TARGET_DIR="$PWD/target/bench-empty" \
     cargo build -q --release --target wasm32-wasip1 --manifest-path bench/empty-filter/Cargo.toml
+  echo "==> building the floor filter (bench/floor-filter)" >&2
+  CARGO_TARGET_DIR="$PWD/target/bench-floor" \
+    cargo build -q --release --target wasm32-wasip1 --manifest-path bench/floor-filter/Cargo.toml
 fi
 
 # bench.py stops every process it started (by PID) on exit; the trap covers run.sh being killed.
