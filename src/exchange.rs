@@ -854,23 +854,21 @@ impl GatewayHttp {
         };
         let now = now_ms();
         let cached = self.shared.cache.borrow().lookup(&p.hash, now);
-        match cached {
-            Lookup::Fresh(identity) => return Ok(Next::Ready(identity, Box::new(p))),
-            Lookup::Unknown => return Err(GatewayError::InvalidApiKey),
-            // Stale: serve it now; the root context refreshes it in the background.
-            Lookup::Stale(identity) => {
-                self.shared.refresher.borrow_mut().request(&p.hash, now);
-                return Ok(Next::Ready(identity, Box::new(p)));
-            }
-            Lookup::Miss => {}
-        }
-        // Another worker may already have asked the sidecar.
-        if let Ok(Some(bytes)) = host().shared_get(&resolve::shared_key(&p.hash)) {
-            if let Some((fresh_until, stale_until, mut identity)) = resolve::decode_shared(&bytes) {
-                if now < stale_until {
-                    identity.refused =
-                        resolve::refused_destination(&identity, &sidecar.destinations);
-                    let identity = Rc::new(identity);
+        // Shared data only when the VM cache cannot answer alone (no host call on the hot path).
+        let shared = match cached {
+            Lookup::Fresh(_) | Lookup::Unknown => None,
+            _ => host()
+                .shared_get(&resolve::shared_key(&p.hash))
+                .ok()
+                .flatten(),
+        };
+        match resolve::decide(cached, shared.as_deref(), now, &sidecar.destinations) {
+            resolve::Cached::Serve {
+                identity,
+                store,
+                refresh,
+            } => {
+                if let Some((fresh_until, stale_until)) = store {
                     self.shared.cache.borrow_mut().store_known(
                         &p.hash,
                         identity.clone(),
@@ -878,12 +876,14 @@ impl GatewayHttp {
                         fresh_until,
                         stale_until,
                     );
-                    if now >= fresh_until {
-                        self.shared.refresher.borrow_mut().request(&p.hash, now);
-                    }
-                    return Ok(Next::Ready(identity, Box::new(p)));
                 }
+                if refresh {
+                    self.shared.refresher.borrow_mut().request(&p.hash, now);
+                }
+                return Ok(Next::Ready(identity, Box::new(p)));
             }
+            resolve::Cached::Unknown => return Err(GatewayError::InvalidApiKey),
+            resolve::Cached::LookUp => {}
         }
         // A key in no cache: a sidecar lookup, within the per-VM rate and while the sidecar works.
         if !self.shared.lookups.borrow_mut().try_take(now) {

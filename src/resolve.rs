@@ -376,6 +376,74 @@ pub fn refused_destination(
         })
 }
 
+/// What to do with a key that is not a static one, before any callout: the VM cache's answer
+/// combined with the shared-data record other workers wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    /// Serve this identity. `store`: the record came from shared data, keep it in the VM cache with
+    /// these `(fresh_until, stale_until)` bounds. `refresh`: it is stale, refresh it in the background.
+    Serve {
+        identity: Rc<Identity>,
+        store: Option<(u64, u64)>,
+        refresh: bool,
+    },
+    /// Recently answered "no such key".
+    Unknown,
+    /// Ask the sidecar (rate limit and breaker permitting).
+    LookUp,
+}
+
+/// Decides from the VM cache lookup and the shared record (`None`: no record). A stale entry of our
+/// own is served at once (refresh in the background) unless another worker emptied the shared record
+/// (the key was revoked): then it is looked up again, never served stale. The shared record is only
+/// decoded when it can help (we have nothing, or it is fresher than our stale entry).
+pub fn decide(
+    cached: Lookup,
+    shared: Option<&[u8]>,
+    now_ms: u64,
+    policy: &crate::destination::Policy,
+) -> Cached {
+    let stale = match cached {
+        Lookup::Fresh(identity) => {
+            return Cached::Serve {
+                identity,
+                store: None,
+                refresh: false,
+            }
+        }
+        Lookup::Unknown => return Cached::Unknown,
+        Lookup::Stale(identity) => Some(identity),
+        Lookup::Miss => None,
+    };
+    let revoked = shared.is_some_and(<[u8]>::is_empty);
+    if let Some(bytes) = shared {
+        let newer = match (&stale, shared_bounds(bytes)) {
+            (Some(_), Some((fresh_until, _))) => now_ms < fresh_until,
+            _ => true,
+        };
+        if newer {
+            if let Some((fresh_until, stale_until, mut identity)) = decode_shared(bytes) {
+                if now_ms < stale_until {
+                    identity.refused = refused_destination(&identity, policy);
+                    return Cached::Serve {
+                        identity: Rc::new(identity),
+                        store: Some((fresh_until, stale_until)),
+                        refresh: now_ms >= fresh_until,
+                    };
+                }
+            }
+        }
+    }
+    match stale {
+        Some(identity) if !revoked => Cached::Serve {
+            identity,
+            store: None,
+            refresh: true,
+        },
+        _ => Cached::LookUp,
+    }
+}
+
 /// Body of the resolve callout.
 pub fn request_body(hash: &str) -> Vec<u8> {
     format!("{{\"keySha256\":\"{hash}\"}}").into_bytes()
@@ -440,6 +508,14 @@ pub fn encode_shared(fresh_until: u64, stale_until: u64, answer: &[u8]) -> Vec<u
     let mut v = format!("{fresh_until},{stale_until}\n").into_bytes();
     v.extend_from_slice(answer);
     v
+}
+
+/// The validity bounds of a shared-data record without decoding the identity.
+pub fn shared_bounds(bytes: &[u8]) -> Option<(u64, u64)> {
+    let nl = bytes.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
+    let (f, s) = head.split_once(',')?;
+    Some((f.parse().ok()?, s.parse().ok()?))
 }
 
 /// Decodes a shared-data record: `(fresh_until, stale_until, identity)`.
@@ -623,6 +699,66 @@ mod tests {
     }
 
     #[test]
+    fn decides_from_vm_cache_and_shared_record() {
+        use crate::destination::Policy;
+        let policy = Policy::default();
+        let identity: Rc<Identity> = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
+            Resolved::Known { identity, .. } => Rc::from(identity),
+            _ => unreachable!(),
+        };
+        let serve = |c: Cached| match c {
+            Cached::Serve { store, refresh, .. } => Some((store, refresh)),
+            _ => None,
+        };
+        // Fresh in the VM: served, nothing else looked at.
+        let c = decide(Lookup::Fresh(identity.clone()), Some(b""), 10, &policy);
+        assert_eq!(serve(c), Some((None, false)));
+        assert_eq!(decide(Lookup::Unknown, None, 10, &policy), Cached::Unknown);
+        // Nothing anywhere: look it up.
+        assert_eq!(decide(Lookup::Miss, None, 10, &policy), Cached::LookUp);
+        // Another worker resolved it: take its record (fresh, or stale with a refresh).
+        let rec = encode_shared(100, 200, ANSWER.as_bytes());
+        assert_eq!(
+            serve(decide(Lookup::Miss, Some(&rec), 10, &policy)),
+            Some((Some((100, 200)), false))
+        );
+        assert_eq!(
+            serve(decide(Lookup::Miss, Some(&rec), 150, &policy)),
+            Some((Some((100, 200)), true))
+        );
+        assert_eq!(
+            decide(Lookup::Miss, Some(&rec), 250, &policy),
+            Cached::LookUp
+        );
+        // Our entry is stale: served at once with a background refresh...
+        let st = Lookup::Stale(identity.clone());
+        assert_eq!(
+            serve(decide(st.clone(), None, 150, &policy)),
+            Some((None, true))
+        );
+        // ...or replaced by a fresher shared record...
+        let newer = encode_shared(300, 400, ANSWER.as_bytes());
+        assert_eq!(
+            serve(decide(st.clone(), Some(&newer), 150, &policy)),
+            Some((Some((300, 400)), false))
+        );
+        // ...an equally stale shared record is not decoded (a garbage body proves it)...
+        assert_eq!(
+            serve(decide(st.clone(), Some(b"100,200\n{garbage"), 150, &policy)),
+            Some((None, true))
+        );
+        // ...and a record emptied by a revocation elsewhere sends us to the sidecar.
+        assert_eq!(decide(st, Some(b""), 150, &policy), Cached::LookUp);
+        // A forbidden destination is marked on a shared record too.
+        let bad = ANSWER.replace("api.openai.com", "127.0.0.1:9901");
+        let rec = encode_shared(100, 200, bad.as_bytes());
+        match decide(Lookup::Miss, Some(&rec), 10, &policy) {
+            Cached::Serve { identity, .. } => assert!(identity.refused.is_some()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn destinations_are_checked() {
         use crate::destination::Policy;
         let id = match parse_answer(Some(200), ANSWER.as_bytes()).unwrap() {
@@ -653,6 +789,8 @@ mod tests {
         assert_eq!((f, s, id.key_id.as_str()), (11, 22, "k1"));
         assert!(decode_shared(b"garbage").is_none());
         assert!(decode_shared(b"1,2\n{}").is_none());
+        assert_eq!(shared_bounds(&rec), Some((11, 22)));
+        assert_eq!(shared_bounds(b"x"), None);
         assert_eq!(request_body("ab"), br#"{"keySha256":"ab"}"#.to_vec());
     }
 }

@@ -190,3 +190,39 @@ def test_prometheus_labels_and_dashboard(mode):
         envoy.stop()
         sc.server.stop()
         up.stop()
+
+
+def test_fallback_flag_survives_ejection(tmp_path):
+    """Issue 9 item 9: once the failing hosted provider is ejected, its fallback is tried first, and the
+    requests it serves are still fallbacks: header, usage record, metric and access log."""
+    hosted = FakeUpstream(lambda rec: (503, {"content-type": "application/json"}, b'{"error":{"message":"down"}}'))
+    saas = FakeUpstream(responder)
+    sc = FakeSidecar(hosted.url)
+    sc.identity["providers"][0]["fallback"] = ["saas"]
+    sc.identity["providers"].append({
+        "name": "saas", "kind": "OPENAI", "base": {"tls": False, "authority": saas.url.split("//")[1], "path": "/v1"},
+        "models": [{"name": "m", "upstream": "m-up"}], "isHosted": False, "apiKey": "sk-saas-1234",
+        "envoyCluster": "llm_gateway_dfp_http", "fallback": []})
+    log = str(tmp_path / "access.log")
+    cfg = {"sidecar": {"token": TOKEN, "timeoutMs": 1000}, "providers": [], "keys": []}
+    envoy = Envoy(cfg, sidecar_port=sc.server.port, patch=with_access_log(log)).start()
+    try:
+        n = 6
+        for i in range(n):
+            s, h, b = chat(envoy, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert s == 200, b
+            assert h.get("x-llm-gateway-provider") == "saas" and h.get("x-llm-gateway-fallback") == "true", (i, h)
+        # The hosted provider was ejected after 3 failures: later requests did not try it.
+        assert len(hosted.requests) < n
+        records = sc.wait_for(n)
+        assert len(records) == n and all(r["fallback"] and r["provider"] == "saas" for r in records), records
+        from harness import prom_samples, prom_value
+        _, _, text = request("GET", f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus")
+        assert prom_value(prom_samples(text.decode()), "llmgw_fallbacks_total", gen_ai_provider_name="saas") == n
+        lines = [l for l in read_log(log, n) if l.get("model_requested") == "m"]
+        assert len(lines) == n and all(l["fallback"] == "true" and l["provider"] == "saas" for l in lines)
+    finally:
+        envoy.stop()
+        sc.server.stop()
+        hosted.stop()
+        saas.stop()
