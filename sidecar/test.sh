@@ -74,4 +74,6 @@ as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$PGTMP/server.log" -w -t 60 start \
 PGPID=$(head -n1 "$PGDATA/postmaster.pid")
 
 log "sidecar tests (PostgreSQL)"
-DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres" timeout 900 cargo test -q -p llm-gateway-sidecar </dev/null
+# pg_dump / pg_restore of the same installation for the backup test.
+PATH="$PGBIN:$PATH" DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres" \
+  timeout 900 cargo test -q -p llm-gateway-sidecar </dev/null

@@ -11,10 +11,9 @@ use sqlx::{AnyPool, Row};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../migrations/0001_init.sql")),
-    (2, include_str!("../migrations/0002_usage.sql")),
-];
+/// The schema migrations (`sidecar/migrations/`), embedded with their checksums: a migration file changed
+/// after it was applied is refused at start (`_sqlx_migrations` records what ran).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// PostgreSQL advisory lock held while migrating and bootstrapping (replicas start concurrently).
 const STARTUP_LOCK: i64 = 7_426_001;
 
@@ -97,36 +96,7 @@ async fn init_locked(
     conn: &mut AnyConnection,
     admin_key: Option<String>,
 ) -> Result<Option<Bootstrap>, sqlx::Error> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<i64, _>("version"))
-        .collect::<Result<_, _>>()?;
-    for (version, sql) in MIGRATIONS {
-        if applied.contains(version) {
-            continue;
-        }
-        let mut tx = if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
-            sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?
-        } else {
-            sqlx::Connection::begin(&mut *conn).await?
-        };
-        for stmt in split_sql(sql) {
-            sqlx::query(&stmt).execute(&mut *tx).await?;
-        }
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-            .bind(*version)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
+    migrate_locked(&mut *conn).await?;
     let n: i64 = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM organizations")
         .fetch_one(&mut *conn)
         .await?
@@ -145,17 +115,76 @@ async fn init_locked(
     }))
 }
 
-/// Splits a migration file into statements (no `;` inside literals in our migrations).
-fn split_sql(sql: &str) -> Vec<String> {
-    sql.lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+/// Applies pending migrations (what `llm-gateway-sidecar migrate` runs before an upgrade).
+pub async fn migrate(pool: &AnyPool, is_pg: bool) -> Result<Vec<i64>, String> {
+    let mut conn = pool.acquire().await.map_err(|e| format!("database: {e}"))?;
+    if is_pg {
+        sqlx::query("SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock($1)) AS l")
+            .bind(STARTUP_LOCK)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| format!("database lock: {e}"))?;
+    }
+    let res = migrate_locked(&mut conn).await;
+    if is_pg {
+        let _ = sqlx::query("SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_unlock($1)) AS l")
+            .bind(STARTUP_LOCK)
+            .fetch_all(&mut *conn)
+            .await;
+    }
+    res.map_err(|e| format!("migrations: {e}"))?;
+    let applied =
+        sqlx::query("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| format!("migrations: {e}"))?;
+    applied
+        .iter()
+        .map(|r| r.try_get::<i64, _>("version").map_err(|e| e.to_string()))
         .collect()
+}
+
+async fn migrate_locked(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    adopt_legacy_migrations(&mut *conn).await?;
+    MIGRATOR
+        .run(&mut *conn)
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
+}
+
+/// Databases created before `sqlx::migrate!` recorded their versions in `schema_migrations`: record those
+/// versions (with the embedded checksums) in sqlx's table once, so they are not run again.
+async fn adopt_legacy_migrations(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    use sqlx::migrate::Migrate;
+    let Ok(rows) = sqlx::query("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *conn)
+        .await
+    else {
+        return Ok(()); // no legacy table
+    };
+    let legacy: Vec<i64> = rows
+        .iter()
+        .map(|r| r.try_get::<i64, _>("version"))
+        .collect::<Result<_, _>>()?;
+    conn.ensure_migrations_table()
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    for m in MIGRATOR.iter().filter(|m| legacy.contains(&m.version)) {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, TRUE, $3, 0)",
+        )
+        .bind(m.version)
+        .bind(m.description.to_string())
+        .bind(m.checksum.to_vec())
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DROP TABLE schema_migrations")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
 /// Creates an organization with an organization-scoped admin key bound to its `default` config.

@@ -26,6 +26,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 const USAGE: &str = "usage: llm-gateway-sidecar [serve] [--data-dir DIR] [--listen ADDR]
+       llm-gateway-sidecar migrate [--data-dir DIR]
+                                        apply pending database migrations and exit (pre-upgrade job;
+                                        serve also applies them)
+       llm-gateway-sidecar backup --to DIR [--data-dir DIR]
+                                        online SQLite backup (VACUUM INTO DIR/sidecar.db) plus a copy of
+                                        vault.key (provider keys cannot be decrypted without it); for
+                                        PostgreSQL use pg_dump (docs/operations.md)
        llm-gateway-sidecar openapi      print the OpenAPI document (what sidecar/openapi.json holds)
 
   --data-dir DIR   data directory (env LLM_GATEWAY_DATA_DIR, default ./.run/sidecar)
@@ -52,6 +59,8 @@ Environment:
                                (see docs/security.md)";
 
 struct Options {
+    migrate_only: bool,
+    backup_to: Option<PathBuf>,
     data_dir: PathBuf,
     listen: String,
     internal_listen: Option<String>,
@@ -70,8 +79,22 @@ fn options() -> Result<Option<Options>, String> {
     let mut listen = env_nonempty("SIDECAR_ADDR").unwrap_or_else(|| "127.0.0.1:8081".to_string());
     let mut internal_listen = env_nonempty("SIDECAR_INTERNAL_ADDR");
     let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("serve") {
-        args.next();
+    let mut migrate_only = false;
+    let mut backup = false;
+    let mut backup_to = None;
+    match args.peek().map(String::as_str) {
+        Some("serve") => {
+            args.next();
+        }
+        Some("migrate") => {
+            migrate_only = true;
+            args.next();
+        }
+        Some("backup") => {
+            backup = true;
+            args.next();
+        }
+        _ => {}
     }
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -87,6 +110,7 @@ fn options() -> Result<Option<Options>, String> {
         match flag.as_str() {
             "--data-dir" => data_dir = value()?,
             "--listen" => listen = value()?,
+            "--to" if backup => backup_to = Some(PathBuf::from(value()?)),
             "--internal-listen" => internal_listen = Some(value()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -95,7 +119,12 @@ fn options() -> Result<Option<Options>, String> {
             other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
         }
     }
+    if backup && backup_to.is_none() {
+        return Err(format!("backup needs --to DIR\n{USAGE}"));
+    }
     Ok(Some(Options {
+        migrate_only,
+        backup_to,
         data_dir: PathBuf::from(data_dir),
         listen,
         internal_listen,
@@ -114,6 +143,40 @@ async fn run() -> Result<(), String> {
         .map_err(|e| format!("cannot create data dir {}: {e}", opts.data_dir.display()))?;
     let _ = std::fs::set_permissions(&opts.data_dir, std::fs::Permissions::from_mode(0o700));
 
+    let (url, is_pg) = match env_nonempty("DATABASE_URL") {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => (u, true),
+        Some(u) if u.starts_with("sqlite:") => (u, false),
+        Some(_) => return Err("DATABASE_URL must be a postgres:// or sqlite: URL".to_string()),
+        None => {
+            let path = opts.data_dir.join("sidecar.db");
+            // Created 0600 up front; SQLite gives its -wal/-shm files the same mode.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+            (format!("sqlite://{}?mode=rwc", path.display()), false)
+        }
+    };
+    if let Some(dest) = &opts.backup_to {
+        if is_pg {
+            return Err(
+                "backup: the database is PostgreSQL; back it up with pg_dump (and keep vault.key / \
+                 LLM_GATEWAY_VAULT_KEY with it), see docs/operations.md"
+                    .into(),
+            );
+        }
+        let pool = db::connect(&url, is_pg).await?;
+        return backup(&pool, &opts.data_dir, dest).await;
+    }
+    let pool = db::connect(&url, is_pg).await?;
+    if opts.migrate_only {
+        let applied = db::migrate(&pool, is_pg).await?;
+        tracing::info!(?applied, "migrations applied");
+        println!("llm-gateway-sidecar: schema at version {applied:?}");
+        pool.close().await;
+        return Ok(());
+    }
     let vault = vault::Vault::load(&opts.data_dir)?;
     let internal_token = match env_nonempty("LLM_GATEWAY_INTERNAL_TOKEN") {
         Some(t) => t,
@@ -133,22 +196,6 @@ async fn run() -> Result<(), String> {
     .map_err(|e| format!("{}: {e}", llm_gateway::destination::ALLOW_ENV))?;
     let catalogs = state::Catalogs::load()?;
 
-    let (url, is_pg) = match env_nonempty("DATABASE_URL") {
-        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => (u, true),
-        Some(u) if u.starts_with("sqlite:") => (u, false),
-        Some(_) => return Err("DATABASE_URL must be a postgres:// or sqlite: URL".to_string()),
-        None => {
-            let path = opts.data_dir.join("sidecar.db");
-            // Created 0600 up front; SQLite gives its -wal/-shm files the same mode.
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path);
-            (format!("sqlite://{}?mode=rwc", path.display()), false)
-        }
-    };
-    let pool = db::connect(&url, is_pg).await?;
     let admin_key = match (
         env_nonempty("LLM_GATEWAY_ADMIN_KEY"),
         env_nonempty("LLM_GATEWAY_ADMIN_KEY_FILE"),
@@ -219,6 +266,50 @@ async fn run() -> Result<(), String> {
         .with_graceful_shutdown(shutdown());
     let (a, b) = tokio::join!(public.into_future(), internal.into_future());
     a.and(b).map_err(|e| format!("server: {e}"))
+}
+
+/// Online backup of a SQLite database: `VACUUM INTO` writes a consistent copy while the server keeps
+/// running; the vault key file goes next to it (0600). Restore = put both files in a data dir.
+async fn backup(
+    pool: &sqlx::AnyPool,
+    data_dir: &std::path::Path,
+    dest: &std::path::Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+    let _ = std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700));
+    let db = dest.join("sidecar.db");
+    if db.exists() {
+        return Err(format!(
+            "{} exists; back up into an empty directory",
+            db.display()
+        ));
+    }
+    let target = db
+        .to_str()
+        .ok_or("the backup path is not UTF-8")?
+        .replace('\'', "''");
+    sqlx::query(&format!("VACUUM INTO '{target}'"))
+        .execute(pool)
+        .await
+        .map_err(|e| format!("backup: {e}"))?;
+    let _ = std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600));
+    let key = data_dir.join("vault.key");
+    if key.exists() {
+        let to = dest.join("vault.key");
+        std::fs::copy(&key, &to).map_err(|e| format!("cannot copy vault.key: {e}"))?;
+        let _ = std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600));
+        println!(
+            "llm-gateway-sidecar: backed up {} and vault.key",
+            db.display()
+        );
+    } else {
+        println!(
+            "llm-gateway-sidecar: backed up {}; the vault key comes from LLM_GATEWAY_VAULT_KEY: keep it with the backup",
+            db.display()
+        );
+    }
+    pool.close().await;
+    Ok(())
 }
 
 /// `kill -HUP`: re-read the catalogs (hosted model specs, list prices) without a restart; a bad file is

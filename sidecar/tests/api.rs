@@ -1443,3 +1443,176 @@ fn operated_service_listeners_logs_metrics_and_reload() {
         );
     }
 }
+
+fn sidecar_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway-sidecar"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("LLM_GATEWAY_VAULT_KEY")
+        .env_remove("LLM_GATEWAY_ADMIN_KEY")
+        .output()
+        .unwrap()
+}
+
+async fn sqlite_exec(path: &std::path::Path, sql: &[&str]) {
+    use sqlx::Connection;
+    let mut c = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    for q in sql {
+        sqlx::query(q).execute(&mut c).await.unwrap();
+    }
+    c.close().await.unwrap();
+}
+
+/// Issue 12: `migrate` (sqlx migrations with checksums; databases of the earlier runner are adopted; a
+/// modified migration is refused), `backup` (online SQLite copy + vault.key) and restore: provider keys
+/// still decrypt after a restore, and do not without the backed-up vault.key.
+#[test]
+fn migrations_backup_and_restore() {
+    if is_pg() {
+        return; // SQLite files; PostgreSQL is pg_dump's (docs/operations.md)
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = std::env::temp_dir().join(common::unique("llm-sidecar-migrate"));
+    let d = dir.to_str().unwrap();
+    for _ in 0..2 {
+        let out = sidecar_cmd(&["migrate", "--data-dir", d]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2]"));
+    }
+    // A database of the earlier runner (schema_migrations) is adopted, not migrated twice.
+    rt.block_on(sqlite_exec(
+        &dir.join("sidecar.db"),
+        &[
+            "DROP TABLE _sqlx_migrations",
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            "INSERT INTO schema_migrations VALUES (1, 0), (2, 0)",
+        ],
+    ));
+    let out = sidecar_cmd(&["migrate", "--data-dir", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2]"));
+    // A migration changed after it ran is refused (checksums).
+    rt.block_on(sqlite_exec(
+        &dir.join("sidecar.db"),
+        &["UPDATE _sqlx_migrations SET checksum = X'00' WHERE version = 1"],
+    ));
+    let out = sidecar_cmd(&["migrate", "--data-dir", d]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("modified"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Backup while serving, restore into a new data dir: provider keys still decrypt.
+    let s = Server::start();
+    let a = s.admin.clone();
+    let body = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-provider-secret-1234","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", &a, body).status, 201);
+    let backup = std::env::temp_dir().join(common::unique("llm-sidecar-backup"));
+    let out = sidecar_cmd(&[
+        "backup",
+        "--to",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        s.dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(backup.join("sidecar.db").exists() && backup.join("vault.key").exists());
+    drop(s);
+    let lost = std::env::temp_dir().join(common::unique("llm-sidecar-nokey"));
+    std::fs::create_dir_all(&lost).unwrap();
+    std::fs::copy(backup.join("sidecar.db"), lost.join("sidecar.db")).unwrap();
+    let restored = Server::start_in(backup.clone(), &[]);
+    let r = restored.resolve(&a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["identity"]["providers"][0]["apiKey"],
+        "sk-provider-secret-1234"
+    );
+    drop(restored);
+
+    // The same database without its vault.key: the sidecar starts with a new key and cannot decrypt.
+    let s = Server::start_in(lost.clone(), &[]);
+    let r = s.resolve(&a);
+    assert_error(&r, 500, "internal_error");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&lost);
+}
+
+/// Issue 12 on PostgreSQL: `pg_dump` while serving → `pg_restore` into a new database → a sidecar with the
+/// same vault key decrypts the provider keys. Runs in the PostgreSQL pass of sidecar/test.sh (pg_dump on
+/// PATH there).
+#[test]
+fn postgres_pg_dump_backup_and_restore() {
+    let Some(base) = common::pg_base() else {
+        return;
+    };
+    let have = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        have("pg_dump") && have("pg_restore"),
+        "pg_dump/pg_restore must be on PATH for the PostgreSQL pass"
+    );
+    let s = Server::start_with(&[("LLM_GATEWAY_VAULT_KEY", VAULT_KEY)]);
+    let a = s.admin.clone();
+    let body = r#"{"providers":[{"name":"p","supportedProvider":"OPENAI","apiKey":"sk-pg-provider-5678","models":["m"]}]}"#;
+    assert_eq!(s.post("/v1/llm/providers", &a, body).status, 201);
+    let dump = s.dir.join("sidecar.dump");
+    let src = s.db_url.clone().unwrap();
+    let out = std::process::Command::new("pg_dump")
+        .args([
+            "--format=custom",
+            "--no-owner",
+            "--file",
+            dump.to_str().unwrap(),
+            &src,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = common::fresh_pg_database(&base);
+    let out = std::process::Command::new("pg_restore")
+        .args(["--no-owner", "--dbname", &target, dump.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::env::temp_dir().join(common::unique("llm-sidecar-pgrestore"));
+    let restored = Server::start_on(dir, Some(target), &[("LLM_GATEWAY_VAULT_KEY", VAULT_KEY)]);
+    let r = restored.resolve(&a);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["identity"]["providers"][0]["apiKey"],
+        "sk-pg-provider-5678"
+    );
+}

@@ -11,8 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use llm_gateway::config::{hash_key, DEFAULT_CONFIG_ID};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -32,19 +31,59 @@ struct KeyIn {
     settings: Option<StoredSettings>,
 }
 
-fn key_out(k: &StoredKey) -> Value {
-    json!({
-        "id": k.id,
-        "name": k.name,
-        "config_id": k.config_id,
-        "scope": if k.cluster_id.is_some() { "cluster" } else { "organization" },
-        "cluster_id": k.cluster_id,
-        "settings": k.settings,
-        "key_prefix": k.prefix,
-        "created_at": rfc3339(k.created_at),
-        "revoked": k.revoked_at.is_some(),
-        "revoked_at": k.revoked_at.map(rfc3339),
-    })
+/// A gateway API key as the API returns it (the secret only once, at creation).
+#[derive(Serialize, ToSchema)]
+struct KeyOut {
+    id: String,
+    name: Option<String>,
+    config_id: String,
+    scope: KeyScope,
+    cluster_id: Option<String>,
+    settings: StoredSettings,
+    key_prefix: String,
+    created_at: String,
+    revoked: bool,
+    revoked_at: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum KeyScope {
+    Organization,
+    Cluster,
+}
+
+/// `POST /v1/llm/api-keys`: the key and, once, its secret.
+#[derive(Serialize, ToSchema)]
+struct KeyCreated {
+    #[serde(flatten)]
+    key_info: KeyOut,
+    /// The secret: shown once, stored only as a SHA-256 digest.
+    key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct KeysOut {
+    api_keys: Vec<KeyOut>,
+}
+
+fn key_out(k: &StoredKey) -> KeyOut {
+    KeyOut {
+        id: k.id.clone(),
+        name: k.name.clone(),
+        config_id: k.config_id.clone(),
+        scope: if k.cluster_id.is_some() {
+            KeyScope::Cluster
+        } else {
+            KeyScope::Organization
+        },
+        cluster_id: k.cluster_id.clone(),
+        settings: k.settings.clone(),
+        key_prefix: k.prefix.clone(),
+        created_at: rfc3339(k.created_at),
+        revoked: k.revoked_at.is_some(),
+        revoked_at: k.revoked_at.map(rfc3339),
+    }
 }
 
 #[utoipa::path(
@@ -52,14 +91,14 @@ fn key_out(k: &StoredKey) -> Value {
     path = "/v1/llm/api-keys",
     tag = "api-keys",
     request_body = KeyIn,
-    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "created", body = KeyCreated), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn create_key(
     State(st): State<AppState>,
     caller: Caller,
     JsonBody(input): JsonBody<KeyIn>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     caller.require_org()?;
     let config_id = input.config_id.clone().filter(|c| !c.trim().is_empty()).ok_or_else(|| {
         ApiError::bad_request(
@@ -121,10 +160,10 @@ async fn create_key(
     };
     db::insert_key(&mut w.tx, &key).await?;
     w.commit().await?;
-    let mut out = key_out(&key);
-    if let Value::Object(m) = &mut out {
-        m.insert("key".into(), Value::String(secret));
-    }
+    let out = KeyCreated {
+        key_info: key_out(&key),
+        key: secret,
+    };
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -132,16 +171,16 @@ async fn create_key(
     get,
     path = "/v1/llm/api-keys",
     tag = "api-keys",
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = KeysOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
-async fn list_keys(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+async fn list_keys(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<KeysOut>> {
     caller.require_org()?;
     let mut conn = st.pool.acquire().await?;
     let keys = db::keys(&mut conn, &caller.org_id).await?;
-    Ok(Json(
-        json!({ "api_keys": keys.iter().map(key_out).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(KeysOut {
+        api_keys: keys.iter().map(key_out).collect(),
+    }))
 }
 
 async fn find_key(st: &AppState, caller: &Caller, id: &str) -> ApiResult<StoredKey> {
@@ -156,14 +195,14 @@ async fn find_key(st: &AppState, caller: &Caller, id: &str) -> ApiResult<StoredK
     path = "/v1/llm/api-keys/{id}",
     tag = "api-keys",
     params(("id" = String, Path)),
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = KeyOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn get_key(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<KeyOut>> {
     caller.require_org()?;
     Ok(Json(key_out(&find_key(&st, &caller, &id).await?)))
 }

@@ -108,9 +108,77 @@ pub fn openapi_json() -> String {
             }
         }
     }
-    let mut text = doc.to_pretty_json().unwrap_or_default();
+    let mut value = serde_json::to_value(&doc).unwrap_or_default();
+    add_aliases(&mut value);
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_default();
     text.push('\n');
     text
+}
+
+/// Older member names the request types still accept (`#[serde(alias)]`), which utoipa cannot see:
+/// (schema, alias, canonical member). They are documented as deprecated members with the canonical
+/// member's schema, so that the document accepts what the server accepts.
+const ALIASES: &[(&str, &str, &str)] = &[
+    ("ProviderIn", "type", "supportedProvider"),
+    ("ProviderIn", "supported_provider", "supportedProvider"),
+    ("ProviderIn", "api_key", "apiKey"),
+    ("ProviderIn", "api_base", "url"),
+    ("ProviderIn", "apiBase", "url"),
+    ("ProviderIn", "api_version", "apiVersion"),
+    ("ProviderIn", "is_hosted", "isHosted"),
+    ("ProviderIn", "cluster_id", "clusterId"),
+    ("ProviderIn", "fallback_on_429", "fallbackOn429"),
+    ("ConfigIn", "parent", "inherits"),
+    ("ConfigIn", "inherits_from", "inherits"),
+    ("ConfigIn", "inheritsFrom", "inherits"),
+    ("ConfigIn", "parent_id", "inherits"),
+    ("ConfigPatch", "parent", "inherits"),
+    ("ConfigPatch", "inherits_from", "inherits"),
+    ("ConfigPatch", "inheritsFrom", "inherits"),
+    ("ConfigPatch", "parent_id", "inherits"),
+    ("ConfigProviderSpec", "api_key", "apiKey"),
+    ("ConfigProviderSpec", "api_base", "apiBase"),
+    ("KeyIn", "configId", "config_id"),
+    ("KeyIn", "clusterId", "cluster_id"),
+    ("Settings", "providerName", "provider"),
+    ("Settings", "store_prompts", "storePrompts"),
+    ("ResolveIn", "key_sha256", "keySha256"),
+    ("LinkIn", "ttl_seconds", "ttlSeconds"),
+];
+
+fn add_aliases(doc: &mut serde_json::Value) {
+    for (schema, alias, canonical) in ALIASES {
+        let Some(obj) = doc
+            .pointer_mut(&format!("/components/schemas/{schema}"))
+            .and_then(serde_json::Value::as_object_mut)
+        else {
+            continue;
+        };
+        // A member that may come under another name is not required under its canonical one.
+        if let Some(req) = obj.get_mut("required").and_then(|r| r.as_array_mut()) {
+            req.retain(|r| r != canonical);
+            if req.is_empty() {
+                obj.remove("required");
+            }
+        }
+        let Some(props) = obj
+            .get_mut("properties")
+            .and_then(serde_json::Value::as_object_mut)
+        else {
+            continue;
+        };
+        let Some(mut member) = props.get(*canonical).cloned() else {
+            continue;
+        };
+        if let Some(m) = member.as_object_mut() {
+            m.insert("deprecated".into(), serde_json::Value::Bool(true));
+            m.insert(
+                "description".into(),
+                serde_json::Value::String(format!("Deprecated alias of `{canonical}`.")),
+            );
+        }
+        props.insert((*alias).to_string(), member);
+    }
 }
 
 pub fn router(state: AppState, listener: Listener) -> Router {

@@ -13,8 +13,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use llm_gateway::config::{last4, ModelSpec, ProviderKind, ProviderSpec};
 use llm_gateway::destination::Policy;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -212,24 +212,52 @@ fn missing_key(name: &str) -> ApiError {
     .with_param("apiKey")
 }
 
-fn provider_out(p: &StoredProvider) -> Value {
-    json!({
-        "name": p.spec.name,
-        "supportedProvider": p.spec.supported_provider,
-        "models": p.spec.models,
-        "url": p.spec.url,
-        "apiVersion": p.spec.api_version,
-        "isHosted": p.spec.is_hosted,
-        "clusterId": p.spec.cluster_id,
-        "fallback": p.spec.fallback,
-        "api": p.spec.api,
-        "fallbackOn429": p.spec.fallback_on429,
-        "timeouts": p.spec.timeouts,
-        "prices": p.prices,
-        "apiKeyLast4": p.last4,
-        "createTime": rfc3339(p.created_at),
-        "updateTime": rfc3339(p.updated_at),
-    })
+/// A provider registration as the API returns it (the key itself never: its last 4 characters only).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct ProviderOut {
+    name: String,
+    #[schema(value_type = llm_gateway::config::ProviderKind)]
+    supported_provider: String,
+    models: Vec<ModelSpec>,
+    url: Option<String>,
+    api_version: Option<String>,
+    is_hosted: bool,
+    cluster_id: Option<String>,
+    fallback: Vec<String>,
+    api: Option<String>,
+    fallback_on429: bool,
+    timeouts: Option<llm_gateway::plan::Timeouts>,
+    #[schema(value_type = std::collections::HashMap<String, crate::db::PriceOverride>)]
+    prices: PriceOverrides,
+    api_key_last4: Option<String>,
+    create_time: String,
+    update_time: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ProvidersOut {
+    providers: Vec<ProviderOut>,
+}
+
+fn provider_out(p: &StoredProvider) -> ProviderOut {
+    ProviderOut {
+        name: p.spec.name.clone(),
+        supported_provider: p.spec.supported_provider.clone(),
+        models: p.spec.models.clone(),
+        url: p.spec.url.clone(),
+        api_version: p.spec.api_version.clone(),
+        is_hosted: p.spec.is_hosted,
+        cluster_id: p.spec.cluster_id.clone(),
+        fallback: p.spec.fallback.clone(),
+        api: p.spec.api.clone(),
+        fallback_on429: p.spec.fallback_on429,
+        timeouts: p.spec.timeouts,
+        prices: p.prices.clone(),
+        api_key_last4: p.last4.clone(),
+        create_time: rfc3339(p.created_at),
+        update_time: rfc3339(p.updated_at),
+    }
 }
 
 fn seal_provider_key(
@@ -249,14 +277,14 @@ fn seal_provider_key(
     path = "/v1/llm/providers",
     tag = "providers",
     request_body = ProvidersIn,
-    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "created", body = ProvidersOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn create_providers(
     State(st): State<AppState>,
     caller: Caller,
     JsonBody(body): JsonBody<ProvidersIn>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ProvidersOut>)> {
     caller.require_org()?;
     if body.providers.is_empty() {
         return Err(
@@ -326,25 +354,28 @@ async fn create_providers(
         out.push(provider_out(&sp));
     }
     w.commit().await?;
-    Ok((StatusCode::CREATED, Json(json!({ "providers": out }))))
+    Ok((StatusCode::CREATED, Json(ProvidersOut { providers: out })))
 }
 
 #[utoipa::path(
     get,
     path = "/v1/llm/providers",
     tag = "providers",
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ProvidersOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
-async fn list_providers(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+async fn list_providers(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<ProvidersOut>> {
     let mut conn = st.pool.acquire().await?;
     let list = db::providers(&mut conn, &caller.org_id).await?;
-    let out: Vec<Value> = list
+    let out: Vec<ProviderOut> = list
         .iter()
         .filter(|p| caller.sees(&p.spec))
         .map(provider_out)
         .collect();
-    Ok(Json(json!({ "providers": out })))
+    Ok(Json(ProvidersOut { providers: out }))
 }
 
 fn provider_not_found(name: &str) -> ApiError {
@@ -356,14 +387,14 @@ fn provider_not_found(name: &str) -> ApiError {
     path = "/v1/llm/providers/{name}",
     tag = "providers",
     params(("name" = String, Path)),
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ProviderOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn get_provider(
     State(st): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProviderOut>> {
     let mut conn = st.pool.acquire().await?;
     let list = db::providers(&mut conn, &caller.org_id).await?;
     let p = list
@@ -379,7 +410,7 @@ async fn get_provider(
     tag = "providers",
     request_body = ProviderIn,
     params(("name" = String, Path)),
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ProviderOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn update_provider(
@@ -387,7 +418,7 @@ async fn update_provider(
     caller: Caller,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<ProviderIn>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProviderOut>> {
     caller.require_org()?;
     if let Some(n) = &body.name {
         if n != &name {

@@ -41,7 +41,7 @@ pub fn is_pg() -> bool {
 }
 
 /// Creates a fresh database on the test PostgreSQL server and returns its URL.
-fn fresh_pg_database(base: &str) -> String {
+pub fn fresh_pg_database(base: &str) -> String {
     let name = unique("t").to_lowercase();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,6 +97,21 @@ impl Server {
         let dir = std::env::temp_dir().join(unique("llm-sidecar-test"));
         std::fs::create_dir_all(&dir).unwrap();
         let db_url = pg_base().map(|b| fresh_pg_database(&b));
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::launch(dir, db_url, env, true)
+    }
+
+    /// A server on an existing data dir (a restored backup); SQLite unless DATABASE_URL is given in `env`.
+    pub fn start_in(dir: PathBuf, env: &[(&str, &str)]) -> Server {
+        Self::start_on(dir, None, env)
+    }
+
+    /// A server on an existing data dir and the given database URL (None: the dir's SQLite file).
+    pub fn start_on(dir: PathBuf, db_url: Option<String>, env: &[(&str, &str)]) -> Server {
+        std::fs::create_dir_all(&dir).unwrap();
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
