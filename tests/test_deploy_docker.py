@@ -73,7 +73,11 @@ class Dockerd:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.log.close()
-        subprocess.run(["umount", "-R", os.path.join(self.dir, "exec")], capture_output=True)
+        # dockerd leaves its network namespace mount (exec/netns/default) behind: unmount what is ours.
+        with open("/proc/self/mounts") as f:
+            ours = [ln.split()[1] for ln in f if ln.split()[1].startswith(self.dir + "/")]
+        for m in sorted(ours, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -270,3 +270,43 @@ def test_documented_tracer_config_validates(tmp_path):
     path = envoy_config.write(cfg, str(tmp_path / "traced.yaml"))
     code, out = validate(path, env=TOKEN_ENV)
     assert code == 0, out[-2000:]
+
+
+def test_kubernetes_bootstrap_runs(tmp_path):
+    """The container/Kubernetes bootstrap (deploy/kustomize/base/gateway) in a real Envoy, with this
+    test's ports: the health listener proxies /ready, the filter loaded by ECDS answers in the OpenAI
+    shape, Envoy-generated errors are mapped."""
+    import urllib.request
+    path = k8s_bootstrap_for_validation(tmp_path)
+    text = open(path).read()
+    port, admin, health = free_port(), free_port(), free_port()
+    for a, b in (("address: 0.0.0.0", "address: 127.0.0.1"), ("port_value: 10000", f"port_value: {port}"),
+                 ("port_value: 9901", f"port_value: {admin}"), ("port_value: 9902", f"port_value: {health}"),
+                 (f"address: {envoy_config.K8S_SIDECAR_HOST}", "address: 127.0.0.1"),
+                 (f"port_value: {envoy_config.K8S_SIDECAR_PORT}", f"port_value: {free_port()}")):
+        assert a in text, a
+        text = text.replace(a, b)
+    open(path, "w").write(text)
+    import subprocess
+    log = open(tmp_path / "envoy.log", "w")
+    proc = subprocess.Popen(["envoy", "-c", path, "--base-id", str(port), "--concurrency", "1", "--log-level", "warn"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **TOKEN_ENV))
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "envoy.log").read()[-2000:]
+                time.sleep(0.2)
+        s, hd, b = request("POST", f"http://127.0.0.1:{port}{CHAT}", body())
+        assert_openai_error(s, hd, b, 401, "missing_api_key", "authentication_error")
+        s, hd, b = request("GET", f"http://127.0.0.1:{port}/nope")
+        assert_openai_error(s, hd, b, 404, "unknown_url", "invalid_request_error")
+        assert request("GET", f"http://127.0.0.1:{health}/stats")[0] == 404  # admin stays private
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
