@@ -4,13 +4,40 @@
 
 use crate::abi::Wasm;
 use crate::exchange::{self, Flow, GatewayHttp, GatewayRoot};
+use crate::hostapi::{Host, Level};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 static HOST: Wasm = Wasm;
 
+/// `log` records go to Envoy through the host (the SDK's logger unwraps the host's answer).
+struct HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+    }
+
+    fn log(&self, r: &log::Record) {
+        let level = match r.level() {
+            log::Level::Error => Level::Error,
+            log::Level::Warn => Level::Warn,
+            log::Level::Info => Level::Info,
+            log::Level::Debug | log::Level::Trace => return,
+        };
+        HOST.log(level, &r.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: HostLogger = HostLogger;
+
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+    // A panic (there should be none: clippy denies the usual sources) is logged before the VM aborts.
+    std::panic::set_hook(Box::new(|info| HOST.log(Level::Error, &format!("llm-gateway panicked: {info}"))));
     exchange::install(&HOST);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
         Box::new(Root(GatewayRoot::default()))
