@@ -270,7 +270,7 @@ pub struct StoredProvider {
 }
 
 /// A config's own provider entry as stored (its key override, if any, is in the sealed secrets).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoredEntry {
     pub name: String,

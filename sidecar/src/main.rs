@@ -49,6 +49,8 @@ Environment:
   LLM_GATEWAY_ADMIN_KEY        admin API key of the organization created on first start (never printed)
   LLM_GATEWAY_ADMIN_KEY_FILE   the same, read from a file (a mounted secret); without either, a key is
                                generated and printed once on stdout
+  LLM_GATEWAY_CATALOG_POLL_SECONDS  how often the catalog files are checked for changes (default 10, 0: off;
+                               SIGHUP reloads them at once)
   LLM_GATEWAY_LOG              log filter (default info; e.g. warn, debug, request=off)
   LLM_GATEWAY_LOG_FORMAT       json (default) or text
   LLM_GATEWAY_CACHE_TTL        ttlSeconds returned by /internal/v1/resolve (default 30)
@@ -246,6 +248,18 @@ async fn run() -> Result<(), String> {
     };
     let backend = if is_pg { "postgresql" } else { "sqlite" };
     tokio::spawn(reload_on_sighup(state.clone()));
+    let poll = match env_nonempty("LLM_GATEWAY_CATALOG_POLL_SECONDS") {
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            format!("LLM_GATEWAY_CATALOG_POLL_SECONDS '{v}' is not a number of seconds")
+        })?,
+        None => 10,
+    };
+    if poll > 0 {
+        tokio::spawn(reload_on_change(
+            state.clone(),
+            std::time::Duration::from_secs(poll),
+        ));
+    }
     let public = match &internal {
         Some(_) => routes::Listener::Public,
         None => routes::Listener::All,
@@ -321,6 +335,49 @@ async fn reload_on_sighup(st: state::AppState) {
     while hup.recv().await.is_some() {
         match st.reload_catalogs() {
             Ok(()) => tracing::info!("catalogs reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "catalog reload failed; the previous catalogs keep serving")
+            }
+        }
+    }
+}
+
+/// The catalog files in use (an explicit path or the default under the working dir).
+fn catalog_files() -> Vec<PathBuf> {
+    [
+        ("LLM_GATEWAY_MODEL_SPECS", "config/hosted-model-specs.json"),
+        ("LLM_GATEWAY_MODEL_PRICES", "config/model-prices.json"),
+    ]
+    .iter()
+    .map(|(var, default)| PathBuf::from(env_nonempty(var).unwrap_or_else(|| default.to_string())))
+    .collect()
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+/// Watches the catalog files (what a Kubernetes ConfigMap mount updates, without any signal): a change of
+/// modification time or size reloads them, like SIGHUP.
+async fn reload_on_change(st: state::AppState, every: std::time::Duration) {
+    let files = catalog_files();
+    let mut last = stamps(&files);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = stamps(&files);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match st.reload_catalogs() {
+            Ok(()) => tracing::info!("catalog files changed: catalogs reloaded"),
             Err(e) => {
                 tracing::error!(error = %e, "catalog reload failed; the previous catalogs keep serving")
             }

@@ -1336,6 +1336,8 @@ fn operated_service_listeners_logs_metrics_and_reload() {
         &[
             ("LLM_GATEWAY_ADMIN_KEY_FILE", key_file.to_str().unwrap()),
             ("LLM_GATEWAY_MODEL_SPECS", specs.to_str().unwrap()),
+            // Only SIGHUP reloads here (the file watch has its own test).
+            ("LLM_GATEWAY_CATALOG_POLL_SECONDS", "0"),
         ],
         &["--internal-listen", "127.0.0.1:0"],
     );
@@ -1379,6 +1381,28 @@ fn operated_service_listeners_logs_metrics_and_reload() {
     );
     assert_eq!(miss.status, 404);
 
+    // Usage ingestion: accepted, duplicate, refused (an invalid batch).
+    let org = r.body["identity"]["orgId"].as_str().unwrap().to_string();
+    let rec = |id: &str| {
+        json!({"id": id, "time": 1_764_000_000_000i64, "orgId": org, "provider": "p", "modelUsed": "m",
+               "promptTokens": 1, "completionTokens": 1, "status": 200})
+    };
+    let batch = |records: Vec<Value>| json!({ "records": records }).to_string();
+    let ingest = |body: String| {
+        s.request_on(
+            s.internal_port,
+            "POST",
+            "/internal/v1/usage",
+            &[("x-gateway-token", &s.token)],
+            Some(&body),
+        )
+    };
+    assert_eq!(ingest(batch(vec![rec("u1"), rec("u2")])).status, 200);
+    assert_eq!(ingest(batch(vec![rec("u2")])).status, 200);
+    let mut bad = rec("u3");
+    bad["promptTokens"] = json!(-1);
+    assert_eq!(ingest(batch(vec![rec("u4"), bad])).status, 400);
+
     // Metrics in Prometheus text.
     let m = s.request_on(s.internal_port, "GET", "/metrics", &[], None);
     assert_eq!(m.status, 200);
@@ -1388,7 +1412,11 @@ fn operated_service_listeners_logs_metrics_and_reload() {
         "# TYPE llmgw_sidecar_db_duration_seconds histogram",
         "llmgw_sidecar_db_duration_seconds_count{operation=\"write\"} 1",
         "llmgw_sidecar_http_requests_total{method=\"POST\",route=\"/v1/llm/providers\",status=\"201\"} 1",
-        "llmgw_sidecar_usage_records_total{outcome=\"accepted\"} 0",
+        "llmgw_sidecar_usage_records_total{outcome=\"accepted\"} 2",
+        "llmgw_sidecar_usage_records_total{outcome=\"duplicate\"} 1",
+        "llmgw_sidecar_usage_records_total{outcome=\"refused\"} 2",
+        "llmgw_sidecar_usage_batches_total 3",
+        "llmgw_sidecar_db_duration_seconds_count{operation=\"ingest\"} 2",
     ] {
         assert!(m.raw.contains(line), "metrics lack {line}:\n{}", m.raw);
     }
@@ -1615,4 +1643,37 @@ fn postgres_pg_dump_backup_and_restore() {
         r.body["identity"]["providers"][0]["apiKey"],
         "sk-pg-provider-5678"
     );
+}
+
+/// Issue 12: catalog files changed on disk (a ConfigMap update sends no signal) are picked up by the
+/// file watch.
+#[test]
+fn catalogs_reload_when_their_files_change() {
+    let tmp = std::env::temp_dir().join(common::unique("llm-sidecar-watch"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let specs = tmp.join("specs.json");
+    let catalog = |model: &str| {
+        json!({"items": [{"model": model, "description": "d", "cpu": 1, "memoryMib": 1024,
+            "provider": "ollama", "tokensPerSecond": 1, "createTime": "2024-11-08T12:36:45Z",
+            "quantization": "Q4_K_M", "regions": []}]})
+        .to_string()
+    };
+    std::fs::write(&specs, catalog("before")).unwrap();
+    let s = Server::start_with(&[
+        ("LLM_GATEWAY_MODEL_SPECS", specs.to_str().unwrap()),
+        ("LLM_GATEWAY_CATALOG_POLL_SECONDS", "1"),
+    ]);
+    let model = || {
+        s.get("/ai-optimizer/v1beta/hosted-model-specs", &s.admin)
+            .body["items"][0]["model"]
+            .clone()
+    };
+    assert_eq!(model(), "before");
+    std::fs::write(&specs, catalog("after-the-change")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while model() != "after-the-change" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(model(), "after-the-change");
+    let _ = std::fs::remove_dir_all(&tmp);
 }

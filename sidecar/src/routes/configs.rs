@@ -17,7 +17,7 @@ use llm_gateway::config::{
     flatten_configs, last4, ConfigProviderSpec, ConfigSpec, DEFAULT_CONFIG_ID,
 };
 use llm_gateway::destination::Policy;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
@@ -144,52 +144,113 @@ fn check_config_destinations(
     Ok(())
 }
 
-fn config_out(c: &StoredConfig) -> Value {
-    json!({
-        "config_id": c.id,
-        "name": c.name,
-        "inherits": c.inherits,
-        "providers": c.entries,
-        "created_at": rfc3339(c.created_at),
-        "updated_at": rfc3339(c.updated_at),
-    })
+/// A config as the API returns it: its own entries and what it resolves to after inheritance.
+#[derive(Serialize, ToSchema)]
+struct ConfigOut {
+    config_id: String,
+    name: Option<String>,
+    /// Present (true) only for the built-in `default` config.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    builtin: bool,
+    inherits: Option<String>,
+    providers: Vec<StoredEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<String>,
+    /// Null when the organization's configs do not resolve.
+    resolved_providers: Option<Vec<ResolvedEntry>>,
+}
+
+/// A provider a config ends up with after inheritance.
+#[derive(Serialize, ToSchema)]
+struct ResolvedEntry {
+    name: String,
+    models: Vec<String>,
+    api_base: Option<String>,
+}
+
+/// One line of `GET /config`.
+#[derive(Serialize, ToSchema)]
+struct ConfigSummary {
+    config_id: String,
+    name: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    builtin: bool,
+    inherits: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ConfigsOut {
+    configs: Vec<ConfigSummary>,
+}
+
+fn config_out(
+    c: &StoredConfig,
+    providers: &[StoredProvider],
+    configs: &[StoredConfig],
+) -> ConfigOut {
+    ConfigOut {
+        config_id: c.id.clone(),
+        name: c.name.clone(),
+        builtin: false,
+        inherits: c.inherits.clone(),
+        providers: c.entries.clone(),
+        created_at: Some(rfc3339(c.created_at)),
+        updated_at: Some(rfc3339(c.updated_at)),
+        resolved_providers: resolved_providers(providers, configs, &c.id),
+    }
 }
 
 /// The providers and models a config ends up with after inheritance.
-fn resolved_providers(providers: &[StoredProvider], configs: &[StoredConfig], id: &str) -> Value {
+fn resolved_providers(
+    providers: &[StoredProvider],
+    configs: &[StoredConfig],
+    id: &str,
+) -> Option<Vec<ResolvedEntry>> {
     let specs = specs_of(providers);
-    let flat = match flatten_configs(&specs, &config_specs(configs)) {
-        Ok(f) => f,
-        Err(_) => return Value::Null,
-    };
+    let flat = flatten_configs(&specs, &config_specs(configs)).ok()?;
     let entries = flat.get(id).cloned().unwrap_or_default();
-    let out: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            let all: Vec<String> = specs
-                .iter()
-                .find(|p| p.name == e.name)
-                .map(|p| p.models.iter().map(|m| m.name().to_string()).collect())
-                .unwrap_or_default();
-            json!({"name": e.name, "models": e.models.clone().unwrap_or(all), "api_base": e.api_base})
-        })
-        .collect();
-    Value::Array(out)
+    Some(
+        entries
+            .iter()
+            .map(|e| {
+                let all: Vec<String> = specs
+                    .iter()
+                    .find(|p| p.name == e.name)
+                    .map(|p| p.models.iter().map(|m| m.name().to_string()).collect())
+                    .unwrap_or_default();
+                ResolvedEntry {
+                    name: e.name.clone(),
+                    models: e.models.clone().unwrap_or(all),
+                    api_base: e.api_base.clone(),
+                }
+            })
+            .collect(),
+    )
 }
 
-fn default_config_out(providers: &[StoredProvider], configs: &[StoredConfig]) -> Value {
-    let entries: Vec<Value> = providers
-        .iter()
-        .map(|p| json!({"name": p.spec.name}))
-        .collect();
-    json!({
-        "config_id": DEFAULT_CONFIG_ID,
-        "name": "default",
-        "builtin": true,
-        "inherits": null,
-        "providers": entries,
-        "resolved_providers": resolved_providers(providers, configs, DEFAULT_CONFIG_ID),
-    })
+fn default_config_out(providers: &[StoredProvider], configs: &[StoredConfig]) -> ConfigOut {
+    ConfigOut {
+        config_id: DEFAULT_CONFIG_ID.to_string(),
+        name: Some("default".to_string()),
+        builtin: true,
+        inherits: None,
+        providers: providers
+            .iter()
+            .map(|p| StoredEntry {
+                name: p.spec.name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        created_at: None,
+        updated_at: None,
+        resolved_providers: resolved_providers(providers, configs, DEFAULT_CONFIG_ID),
+    }
 }
 
 fn config_not_found(id: &str) -> ApiError {
@@ -208,14 +269,14 @@ fn builtin_refused() -> ApiError {
     path = "/config",
     tag = "configs",
     request_body = ConfigIn,
-    responses((status = 201, description = "created", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 201, description = "created", body = ConfigOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn create_config(
     State(st): State<AppState>,
     caller: Caller,
     JsonBody(input): JsonBody<ConfigIn>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ConfigOut>)> {
     caller.require_org()?;
     let org = caller.org_id.as_str();
     let id = new_id("cfg");
@@ -229,14 +290,11 @@ async fn create_config(
     w.validate(&specs_of(&providers), &specs, config_error)?;
     db::insert_config(&mut w.tx, org, &stored).await?;
     w.commit().await?;
-    let mut out = config_out(&stored);
     configs.push(stored);
-    if let Value::Object(m) = &mut out {
-        m.insert(
-            "resolved_providers".into(),
-            resolved_providers(&providers, &configs, &id),
-        );
-    }
+    let out = configs
+        .last()
+        .map(|c| config_out(c, &providers, &configs))
+        .ok_or_else(|| ApiError::internal("config vanished"))?;
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -244,26 +302,30 @@ async fn create_config(
     get,
     path = "/config",
     tag = "configs",
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ConfigsOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
-async fn list_configs(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+async fn list_configs(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<ConfigsOut>> {
     caller.require_org()?;
     let mut conn = st.pool.acquire().await?;
     let configs = db::configs(&mut conn, &caller.org_id).await?;
-    let mut out = vec![
-        json!({"config_id": DEFAULT_CONFIG_ID, "name": "default", "builtin": true, "inherits": null}),
-    ];
-    out.extend(configs.iter().map(|c| {
-        json!({
-            "config_id": c.id,
-            "name": c.name,
-            "inherits": c.inherits,
-            "created_at": rfc3339(c.created_at),
-            "updated_at": rfc3339(c.updated_at),
-        })
+    let mut out = vec![ConfigSummary {
+        config_id: DEFAULT_CONFIG_ID.to_string(),
+        name: Some("default".to_string()),
+        builtin: true,
+        inherits: None,
+        created_at: None,
+        updated_at: None,
+    }];
+    out.extend(configs.iter().map(|c| ConfigSummary {
+        config_id: c.id.clone(),
+        name: c.name.clone(),
+        builtin: false,
+        inherits: c.inherits.clone(),
+        created_at: Some(rfc3339(c.created_at)),
+        updated_at: Some(rfc3339(c.updated_at)),
     }));
-    Ok(Json(json!({ "configs": out })))
+    Ok(Json(ConfigsOut { configs: out }))
 }
 
 #[utoipa::path(
@@ -271,14 +333,14 @@ async fn list_configs(State(st): State<AppState>, caller: Caller) -> ApiResult<J
     path = "/config/{config_id}",
     tag = "configs",
     params(("config_id" = String, Path)),
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ConfigOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn get_config(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigOut>> {
     caller.require_org()?;
     let mut conn = st.pool.acquire().await?;
     let providers = db::providers(&mut conn, &caller.org_id).await?;
@@ -290,14 +352,7 @@ async fn get_config(
         .iter()
         .find(|c| c.id == id)
         .ok_or_else(|| config_not_found(&id))?;
-    let mut out = config_out(c);
-    if let Value::Object(m) = &mut out {
-        m.insert(
-            "resolved_providers".into(),
-            resolved_providers(&providers, &configs, &id),
-        );
-    }
-    Ok(Json(out))
+    Ok(Json(config_out(c, &providers, &configs)))
 }
 
 async fn replace_config(
@@ -305,7 +360,7 @@ async fn replace_config(
     caller: &Caller,
     id: &str,
     input: ConfigIn,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigOut>> {
     let org = caller.org_id.as_str();
     let mut w = OrgWrite::begin(st, org).await?;
     let providers = std::mem::take(&mut w.providers);
@@ -329,16 +384,13 @@ async fn replace_config(
     w.validate(&specs_of(&providers), &specs, config_error)?;
     db::update_config(&mut w.tx, org, &stored).await?;
     w.commit().await?;
-    let mut out = config_out(&stored);
     if let Some(slot) = configs.get_mut(idx) {
         *slot = stored;
     }
-    if let Value::Object(m) = &mut out {
-        m.insert(
-            "resolved_providers".into(),
-            resolved_providers(&providers, &configs, id),
-        );
-    }
+    let out = configs
+        .get(idx)
+        .map(|c| config_out(c, &providers, &configs))
+        .ok_or_else(|| ApiError::internal("config vanished"))?;
     Ok(Json(out))
 }
 
@@ -348,7 +400,7 @@ async fn replace_config(
     tag = "configs",
     request_body = ConfigIn,
     params(("config_id" = String, Path)),
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ConfigOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn put_config(
@@ -356,7 +408,7 @@ async fn put_config(
     caller: Caller,
     Path(id): Path<String>,
     JsonBody(input): JsonBody<ConfigIn>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigOut>> {
     caller.require_org()?;
     if id == DEFAULT_CONFIG_ID {
         return Err(builtin_refused());
@@ -371,7 +423,7 @@ async fn put_config(
     tag = "configs",
     request_body = ConfigPatch,
     params(("config_id" = String, Path)),
-    responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "OK", body = ConfigOut), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
     security(("apiKey" = []), ("bearer" = []))
 )]
 async fn patch_config(
@@ -379,7 +431,7 @@ async fn patch_config(
     caller: Caller,
     Path(id): Path<String>,
     JsonBody(patch): JsonBody<Value>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigOut>> {
     caller.require_org()?;
     if id == DEFAULT_CONFIG_ID {
         return Err(builtin_refused());

@@ -218,6 +218,7 @@ impl Server {
             "SIDECAR_INTERNAL_ADDR",
             "LLM_GATEWAY_LOG",
             "LLM_GATEWAY_LOG_FORMAT",
+            "LLM_GATEWAY_CATALOG_POLL_SECONDS",
         ] {
             cmd.env_remove(v);
         }
