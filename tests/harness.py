@@ -237,12 +237,13 @@ def request(method, url, body=None, headers=None, timeout=30):
 # Hostile-input helpers (tests/test_hostile.py, scripts/fault_test.py).
 # ---------------------------------------------------------------------------------------------
 
-# What a wasm VM failure looks like in Envoy's log: the SDK's panic hook logs "panicked at", V8 reports
-# the trap ("Uncaught RuntimeError", "unreachable", "Function: proxy_on_... failed"), and a dead VM
-# answers every request on its worker with an empty 503.
-VM_FAILURE_MARKERS = ("panicked at", "Uncaught RuntimeError", "RuntimeError: unreachable",
-                      "Function: proxy_on_", "wasm trap", "Wasm VM failed", "out of memory",
-                      "Plugin configured to fail closed")
+# What a wasm VM failure looks like in Envoy's log: the filter's panic hook logs "llm-gateway panicked:
+# panicked at ..." (the SDK's hook: "panicked at"), V8 reports the trap ("Uncaught RuntimeError",
+# "unreachable", "Function: proxy_on_... failed"), and a dead VM answers every request on its worker with
+# an empty 503.
+VM_FAILURE_MARKERS = ("panicked at", "llm-gateway panicked", "Uncaught RuntimeError",
+                      "RuntimeError: unreachable", "Function: proxy_on_", "wasm trap", "Wasm VM failed",
+                      "out of memory", "Plugin configured to fail closed")
 
 
 def vm_failures(log_text):
