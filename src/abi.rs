@@ -160,7 +160,8 @@ impl hostapi::Host for Wasm {
         };
         let bytes = owned(data, size);
         match s {
-            OK if data.is_null() => Ok(None),
+            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
+            // shared record that marks a revoked key, or an empty header.
             OK => Ok(Some(bytes)),
             NOT_FOUND => Ok(None),
             e => Err(e),
@@ -256,7 +257,8 @@ impl hostapi::Host for Wasm {
         };
         let bytes = owned(data, size);
         match s {
-            OK if data.is_null() => Ok(None),
+            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
+            // shared record that marks a revoked key, or an empty header.
             OK => Ok(Some(bytes)),
             NOT_FOUND => Ok(None),
             e => Err(e),
@@ -303,7 +305,8 @@ impl hostapi::Host for Wasm {
         let s = unsafe { proxy_get_property(p.as_ptr(), p.len(), &mut data, &mut size) };
         let bytes = owned(data, size);
         match s {
-            OK if data.is_null() => Ok(None),
+            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
+            // shared record that marks a revoked key, or an empty header.
             OK => Ok(Some(bytes)),
             NOT_FOUND => Ok(None),
             e => Err(e),
