@@ -21,7 +21,7 @@ def prestop(envoy):
     t = time.time()
     p = subprocess.run([PRESTOP, f"127.0.0.1:{envoy.admin_port}"], capture_output=True, text=True,
                        timeout=60, env=dict(os.environ, PRESTOP_MAX_WAIT="15"))
-    assert p.returncode == 0 and "still buffered" not in p.stderr, p.stderr
+    assert p.returncode == 0 and "still pending" not in p.stderr, p.stderr
     return time.time() - t
 
 
