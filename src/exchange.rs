@@ -9,7 +9,7 @@ use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::fallback;
-use crate::gateway::{self, Routed};
+use crate::gateway::{self, Ingress, Routed};
 use crate::hostapi::{self, Buffer, Headers, Host, Map, MetricKind};
 use crate::metrics;
 use crate::report::{self, Reporter};
@@ -586,6 +586,8 @@ impl GatewayRoot {
             state: State::PassThrough,
             tags: BTreeMap::new(),
             exchange: None,
+            anthropic: false,
+            messages: None,
         })
     }
 }
@@ -652,6 +654,10 @@ pub struct GatewayHttp {
     tags: BTreeMap<String, String>,
     /// What is known about the upstream exchange of a routed request, for its usage record.
     exchange: Option<Box<Exchange>>,
+    /// The request is on the Anthropic ingress: local errors are Anthropic-shaped.
+    anthropic: bool,
+    /// Anthropic Messages request (`Some(count_tokens)`), else chat.
+    messages: Option<bool>,
 }
 
 /// A routed request's upstream exchange, observed as the response passes.
@@ -733,8 +739,12 @@ impl GatewayHttp {
         self.state = State::PassThrough;
         let headers = err.headers();
         let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        let body = err.body();
-        if let Err(e) = host().send_response(err.status(), &pairs, body.as_bytes()) {
+        let body = if self.anthropic {
+            crate::translate::anthropic_ingress::gateway_error(err)
+        } else {
+            err.body().into_bytes()
+        };
+        if let Err(e) = host().send_response(err.status(), &pairs, &body) {
             log::error!("llm-gateway: cannot send local reply: {e:?}");
         }
         Flow::Pause
@@ -792,9 +802,11 @@ impl GatewayHttp {
         if get(fallback::ATTEMPTS_HEADER).is_some() {
             set_header(fallback::ATTEMPTS_HEADER, None);
         }
+        let path = get(":path");
+        self.anthropic = entry::is_anthropic(path.as_deref().unwrap_or_default());
         let endpoint = match entry::classify(
             get(":method").as_deref().unwrap_or_default(),
-            get(":path").as_deref().unwrap_or_default(),
+            path.as_deref().unwrap_or_default(),
         ) {
             None => return Ok(Flow::Continue),
             Some(r) => r?,
@@ -916,7 +928,14 @@ impl GatewayHttp {
                 let body = gateway::get_model(&identity, &name)?;
                 Ok(self.reply_json(&body))
             }
-            Endpoint::ChatCompletions => {
+            Endpoint::ChatCompletions
+            | Endpoint::AnthropicMessages
+            | Endpoint::AnthropicCountTokens => {
+                self.messages = match p.endpoint {
+                    Endpoint::AnthropicMessages => Some(false),
+                    Endpoint::AnthropicCountTokens => Some(true),
+                    _ => None,
+                };
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
                 let limit = self.plan.max_body_bytes;
                 if p.content_length.is_some_and(|n| n > limit) {
@@ -999,13 +1018,37 @@ impl GatewayHttp {
         body: &[u8],
         body_size: usize,
     ) -> Result<(), GatewayError> {
-        let routed = gateway::route_chat(&identity, provider_header, body)?;
+        let (routed, chat_body) = match self.messages {
+            None => (gateway::route_chat(&identity, provider_header, body)?, None),
+            Some(count_tokens) => {
+                let version = host()
+                    .header(Map::RequestHeaders, "anthropic-version")
+                    .ok()
+                    .flatten()
+                    .map(|v| hostapi::text(&v).into_owned());
+                gateway::route_messages(
+                    &identity,
+                    provider_header,
+                    body,
+                    count_tokens,
+                    version.as_deref(),
+                )?
+            }
+        };
         let prompt = if identity.store_prompts {
-            usage::prompt_text(body)
+            usage::prompt_text(chat_body.as_deref().unwrap_or(body))
         } else {
             None
         };
-        let chain = fallback_chain(&identity, &routed);
+        let chain = match routed.ingress {
+            Ingress::MessagesNative { .. } => Vec::new(),
+            _ => fallback_chain(&identity, &routed),
+        };
+        if routed.ingress == Ingress::MessagesViaChat {
+            // Anthropic client headers mean nothing to other providers.
+            set_header("anthropic-beta", None);
+            set_header("anthropic-version", None);
+        }
         let mut exchange = Exchange::new(Some(identity), None);
         exchange.prompt = prompt;
         exchange.chain = chain
@@ -1021,7 +1064,15 @@ impl GatewayHttp {
         self.exchange = Some(Box::new(exchange));
         if chain.len() > 1 {
             // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
-            // the replayed request for its provider.
+            // the replayed request for its provider (a Messages request replays as its chat form).
+            if let Some(chat) = &chat_body {
+                host()
+                    .set_buffer(Buffer::RequestBody, 0, body_size, chat)
+                    .map_err(|e| GatewayError::Internal {
+                        reason: format!("cannot set body: {e:?}"),
+                    })?;
+                set_header("content-length", Some(&chat.len().to_string()));
+            }
             let org = self
                 .exchange
                 .as_ref()
@@ -1214,14 +1265,21 @@ impl GatewayHttp {
         if ex.first_byte_ms.is_none() && body_size > 0 {
             ex.first_byte_ms = Some(now_ms());
         }
-        if let (true, Some(t)) = (ex.translate_whole, r.translation) {
+        if ex.translate_whole {
             if !end_of_stream {
                 return Flow::Pause;
             }
             let body = host()
                 .buffer(Buffer::ResponseBody, 0, body_size)
                 .unwrap_or_default();
-            let (out, u, status) = gateway::translate_response(t, ex.status, &body, &r.model);
+            let (out, u, status) = match r.translation {
+                Some(t) => gateway::translate_response(t, ex.status, &body, &r.model),
+                None => (body, None, ex.status),
+            };
+            let (out, u, status) = match r.ingress {
+                Ingress::MessagesViaChat => gateway::messages_response(status, &out, &r.model),
+                _ => (out, u, status),
+            };
             ex.translated_usage = u;
             if status != ex.status {
                 ex.status = status;
@@ -1237,6 +1295,13 @@ impl GatewayHttp {
             Err(_) => return Flow::Continue,
         };
         if let Some(tr) = ex.translator.as_mut() {
+            if tr.passthrough() {
+                tr.push(&chunk);
+                if end_of_stream {
+                    tr.finish();
+                }
+                return Flow::Continue;
+            }
             let mut out = tr.push(&chunk);
             if end_of_stream {
                 out.extend(tr.finish());
@@ -1288,6 +1353,10 @@ impl GatewayHttp {
         let Some(id) = ex.identity.clone() else {
             return;
         };
+        if r.ingress == (Ingress::MessagesNative { count_tokens: true }) {
+            // Token counting is free and generates nothing: not a usage event.
+            return;
+        }
         // Which provider served: the chain's answer, else the one selected.
         let provider = ex.served_by.clone().unwrap_or_else(|| r.provider.clone());
         let (provider_type, key_last4) = match ex.chain.iter().find(|(n, _, _)| *n == provider) {
@@ -1326,6 +1395,15 @@ impl GatewayHttp {
                 (None, true) => (
                     usage::ResponseFacts {
                         usage: ex.translated_usage,
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    true,
+                ),
+                (None, false) if r.ingress != Ingress::Chat => (
+                    usage::ResponseFacts {
+                        usage: crate::translate::anthropic_ingress::message_usage(&ex.json)
+                            .map(gateway::from_translated),
                         model: None,
                         completion_chars: 0,
                     },
@@ -1471,6 +1549,23 @@ impl GatewayHttp {
             set(fallback::USAGE_INJECTED_HEADER, None);
         }
         match (r.translation, &ex.attempt) {
+            _ if matches!(r.ingress, Ingress::MessagesNative { .. }) => {
+                if ok && sse {
+                    ex.translator = Some(Box::new(
+                        crate::translate::anthropic_ingress::MessagesTap::new(),
+                    ));
+                }
+            }
+            _ if r.ingress == Ingress::MessagesViaChat => {
+                set("content-length", None);
+                if ok && r.stream && (sse || r.translation.is_some()) {
+                    ex.translator = Some(gateway::messages_stream(r.translation, &r.model));
+                    set("content-type", Some("text/event-stream"));
+                } else {
+                    ex.translate_whole = true;
+                    set("content-type", Some("application/json"));
+                }
+            }
             (Some(t), _) => {
                 set("content-length", None);
                 if ok && r.stream {
