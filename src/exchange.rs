@@ -1885,6 +1885,175 @@ mod tests {
         http.on_log();
     }
 
+    /// A VM with an OpenAI-compatible provider (`m1`) and an ANTHROPIC one (`c1`).
+    fn vm_anthropic() -> (&'static Fake, GatewayRoot) {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().now_ms = 1_000;
+        f.st().config = serde_json::json!({
+            "maxBodyBytes": 8192,
+            "providers": [
+                {"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                 "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]},
+                {"name": "ant", "supportedProvider": "ANTHROPIC", "url": "http://127.0.0.1:8/v1",
+                 "apiKey": "sk-ant-up", "models": [{"name": "c1", "upstreamName": "claude-up"}]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        (f, root)
+    }
+
+    fn messages_request(f: &Fake, http: &mut GatewayHttp, path: &str, body: &[u8]) -> Flow {
+        f.st().request_headers = headers(&[
+            (":method", b"POST"),
+            (":path", path.as_bytes()),
+            (":authority", b"gw"),
+            ("content-type", b"application/json"),
+            ("x-api-key", KEY.as_bytes()),
+            ("anthropic-version", b"2023-06-01"),
+            ("anthropic-beta", b"tools-2024-04-04"),
+        ]);
+        assert_eq!(http.on_http_request_headers(7, false), Flow::Pause);
+        f.st().request_body = body.to_vec();
+        http.on_http_request_body(body.len(), true)
+    }
+
+    #[test]
+    fn anthropic_messages_through_a_chat_provider() {
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            messages_request(f, &mut http, "/anthropic/v1/messages", body),
+            Flow::Continue
+        );
+        {
+            let st = f.st();
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/chat/completions")
+            );
+            assert_eq!(get(&st.request_headers, "x-api-key"), None);
+            assert_eq!(get(&st.request_headers, "anthropic-beta"), None);
+            let sent: serde_json::Value = serde_json::from_slice(&st.request_body).unwrap();
+            assert_eq!(sent["messages"][0]["role"], "user");
+            assert_eq!(sent["max_tokens"], 64);
+        }
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Pause);
+        let answer = br#"{"id":"c1","choices":[{"index":0,"message":{"role":"assistant","content":"yo"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+        f.st().response_body = answer.to_vec();
+        assert_eq!(
+            http.on_http_response_body(answer.len(), true),
+            Flow::Continue
+        );
+        let out: serde_json::Value = serde_json::from_slice(&f.st().response_body).unwrap();
+        assert_eq!(out["type"], "message");
+        assert_eq!(out["content"][0]["text"], "yo");
+        assert_eq!(out["stop_reason"], "end_turn");
+        assert_eq!(out["usage"]["input_tokens"], 7);
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(7));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
+    }
+
+    #[test]
+    fn anthropic_messages_native_passthrough_taps_stream_usage() {
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"c1","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            messages_request(f, &mut http, "/anthropic/v1/messages", body),
+            Flow::Continue
+        );
+        {
+            let st = f.st();
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/messages")
+            );
+            assert_eq!(
+                get(&st.request_headers, "x-api-key").as_deref(),
+                Some("sk-ant-up")
+            );
+            assert_eq!(get(&st.request_headers, "authorization"), None);
+            assert_eq!(
+                get(&st.request_headers, "anthropic-version").as_deref(),
+                Some("2023-06-01")
+            );
+            assert_eq!(
+                st.request_body,
+                br#"{"model":"claude-up","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#.to_vec()
+            );
+        }
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"text/event-stream")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Continue);
+        let stream: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for (i, part) in stream.chunks(17).enumerate() {
+            f.st().response_body = part.to_vec();
+            let last = (i + 1) * 17 >= stream.len();
+            assert_eq!(http.on_http_response_body(part.len(), last), Flow::Continue);
+            assert_eq!(f.st().response_body, part.to_vec(), "bytes pass untouched");
+        }
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("ant", "c1", "input")), Some(11));
+        assert_eq!(f.metric(&metrics::tokens("ant", "c1", "output")), Some(5));
+    }
+
+    #[test]
+    fn anthropic_ingress_errors_are_anthropic_shaped() {
+        // A bad key.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = headers(&[
+            (":method", b"POST"),
+            (":path", b"/anthropic/v1/messages"),
+            ("x-api-key", b"nope"),
+        ]);
+        http.on_http_request_headers(3, false);
+        let (code, v) = reply(f);
+        assert_eq!(code, 401);
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        // count_tokens on a provider without it.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages/count_tokens", body);
+        let (code, v) = reply(f);
+        assert_eq!(code, 400);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("local"));
+        // count_tokens natively: routed, and not a usage event.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"c1","messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages/count_tokens", body);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/messages/count_tokens")
+        );
+        // An upstream error from a chat provider.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages", body);
+        f.st().response_headers =
+            headers(&[(":status", b"429"), ("content-type", b"application/json")]);
+        http.on_http_response_headers(2, false);
+        let err = br#"{"error":{"message":"slow","type":"rate_limit_error"}}"#;
+        f.st().response_body = err.to_vec();
+        http.on_http_response_body(err.len(), true);
+        let v: serde_json::Value = serde_json::from_slice(&f.st().response_body).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["type"], "error");
+    }
+
     /// Arbitrary bytes in every header and body, through the whole lifecycle (a small deterministic
     /// property test: no panic, and every local reply is an OpenAI error).
     #[test]
