@@ -34,7 +34,7 @@ def native_responder(rec):
     body = rec.json()
     if body.get("tools") and body["tools"][0].get("input_schema") is None:
         return 400, {"content-type": "application/json"}, b'{"type":"error","error":{"type":"invalid_request_error","message":"tools untouched?"}}'
-    if body.get("system") != SYSTEM:
+    if "system" in body and body["system"] != SYSTEM:
         return 400, {"content-type": "application/json"}, b'{"type":"error","error":{"type":"invalid_request_error","message":"system untouched?"}}'
     return anthropic_responder(rec)
 
@@ -108,10 +108,17 @@ def openai_responder(rec):
     ]
 
 
+def down_responder(rec):
+    return 503, {"content-type": "application/json"}, b'{"error":{"message":"hosted is down","type":"x"}}'
+
+
 @pytest.fixture(scope="module")
 def gw():
     ant, oa, gem = FakeUpstream(native_responder), FakeUpstream(openai_responder), FakeUpstream(gemini_responder)
+    down = FakeUpstream(down_responder)
     cfg = {"providers": [
+        {"name": "hosted", "supportedProvider": "OPENAI_COMPATIBLE", "url": down.url + "/v1", "isHosted": True,
+         "fallback": ["claude"], "models": [{"name": "chain", "upstreamName": "h-up"}]},
         {"name": "claude", "supportedProvider": "ANTHROPIC", "url": ant.url + "/v1", "apiKey": "sk-ant-REAL",
          "models": [{"name": "claude", "upstreamName": "claude-sonnet-4-5"}]},
         {"name": "oa", "supportedProvider": "OPENAI_COMPATIBLE", "url": oa.url + "/v1", "apiKey": "sk-oa-REAL",
@@ -120,9 +127,10 @@ def gw():
          "apiKey": "gem-REAL", "models": ["gemini-2.0-flash"]}],
         "keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "config": "default"}]}
     envoy = Envoy(cfg).start()
+    envoy.down = down
     yield envoy, ant, oa, gem
     envoy.stop()
-    for up in (ant, oa, gem):
+    for up in (ant, oa, gem, down):
         up.stop()
 
 
@@ -246,3 +254,21 @@ def test_count_tokens(gw):
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.count_tokens(model="gpt", messages=ASK)
     assert "count_tokens" in e.value.message and e.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_fallback_chain_serves_messages(gw):
+    """A hosted OpenAI-style provider that fails, falling back to ANTHROPIC: the chain replays the chat
+    form, the attempt translates it to Anthropic's API, and the client still gets Messages."""
+    envoy, ant, _, _ = gw
+    c = client(envoy)
+    raw = c.messages.with_raw_response.create(model="chain", max_tokens=100, messages=ASK, tools=TOOLS)
+    m = raw.parse()
+    assert raw.headers.get("x-llm-gateway-fallback") == "true"
+    assert text_of(m) == "Let me check." and tool_use(m) == [("get_weather", {"city": "Paris"})]
+    assert envoy.down.last().json()["model"] == "h-up"
+    sent = ant.last()
+    assert sent.path == "/v1/messages" and sent.json()["model"] == "claude-sonnet-4-5"
+    with c.messages.stream(model="chain", max_tokens=100, messages=ASK, tools=TOOLS) as stream:
+        assert "".join(stream.text_stream) == "Let me check."
+        final = stream.get_final_message()
+    assert tool_use(final) == [("get_weather", {"city": "Paris"})] and final.usage.output_tokens == 12
