@@ -2054,6 +2054,72 @@ mod tests {
         assert_eq!(v["type"], "error");
     }
 
+    /// Arbitrary bytes through the Anthropic ingress, native and through chat, streamed or not: no
+    /// panic, and every local reply is an Anthropic error.
+    #[test]
+    fn anthropic_ingress_arbitrary_bytes() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces: [&[u8]; 9] = [
+            b"\xff",
+            br#"{"model":"c1","max_tokens":5,"messages":[{"role":"user","content":"x"}]"#,
+            br#"{"model":"m1","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result"}]}]"#,
+            b",\"stream\":true}",
+            b"}",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{}}}\n\n",
+            b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":9}]},\"finish_reason\":\"x\"}]}\n\n",
+            b"data: [DONE]\n\n",
+            b"\r\n",
+        ];
+        for _ in 0..200 {
+            let mut bytes = |n: u64| -> Vec<u8> {
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    v.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+                v
+            };
+            let (body, status, ctype, answer) = (bytes(3), bytes(1), bytes(1), bytes(4));
+            let (f, root) = vm_anthropic();
+            let mut http = root.create_http_context().unwrap();
+            let path = [
+                "/anthropic/v1/messages",
+                "/anthropic/messages/count_tokens",
+                "/anthropic/x",
+            ][(next() % 3) as usize];
+            f.st().request_headers = headers(&[
+                (":method", b"POST"),
+                (":path", path.as_bytes()),
+                ("x-api-key", KEY.as_bytes()),
+                ("anthropic-version", &status),
+            ]);
+            http.on_http_request_headers(4, false);
+            f.st().request_body = body.clone();
+            http.on_http_request_body(body.len(), true);
+            let code: &[u8] = [b"200".as_slice(), b"400", b"500", &status][(next() % 4) as usize];
+            let ct: &[u8] = [b"text/event-stream".as_slice(), b"application/json", &ctype]
+                [(next() % 3) as usize];
+            f.st().response_headers = headers(&[(":status", code), ("content-type", ct)]);
+            http.on_http_response_headers(2, false);
+            for part in answer.chunks(1 + (next() % 40) as usize) {
+                f.st().response_body = part.to_vec();
+                http.on_http_response_body(part.len(), false);
+            }
+            http.on_http_response_body(0, true);
+            http.on_log();
+            for (code, _, body) in &f.st().local_replies {
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                assert!(*code >= 400 && v["type"] == "error", "{v}");
+                assert!(v["error"]["message"].is_string(), "{v}");
+            }
+        }
+    }
+
     /// Arbitrary bytes in every header and body, through the whole lifecycle (a small deterministic
     /// property test: no panic, and every local reply is an OpenAI error).
     #[test]
