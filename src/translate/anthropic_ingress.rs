@@ -55,7 +55,15 @@ pub fn error_body(status: u32, message: &str) -> Vec<u8> {
 
 /// A gateway error as an Anthropic error body (same status, message and headers as the OpenAI form).
 pub fn gateway_error(e: &GatewayError) -> Vec<u8> {
-    error_body(e.status(), &e.message())
+    match e {
+        GatewayError::UnknownEndpoint { path } => error_body(
+            404,
+            &format!(
+                "Unknown endpoint {path}. The Anthropic ingress serves POST /anthropic/v1/messages and POST /anthropic/v1/messages/count_tokens."
+            ),
+        ),
+        _ => error_body(e.status(), &e.message()),
+    }
 }
 
 /// An OpenAI-shaped error body (from an OpenAI-style provider, or the Gemini translation) as an

@@ -314,6 +314,17 @@ fn errors_are_anthropic_shaped() {
         serde_json::from_slice(&gateway_error(&crate::error::GatewayError::InvalidApiKey)).unwrap();
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "authentication_error");
+    let v: Value = serde_json::from_slice(&gateway_error(
+        &crate::error::GatewayError::UnknownEndpoint {
+            path: "/anthropic/v1/x".into(),
+        },
+    ))
+    .unwrap();
+    assert_eq!(v["error"]["type"], "not_found_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/anthropic/v1/messages"));
     let v: Value = serde_json::from_slice(&error_body(413, "big")).unwrap();
     assert_eq!(v["error"]["type"], "request_too_large");
 }
