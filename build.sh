@@ -33,6 +33,8 @@ ensure_python() {
     python3 -c 'import pytest' 2>/dev/null || need+=(pytest)
     python3 -c 'import openai' 2>/dev/null || need+=(openai)
     python3 -c 'import langchain_openai' 2>/dev/null || need+=(langchain-openai)
+    # The Anthropic SDK drives the /anthropic/v1/messages ingress (tests/test_anthropic_sdk.py).
+    python3 -c 'import anthropic' 2>/dev/null || need+=(anthropic)
     # Property-based API test of the sidecar against its OpenAPI document.
     command -v schemathesis >/dev/null || need+=(schemathesis)
   fi

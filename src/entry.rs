@@ -10,10 +10,64 @@ pub enum Endpoint {
     ChatCompletions,
     ListModels,
     GetModel(String),
+    /// Anthropic Messages (`/anthropic/v1/messages`).
+    AnthropicMessages,
+    /// Anthropic token counting (`/anthropic/v1/messages/count_tokens`).
+    AnthropicCountTokens,
+}
+
+/// The Anthropic ingress prefix: an Anthropic SDK with `base_url="http://gateway/anthropic"` calls
+/// `/anthropic/v1/messages`; `/anthropic/messages` is accepted too.
+pub const ANTHROPIC_PREFIX: &str = "/anthropic";
+
+/// Whether a path is under the Anthropic ingress (its errors are Anthropic-shaped).
+pub fn is_anthropic(path: &str) -> bool {
+    under(path, ANTHROPIC_PREFIX).is_some()
+}
+
+/// The rest of `path` (without query) under `prefix` and an optional `/v1`, without trailing `/`.
+fn under<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let rest = path.strip_prefix(prefix)?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let rest = rest
+        .strip_prefix("/v1")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+        .unwrap_or(rest);
+    Some(rest.trim_end_matches('/'))
+}
+
+fn classify_anthropic(method: &str, path: &str) -> Option<Result<Endpoint, GatewayError>> {
+    let rest = under(path, ANTHROPIC_PREFIX)?;
+    let endpoint = match rest {
+        "/messages" => Endpoint::AnthropicMessages,
+        "/messages/count_tokens" => Endpoint::AnthropicCountTokens,
+        _ => {
+            return Some(Err(GatewayError::UnknownEndpoint {
+                path: path
+                    .split(['?', '#'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            }))
+        }
+    };
+    if method != "POST" {
+        return Some(Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: "POST",
+        }));
+    }
+    Some(Ok(endpoint))
 }
 
 /// `None`: not a gateway path, let it through untouched. `Some(Err)`: a gateway path we refuse.
 pub fn classify(method: &str, path: &str) -> Option<Result<Endpoint, GatewayError>> {
+    if let Some(r) = classify_anthropic(method, path) {
+        return Some(r);
+    }
     let path = path.split(['?', '#']).next().unwrap_or_default();
     let rest = path.strip_prefix(PREFIX)?;
     if !(rest.is_empty() || rest.starts_with('/')) {
@@ -93,6 +147,35 @@ mod tests {
             Some(Ok(GetModel("llama3.1:8b".into())))
         );
         assert_eq!(classify("GET", "/health"), None);
+        assert_eq!(
+            classify("POST", "/anthropic/v1/messages"),
+            Some(Ok(AnthropicMessages))
+        );
+        assert_eq!(
+            classify("POST", "/anthropic/messages?beta=true"),
+            Some(Ok(AnthropicMessages))
+        );
+        assert_eq!(
+            classify("POST", "/anthropic/v1/messages/count_tokens"),
+            Some(Ok(AnthropicCountTokens))
+        );
+        assert_eq!(classify("POST", "/anthropicX/v1/messages"), None);
+        assert!(is_anthropic("/anthropic/v1/nope"));
+        assert!(!is_anthropic("/openai/v1/messages"));
+        assert_eq!(
+            classify("POST", "/anthropic/v1/complete")
+                .unwrap()
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            classify("GET", "/anthropic/v1/messages")
+                .unwrap()
+                .unwrap_err()
+                .status(),
+            405
+        );
         assert_eq!(classify("GET", "/openaiX/v1/models"), None);
         assert_eq!(
             classify("GET", "/openai/v1/embeddings")

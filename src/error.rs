@@ -42,6 +42,11 @@ pub enum GatewayError {
     BadUpstreamResponse { reason: String },
     /// Anything else that is our fault.
     Internal { reason: String },
+    /// Anthropic `count_tokens` for a provider without that API.
+    CountTokensUnsupported {
+        provider: String,
+        kind: &'static str,
+    },
 }
 
 impl GatewayError {
@@ -63,6 +68,7 @@ impl GatewayError {
             GatewayError::DestinationForbidden { .. } => 403,
             GatewayError::BadUpstreamResponse { .. } => 502,
             GatewayError::Internal { .. } => 500,
+            GatewayError::CountTokensUnsupported { .. } => 400,
         }
     }
 
@@ -77,7 +83,8 @@ impl GatewayError {
             | GatewayError::InvalidTags { .. }
             | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. }
-            | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
+            | GatewayError::ModelNotAllowed { .. }
+            | GatewayError::CountTokensUnsupported { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
             | GatewayError::ProviderMisconfigured { .. }
             | GatewayError::BadUpstreamResponse { .. }
@@ -108,6 +115,7 @@ impl GatewayError {
             GatewayError::DestinationForbidden { .. } => "destination_forbidden",
             GatewayError::BadUpstreamResponse { .. } => "bad_upstream_response",
             GatewayError::Internal { .. } => "internal_error",
+            GatewayError::CountTokensUnsupported { .. } => "unsupported_endpoint",
         }
     }
 
@@ -174,6 +182,9 @@ impl GatewayError {
                 format!("The provider returned a response the gateway cannot translate: {reason}")
             }
             GatewayError::Internal { reason } => format!("Internal gateway error: {reason}"),
+            GatewayError::CountTokensUnsupported { provider, kind } => format!(
+                "Provider '{provider}' ({kind}) has no token counting API; /anthropic/v1/messages/count_tokens is available for ANTHROPIC providers only."
+            ),
         }
     }
 

@@ -9,7 +9,7 @@ use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::fallback;
-use crate::gateway::{self, Routed};
+use crate::gateway::{self, Ingress, Routed};
 use crate::hostapi::{self, Buffer, Headers, Host, Map, MetricKind};
 use crate::metrics;
 use crate::report::{self, Reporter};
@@ -586,6 +586,8 @@ impl GatewayRoot {
             state: State::PassThrough,
             tags: BTreeMap::new(),
             exchange: None,
+            anthropic: false,
+            messages: None,
         })
     }
 }
@@ -652,6 +654,10 @@ pub struct GatewayHttp {
     tags: BTreeMap<String, String>,
     /// What is known about the upstream exchange of a routed request, for its usage record.
     exchange: Option<Box<Exchange>>,
+    /// The request is on the Anthropic ingress: local errors are Anthropic-shaped.
+    anthropic: bool,
+    /// Anthropic Messages request (`Some(count_tokens)`), else chat.
+    messages: Option<bool>,
 }
 
 /// A routed request's upstream exchange, observed as the response passes.
@@ -733,8 +739,12 @@ impl GatewayHttp {
         self.state = State::PassThrough;
         let headers = err.headers();
         let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        let body = err.body();
-        if let Err(e) = host().send_response(err.status(), &pairs, body.as_bytes()) {
+        let body = if self.anthropic {
+            crate::translate::anthropic_ingress::gateway_error(err)
+        } else {
+            err.body().into_bytes()
+        };
+        if let Err(e) = host().send_response(err.status(), &pairs, &body) {
             log::error!("llm-gateway: cannot send local reply: {e:?}");
         }
         Flow::Pause
@@ -792,9 +802,11 @@ impl GatewayHttp {
         if get(fallback::ATTEMPTS_HEADER).is_some() {
             set_header(fallback::ATTEMPTS_HEADER, None);
         }
+        let path = get(":path");
+        self.anthropic = entry::is_anthropic(path.as_deref().unwrap_or_default());
         let endpoint = match entry::classify(
             get(":method").as_deref().unwrap_or_default(),
-            get(":path").as_deref().unwrap_or_default(),
+            path.as_deref().unwrap_or_default(),
         ) {
             None => return Ok(Flow::Continue),
             Some(r) => r?,
@@ -916,7 +928,14 @@ impl GatewayHttp {
                 let body = gateway::get_model(&identity, &name)?;
                 Ok(self.reply_json(&body))
             }
-            Endpoint::ChatCompletions => {
+            Endpoint::ChatCompletions
+            | Endpoint::AnthropicMessages
+            | Endpoint::AnthropicCountTokens => {
+                self.messages = match p.endpoint {
+                    Endpoint::AnthropicMessages => Some(false),
+                    Endpoint::AnthropicCountTokens => Some(true),
+                    _ => None,
+                };
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
                 let limit = self.plan.max_body_bytes;
                 if p.content_length.is_some_and(|n| n > limit) {
@@ -999,13 +1018,37 @@ impl GatewayHttp {
         body: &[u8],
         body_size: usize,
     ) -> Result<(), GatewayError> {
-        let routed = gateway::route_chat(&identity, provider_header, body)?;
+        let (routed, chat_body) = match self.messages {
+            None => (gateway::route_chat(&identity, provider_header, body)?, None),
+            Some(count_tokens) => {
+                let version = host()
+                    .header(Map::RequestHeaders, "anthropic-version")
+                    .ok()
+                    .flatten()
+                    .map(|v| hostapi::text(&v).into_owned());
+                gateway::route_messages(
+                    &identity,
+                    provider_header,
+                    body,
+                    count_tokens,
+                    version.as_deref(),
+                )?
+            }
+        };
         let prompt = if identity.store_prompts {
-            usage::prompt_text(body)
+            usage::prompt_text(chat_body.as_deref().unwrap_or(body))
         } else {
             None
         };
-        let chain = fallback_chain(&identity, &routed);
+        let chain = match routed.ingress {
+            Ingress::MessagesNative { .. } => Vec::new(),
+            _ => fallback_chain(&identity, &routed),
+        };
+        if routed.ingress == Ingress::MessagesViaChat {
+            // Anthropic client headers mean nothing to other providers.
+            set_header("anthropic-beta", None);
+            set_header("anthropic-version", None);
+        }
         let mut exchange = Exchange::new(Some(identity), None);
         exchange.prompt = prompt;
         exchange.chain = chain
@@ -1021,7 +1064,15 @@ impl GatewayHttp {
         self.exchange = Some(Box::new(exchange));
         if chain.len() > 1 {
             // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
-            // the replayed request for its provider.
+            // the replayed request for its provider (a Messages request replays as its chat form).
+            if let Some(chat) = &chat_body {
+                host()
+                    .set_buffer(Buffer::RequestBody, 0, body_size, chat)
+                    .map_err(|e| GatewayError::Internal {
+                        reason: format!("cannot set body: {e:?}"),
+                    })?;
+                set_header("content-length", Some(&chat.len().to_string()));
+            }
             let org = self
                 .exchange
                 .as_ref()
@@ -1214,14 +1265,21 @@ impl GatewayHttp {
         if ex.first_byte_ms.is_none() && body_size > 0 {
             ex.first_byte_ms = Some(now_ms());
         }
-        if let (true, Some(t)) = (ex.translate_whole, r.translation) {
+        if ex.translate_whole {
             if !end_of_stream {
                 return Flow::Pause;
             }
             let body = host()
                 .buffer(Buffer::ResponseBody, 0, body_size)
                 .unwrap_or_default();
-            let (out, u, status) = gateway::translate_response(t, ex.status, &body, &r.model);
+            let (out, u, status) = match r.translation {
+                Some(t) => gateway::translate_response(t, ex.status, &body, &r.model),
+                None => (body, None, ex.status),
+            };
+            let (out, u, status) = match r.ingress {
+                Ingress::MessagesViaChat => gateway::messages_response(status, &out, &r.model),
+                _ => (out, u, status),
+            };
             ex.translated_usage = u;
             if status != ex.status {
                 ex.status = status;
@@ -1237,6 +1295,13 @@ impl GatewayHttp {
             Err(_) => return Flow::Continue,
         };
         if let Some(tr) = ex.translator.as_mut() {
+            if tr.passthrough() {
+                tr.push(&chunk);
+                if end_of_stream {
+                    tr.finish();
+                }
+                return Flow::Continue;
+            }
             let mut out = tr.push(&chunk);
             if end_of_stream {
                 out.extend(tr.finish());
@@ -1288,6 +1353,10 @@ impl GatewayHttp {
         let Some(id) = ex.identity.clone() else {
             return;
         };
+        if r.ingress == (Ingress::MessagesNative { count_tokens: true }) {
+            // Token counting is free and generates nothing: not a usage event.
+            return;
+        }
         // Which provider served: the chain's answer, else the one selected.
         let provider = ex.served_by.clone().unwrap_or_else(|| r.provider.clone());
         let (provider_type, key_last4) = match ex.chain.iter().find(|(n, _, _)| *n == provider) {
@@ -1326,6 +1395,15 @@ impl GatewayHttp {
                 (None, true) => (
                     usage::ResponseFacts {
                         usage: ex.translated_usage,
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    true,
+                ),
+                (None, false) if r.ingress != Ingress::Chat => (
+                    usage::ResponseFacts {
+                        usage: crate::translate::anthropic_ingress::message_usage(&ex.json)
+                            .map(gateway::from_translated),
                         model: None,
                         completion_chars: 0,
                     },
@@ -1471,6 +1549,23 @@ impl GatewayHttp {
             set(fallback::USAGE_INJECTED_HEADER, None);
         }
         match (r.translation, &ex.attempt) {
+            _ if matches!(r.ingress, Ingress::MessagesNative { .. }) => {
+                if ok && sse {
+                    ex.translator = Some(Box::new(
+                        crate::translate::anthropic_ingress::MessagesTap::new(),
+                    ));
+                }
+            }
+            _ if r.ingress == Ingress::MessagesViaChat => {
+                set("content-length", None);
+                if ok && r.stream && (sse || r.translation.is_some()) {
+                    ex.translator = Some(gateway::messages_stream(r.translation, &r.model));
+                    set("content-type", Some("text/event-stream"));
+                } else {
+                    ex.translate_whole = true;
+                    set("content-type", Some("application/json"));
+                }
+            }
             (Some(t), _) => {
                 set("content-length", None);
                 if ok && r.stream {
@@ -1788,6 +1883,241 @@ mod tests {
         http.on_http_response_headers(2, false);
         http.on_http_response_body(10, true);
         http.on_log();
+    }
+
+    /// A VM with an OpenAI-compatible provider (`m1`) and an ANTHROPIC one (`c1`).
+    fn vm_anthropic() -> (&'static Fake, GatewayRoot) {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().now_ms = 1_000;
+        f.st().config = serde_json::json!({
+            "maxBodyBytes": 8192,
+            "providers": [
+                {"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                 "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]},
+                {"name": "ant", "supportedProvider": "ANTHROPIC", "url": "http://127.0.0.1:8/v1",
+                 "apiKey": "sk-ant-up", "models": [{"name": "c1", "upstreamName": "claude-up"}]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        (f, root)
+    }
+
+    fn messages_request(f: &Fake, http: &mut GatewayHttp, path: &str, body: &[u8]) -> Flow {
+        f.st().request_headers = headers(&[
+            (":method", b"POST"),
+            (":path", path.as_bytes()),
+            (":authority", b"gw"),
+            ("content-type", b"application/json"),
+            ("x-api-key", KEY.as_bytes()),
+            ("anthropic-version", b"2023-06-01"),
+            ("anthropic-beta", b"tools-2024-04-04"),
+        ]);
+        assert_eq!(http.on_http_request_headers(7, false), Flow::Pause);
+        f.st().request_body = body.to_vec();
+        http.on_http_request_body(body.len(), true)
+    }
+
+    #[test]
+    fn anthropic_messages_through_a_chat_provider() {
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            messages_request(f, &mut http, "/anthropic/v1/messages", body),
+            Flow::Continue
+        );
+        {
+            let st = f.st();
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/chat/completions")
+            );
+            assert_eq!(get(&st.request_headers, "x-api-key"), None);
+            assert_eq!(get(&st.request_headers, "anthropic-beta"), None);
+            let sent: serde_json::Value = serde_json::from_slice(&st.request_body).unwrap();
+            assert_eq!(sent["messages"][0]["role"], "user");
+            assert_eq!(sent["max_tokens"], 64);
+        }
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Pause);
+        let answer = br#"{"id":"c1","choices":[{"index":0,"message":{"role":"assistant","content":"yo"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+        f.st().response_body = answer.to_vec();
+        assert_eq!(
+            http.on_http_response_body(answer.len(), true),
+            Flow::Continue
+        );
+        let out: serde_json::Value = serde_json::from_slice(&f.st().response_body).unwrap();
+        assert_eq!(out["type"], "message");
+        assert_eq!(out["content"][0]["text"], "yo");
+        assert_eq!(out["stop_reason"], "end_turn");
+        assert_eq!(out["usage"]["input_tokens"], 7);
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(7));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
+    }
+
+    #[test]
+    fn anthropic_messages_native_passthrough_taps_stream_usage() {
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"c1","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            messages_request(f, &mut http, "/anthropic/v1/messages", body),
+            Flow::Continue
+        );
+        {
+            let st = f.st();
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/messages")
+            );
+            assert_eq!(
+                get(&st.request_headers, "x-api-key").as_deref(),
+                Some("sk-ant-up")
+            );
+            assert_eq!(get(&st.request_headers, "authorization"), None);
+            assert_eq!(
+                get(&st.request_headers, "anthropic-version").as_deref(),
+                Some("2023-06-01")
+            );
+            assert_eq!(
+                st.request_body,
+                br#"{"model":"claude-up","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#.to_vec()
+            );
+        }
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"text/event-stream")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Continue);
+        let stream: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for (i, part) in stream.chunks(17).enumerate() {
+            f.st().response_body = part.to_vec();
+            let last = (i + 1) * 17 >= stream.len();
+            assert_eq!(http.on_http_response_body(part.len(), last), Flow::Continue);
+            assert_eq!(f.st().response_body, part.to_vec(), "bytes pass untouched");
+        }
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("ant", "c1", "input")), Some(11));
+        assert_eq!(f.metric(&metrics::tokens("ant", "c1", "output")), Some(5));
+    }
+
+    #[test]
+    fn anthropic_ingress_errors_are_anthropic_shaped() {
+        // A bad key.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = headers(&[
+            (":method", b"POST"),
+            (":path", b"/anthropic/v1/messages"),
+            ("x-api-key", b"nope"),
+        ]);
+        http.on_http_request_headers(3, false);
+        let (code, v) = reply(f);
+        assert_eq!(code, 401);
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        // count_tokens on a provider without it.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages/count_tokens", body);
+        let (code, v) = reply(f);
+        assert_eq!(code, 400);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("local"));
+        // count_tokens natively: routed, and not a usage event.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"c1","messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages/count_tokens", body);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/messages/count_tokens")
+        );
+        // An upstream error from a chat provider.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages", body);
+        f.st().response_headers =
+            headers(&[(":status", b"429"), ("content-type", b"application/json")]);
+        http.on_http_response_headers(2, false);
+        let err = br#"{"error":{"message":"slow","type":"rate_limit_error"}}"#;
+        f.st().response_body = err.to_vec();
+        http.on_http_response_body(err.len(), true);
+        let v: serde_json::Value = serde_json::from_slice(&f.st().response_body).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["type"], "error");
+    }
+
+    /// Arbitrary bytes through the Anthropic ingress, native and through chat, streamed or not: no
+    /// panic, and every local reply is an Anthropic error.
+    #[test]
+    fn anthropic_ingress_arbitrary_bytes() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces: [&[u8]; 9] = [
+            b"\xff",
+            br#"{"model":"c1","max_tokens":5,"messages":[{"role":"user","content":"x"}]"#,
+            br#"{"model":"m1","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result"}]}]"#,
+            b",\"stream\":true}",
+            b"}",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{}}}\n\n",
+            b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":9}]},\"finish_reason\":\"x\"}]}\n\n",
+            b"data: [DONE]\n\n",
+            b"\r\n",
+        ];
+        for _ in 0..200 {
+            let mut bytes = |n: u64| -> Vec<u8> {
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    v.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+                v
+            };
+            let (body, status, ctype, answer) = (bytes(3), bytes(1), bytes(1), bytes(4));
+            let (f, root) = vm_anthropic();
+            let mut http = root.create_http_context().unwrap();
+            let path = [
+                "/anthropic/v1/messages",
+                "/anthropic/messages/count_tokens",
+                "/anthropic/x",
+            ][(next() % 3) as usize];
+            f.st().request_headers = headers(&[
+                (":method", b"POST"),
+                (":path", path.as_bytes()),
+                ("x-api-key", KEY.as_bytes()),
+                ("anthropic-version", &status),
+            ]);
+            http.on_http_request_headers(4, false);
+            f.st().request_body = body.clone();
+            http.on_http_request_body(body.len(), true);
+            let code: &[u8] = [b"200".as_slice(), b"400", b"500", &status][(next() % 4) as usize];
+            let ct: &[u8] = [b"text/event-stream".as_slice(), b"application/json", &ctype]
+                [(next() % 3) as usize];
+            f.st().response_headers = headers(&[(":status", code), ("content-type", ct)]);
+            http.on_http_response_headers(2, false);
+            for part in answer.chunks(1 + (next() % 40) as usize) {
+                f.st().response_body = part.to_vec();
+                http.on_http_response_body(part.len(), false);
+            }
+            http.on_http_response_body(0, true);
+            http.on_log();
+            for (code, _, body) in &f.st().local_replies {
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                assert!(*code >= 400 && v["type"] == "error", "{v}");
+                assert!(v["error"]["message"].is_string(), "{v}");
+            }
+        }
     }
 
     /// Arbitrary bytes in every header and body, through the whole lifecycle (a small deterministic

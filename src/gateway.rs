@@ -59,6 +59,20 @@ pub struct Routed {
     pub translation: Option<Translation>,
     /// Whether the client asked for the final usage chunk (translated streams).
     pub client_wants_usage: bool,
+    /// The API the client speaks (what responses must look like to it).
+    pub ingress: Ingress,
+}
+
+/// The API a client speaks on its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ingress {
+    /// OpenAI chat completions.
+    #[default]
+    Chat,
+    /// Anthropic Messages, passed natively to an ANTHROPIC provider (`count_tokens`: not accounted).
+    MessagesNative { count_tokens: bool },
+    /// Anthropic Messages, sent as chat completions; answers are translated back to Messages.
+    MessagesViaChat,
 }
 
 /// Decides where a chat-completions request goes and how it must look.
@@ -123,7 +137,74 @@ pub fn route_to(
         request_bytes: raw_body.len(),
         translation: target.translation,
         client_wants_usage: translated && req.stream_options.include_usage(),
+        ingress: Ingress::Chat,
     })
+}
+
+/// Decides where an Anthropic Messages request goes. An ANTHROPIC provider without a fallback chain
+/// is reached natively (`model` rewritten, nothing else); every other request becomes a chat request
+/// (returned second: the body a fallback chain replays) shaped like chat for the chosen provider.
+/// `count_tokens` exists only natively.
+pub fn route_messages(
+    id: &Identity,
+    provider_header: Option<&str>,
+    raw_body: &[u8],
+    count_tokens: bool,
+    anthropic_version: Option<&str>,
+) -> Result<(Routed, Option<Vec<u8>>), GatewayError> {
+    use crate::translate::anthropic_ingress as ai;
+    let req = body::inspect(raw_body)?;
+    let sel = select(id, provider_header, req.model.as_deref())?;
+    let (provider, model) = (sel.provider, sel.model);
+    if provider.kind == ProviderKind::Anthropic && (count_tokens || provider.fallback.is_empty()) {
+        let path = if count_tokens {
+            "/messages/count_tokens"
+        } else {
+            "/messages"
+        };
+        let mut extra_headers = vec![(
+            "anthropic-version",
+            anthropic_version.unwrap_or(ai::DEFAULT_VERSION).to_string(),
+        )];
+        if let Some(t) = &provider.timeouts {
+            extra_headers.extend(t.headers());
+        }
+        let routed = Routed {
+            provider: provider.name.clone(),
+            kind: provider.kind,
+            is_hosted: provider.is_hosted,
+            model: model.name.clone(),
+            cluster: provider.envoy_cluster.clone(),
+            authority: provider.base.authority.clone(),
+            path: provider.base.join(path),
+            auth: Some(("x-api-key", providers::required_key(provider)?.to_string())),
+            extra_headers,
+            body: body::with_model(raw_body, req.model.as_deref(), &model.upstream),
+            stream: req.stream && !count_tokens,
+            upstream_model: model.upstream.clone(),
+            strip_usage_chunk: false,
+            request_bytes: raw_body.len(),
+            translation: None,
+            client_wants_usage: false,
+            ingress: Ingress::MessagesNative { count_tokens },
+        };
+        return Ok((routed, None));
+    }
+    if count_tokens {
+        return Err(GatewayError::CountTokensUnsupported {
+            provider: provider.name.clone(),
+            kind: provider.kind.as_str(),
+        });
+    }
+    let chat = ai::to_chat(raw_body)?;
+    let chat_req = body::inspect(&chat)?;
+    let mut routed = route_to(provider, model, &chat_req, &chat)?;
+    if routed.body.is_none() {
+        routed.body = Some(chat.clone());
+    }
+    routed.request_bytes = raw_body.len();
+    routed.ingress = Ingress::MessagesViaChat;
+    Ok((routed, Some(chat)))
 }
 
 /// Translates a whole native response body back to OpenAI's shape: a chat completion for 2xx, the
@@ -162,6 +243,39 @@ pub fn stream_translator(
     match t {
         Translation::Anthropic => Box::new(AnthropicStream::new(model, include_usage)),
         Translation::Gemini => Box::new(GeminiStream::new(model, include_usage)),
+    }
+}
+
+/// An OpenAI chat answer (whole) as an Anthropic Messages answer: the message for 2xx, the
+/// Anthropic error shape otherwise. Returns the body, usage and status.
+pub fn messages_response(
+    status: u32,
+    body: &[u8],
+    model: &str,
+) -> (Vec<u8>, Option<crate::usage::Usage>, u32) {
+    use crate::translate::anthropic_ingress as ai;
+    if !(200..300).contains(&status) {
+        return (ai::error_from_chat(status, body), None, status);
+    }
+    match ai::from_chat(body, model) {
+        Ok((out, u)) => (out, Some(from_translated(u)), status),
+        Err(e) => (ai::gateway_error(&e), None, e.status()),
+    }
+}
+
+/// The stream translator of a Messages request served through chat: the provider's native
+/// translation first (if any), then chat chunks → Messages events.
+pub fn messages_stream(
+    t: Option<Translation>,
+    model: &str,
+) -> Box<dyn crate::translate::StreamTranslator> {
+    use crate::translate::anthropic_ingress::{ChatToMessages, Composed};
+    match t {
+        Some(t) => Box::new(Composed {
+            inner: stream_translator(t, model, true),
+            outer: ChatToMessages::new(model),
+        }),
+        None => Box::new(ChatToMessages::new(model)),
     }
 }
 
