@@ -1901,7 +1901,10 @@ mod tests {
         f.st().response_body = answer.to_vec();
         http.on_http_response_body(answer.len(), true);
         http.on_log();
-        assert_eq!(f.metric(&metrics::tokens("local", "", "input")), Some(14));
+        assert_eq!(
+            f.metric(&metrics::tokens("local", "audio", "input")),
+            Some(14)
+        );
 
         // A JSON body without a named provider: its model selects (and is rewritten).
         let mut http = root.create_http_context().unwrap();

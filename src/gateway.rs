@@ -198,7 +198,8 @@ pub fn route_passthrough(
         provider: provider.name.clone(),
         kind: provider.kind,
         is_hosted: provider.is_hosted,
-        model: req.model.clone().unwrap_or_default(),
+        // Metrics and records name the model the body named, else the API (`audio`, `files`, ...).
+        model: req.model.clone().unwrap_or_else(|| passthrough_label(rest)),
         cluster: provider.envoy_cluster.clone(),
         authority: provider.base.authority.clone(),
         path: api::passthrough_path(provider, rest),
@@ -221,6 +222,14 @@ pub fn route_passthrough(
         client_wants_usage: false,
         api: None,
     })
+}
+
+/// The first segment of a passthrough path (`/audio/transcriptions?x` → `audio`).
+fn passthrough_label(rest: &str) -> String {
+    rest.split(['/', '?'])
+        .find(|s| !s.is_empty())
+        .unwrap_or("passthrough")
+        .to_string()
 }
 
 /// Translates a whole native response body back to OpenAI's shape: a chat completion for 2xx, the
