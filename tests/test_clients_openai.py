@@ -302,10 +302,10 @@ def test_langchain_responses_api_and_embeddings(gw):
     llm = ChatOpenAI(base_url=envoy.url + "/openai/v1", api_key=KEY, model="gpt-4o", use_responses_api=True,
                      max_retries=0, timeout=20)
     msg = llm.invoke("hello")
-    text = msg.text() if callable(msg.text) else msg.text
+    text = msg.text if isinstance(msg.text, str) else msg.text()
     assert text == "Hello from R"
     assert ups["oa"].up.last().path == "/v1/responses"
-    streamed = "".join((ch.text() if callable(ch.text) else ch.text) for ch in llm.stream("hello"))
+    streamed = "".join(ch.text if isinstance(ch.text, str) else ch.text() for ch in llm.stream("hello"))
     assert streamed == "Hello from R"
     emb = OpenAIEmbeddings(base_url=envoy.url + "/openai/v1", api_key=KEY, model="text-embedding-3-small",
                            check_embedding_ctx_length=False, max_retries=0)
