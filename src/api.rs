@@ -169,6 +169,76 @@ pub fn response_facts(api: Option<Api>, body: &[u8]) -> ResponseFacts {
     }
 }
 
+#[derive(Deserialize)]
+struct PromptPeek<'a> {
+    #[serde(default, borrow)]
+    input: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    instructions: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    prompt: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The request's prompt as JSON text, for prompt storage: chat `messages`, Responses `input` (with
+/// `instructions`), embeddings `input`, completions `prompt`; nothing for the passthrough.
+pub fn prompt_text(api: Option<Api>, body: &[u8]) -> Option<String> {
+    let api = api?;
+    if api == Api::Chat {
+        return crate::usage::prompt_text(body);
+    }
+    let p: PromptPeek = serde_json::from_slice(body).ok()?;
+    let text = match api {
+        Api::Completions => p.prompt?.get().to_string(),
+        Api::Responses => match (p.instructions, p.input) {
+            (Some(i), Some(x)) => format!("{{\"instructions\":{},\"input\":{}}}", i.get(), x.get()),
+            (None, Some(x)) => x.get().to_string(),
+            (Some(i), None) => i.get().to_string(),
+            (None, None) => return None,
+        },
+        _ => p.input?.get().to_string(),
+    };
+    Some(crate::usage::clip(&text, crate::usage::MAX_STORED_TEXT))
+}
+
+#[derive(Deserialize)]
+struct OutputPeek {
+    #[serde(default)]
+    output: Vec<OutputItem>,
+}
+
+#[derive(Deserialize)]
+struct OutputItem {
+    #[serde(default)]
+    content: Vec<OutputPart>,
+}
+
+#[derive(Deserialize)]
+struct OutputPart {
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// The answer's text of a whole response, for prompt storage (Responses: its `output_text` parts).
+pub fn completion_text(api: Option<Api>, body: &[u8]) -> Option<String> {
+    match api? {
+        Api::Chat | Api::Completions => crate::usage::completion_text(body),
+        Api::Embeddings => None,
+        Api::Responses => {
+            let r: OutputPeek = serde_json::from_slice(body).ok()?;
+            let text: String = r
+                .output
+                .iter()
+                .flat_map(|i| i.content.iter())
+                .filter(|p| p.kind == "output_text")
+                .filter_map(|p| p.text.as_deref())
+                .collect();
+            Some(text)
+        }
+    }
+}
+
 /// What one Responses stream event tells.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ResponsesEvent {
@@ -305,6 +375,30 @@ mod tests {
         );
         assert_eq!(response_facts(None, br#"{"data":[]}"#).usage, None);
         assert_eq!(response_facts(None, b"\x00binary").usage, None);
+    }
+
+    #[test]
+    fn prompts_per_endpoint() {
+        let b = br#"{"model":"m","input":"hi","instructions":"be brief"}"#;
+        assert_eq!(
+            prompt_text(Some(Api::Responses), b).as_deref(),
+            Some(r#"{"instructions":"be brief","input":"hi"}"#)
+        );
+        let b = br#"{"model":"m","prompt":["a","b"]}"#;
+        assert_eq!(
+            prompt_text(Some(Api::Completions), b).as_deref(),
+            Some(r#"["a","b"]"#)
+        );
+        assert_eq!(
+            prompt_text(Some(Api::Embeddings), br#"{"input":"x"}"#).as_deref(),
+            Some(r#""x""#)
+        );
+        assert_eq!(prompt_text(None, br#"{"input":"x"}"#), None);
+        let r = br#"{"output":[{"type":"reasoning","content":[]},{"type":"message","content":[{"type":"output_text","text":"Hi"},{"type":"refusal","refusal":"no"}]}]}"#;
+        assert_eq!(
+            completion_text(Some(Api::Responses), r).as_deref(),
+            Some("Hi")
+        );
     }
 
     #[test]

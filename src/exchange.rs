@@ -1113,7 +1113,7 @@ impl GatewayHttp {
             }
         };
         let prompt = if identity.store_prompts {
-            usage::prompt_text(body)
+            api::prompt_text(routed.api, body)
         } else {
             None
         };
@@ -1557,7 +1557,7 @@ impl GatewayHttp {
             record.prompt = ex.prompt.clone();
             record.completion = match &ex.tap {
                 Some(t) => Some(t.text.clone()),
-                None => usage::completion_text(&ex.json),
+                None => api::completion_text(r.api, &ex.json),
             }
             .map(|t| usage::clip(&t, usage::MAX_STORED_TEXT));
         }
