@@ -1921,6 +1921,48 @@ mod tests {
     }
 
     #[test]
+    fn passthrough_after_a_sidecar_lookup_resumes_the_request() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "openaiPassthrough": true,
+            "sidecar": {"token": "t"},
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        let auth = format!("Bearer {KEY}");
+        f.st().request_headers = headers(&[
+            (":method", b"GET"),
+            (":path", b"/openai/v1/files?limit=2"),
+            ("authorization", auth.as_bytes()),
+        ]);
+        assert_eq!(http.on_http_request_headers(3, true), Flow::Pause);
+        assert_eq!(f.st().calls.len(), 1);
+        f.st().call_response_headers = headers(&[(":status", b"200")]);
+        let answer = br#"{"identity":{"keyId":"k1","orgId":"o1","configId":"c1","clusterId":null,
+          "keySettings":{},"orgSettings":{"provider":"p"},
+          "providers":[{"name":"p","kind":"OPENAI","base":{"tls":true,"authority":"api.openai.com","path":"/v1"},
+            "models":[{"name":"m","upstream":"m"}],"isHosted":false,"apiKey":"sk-up-9999",
+            "envoyCluster":"llm_gateway_dfp_https","fallback":[]}]},"ttlSeconds":7}"#;
+        f.st().call_response_body = answer.to_vec();
+        http.on_http_call_response(1, 1, answer.len(), 0);
+        let st = f.st();
+        assert!(st.local_replies.is_empty(), "{:?}", st.local_replies);
+        assert_eq!(st.resumed, 1);
+        assert_eq!(
+            get(&st.request_headers, ":path").as_deref(),
+            Some("/v1/files?limit=2")
+        );
+        assert_eq!(
+            get(&st.request_headers, "authorization").as_deref(),
+            Some("Bearer sk-up-9999")
+        );
+    }
+
+    #[test]
     fn unsupported_endpoint_is_a_clear_400() {
         let f: &'static Fake = Box::leak(Box::default());
         install(f);
