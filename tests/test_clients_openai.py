@@ -145,7 +145,7 @@ def gw():
     oa = Provider("oa", {"authorization": "Bearer sk-up-oa"},
                   {"gpt-4o-2024-08-06": 1, "text-embedding-3-small": 1, "acct-up": 1, "omni-moderation-latest": 1,
                    "gpt-image-1": 1})
-    az = Provider("az", {"api-key": "az-key"}, {"dep-resp": 1})
+    az = Provider("az", {"api-key": "az-key"}, {"dep-resp": 1, "az-emb": 1})
     flaky = Provider("flaky", {}, fail=True)
     cfg = {
         "openaiPassthrough": True,
@@ -158,7 +158,8 @@ def gw():
                         {"name": "fb-model", "upstreamName": "gpt-4o-2024-08-06"},
                         {"name": "acct", "upstreamName": "acct-up"}, "omni-moderation-latest"]},
             {"name": "az", "supportedProvider": "AZURE", "url": az.up.url, "apiKey": "az-key",
-             "apiVersion": "2024-10-21", "models": [{"name": "az-4o", "upstreamName": "dep-resp"}]},
+             "apiVersion": "2024-10-21", "models": [{"name": "az-4o", "upstreamName": "dep-resp"},
+                                                    {"name": "az-emb", "upstreamName": "dep-emb"}]},
             {"name": "claude", "supportedProvider": "ANTHROPIC", "url": oa.up.url + "/v1", "apiKey": "sk-ant",
              "models": ["claude-x"]},
         ],
@@ -220,6 +221,12 @@ def test_azure_responses_and_unsupported_provider(gw):
     assert r.output_text == "Hello from R"
     rec = ups["az"].up.last()
     assert rec.path == "/openai/v1/responses" and rec.json()["model"] == "dep-resp"
+    # Embeddings on the deployment path; the body's model is left as sent (the deployment decides).
+    e = c.embeddings.create(model="az-emb", input="a")
+    assert e.data[0].embedding == VECTOR
+    rec = ups["az"].up.last()
+    assert rec.path == "/openai/deployments/dep-emb/embeddings?api-version=2024-10-21"
+    assert "authorization" not in rec.headers
     import openai
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model="claude-x", input="hi")
