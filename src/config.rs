@@ -63,6 +63,10 @@ pub struct RawConfig {
     /// attempt number `attemptSlot` (0-based) of a fallback chain.
     #[serde(default)]
     pub attempt_slot: Option<usize>,
+    /// Forward other `/openai/v1/*` paths (images, audio, moderations, files, batches, ...) to the
+    /// selected provider with its auth; off by default (404).
+    #[serde(default)]
+    pub openai_passthrough: bool,
 }
 
 /// A model's price in USD per 1M tokens; `cached` (input tokens served from cache) defaults to `input`.
@@ -416,6 +420,8 @@ pub struct Plan {
     pub attempt_slot: Option<usize>,
     /// Static model prices (USD per 1M tokens) by model name.
     pub prices: HashMap<String, Price>,
+    /// Other `/openai/v1/*` paths are forwarded to the provider (`openaiPassthrough`).
+    pub openai_passthrough: bool,
 }
 
 impl Plan {
@@ -585,6 +591,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         sidecar,
         attempt_slot: raw.attempt_slot,
         prices: raw.prices.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        openai_passthrough: raw.openai_passthrough,
     })
 }
 

@@ -13,6 +13,13 @@ pub enum GatewayError {
     UnknownEndpoint { path: String },
     /// The endpoint exists but not for this method.
     MethodNotAllowed { method: String, allow: &'static str },
+    /// The selected provider has no such API (e.g. `/v1/responses` on a native Anthropic provider).
+    EndpointNotSupported {
+        provider: String,
+        kind: &'static str,
+        endpoint: String,
+        detail: String,
+    },
     /// The request body exceeds the configured limit.
     BodyTooLarge { limit: usize },
     /// The request body is missing or is not the JSON object we expect.
@@ -60,7 +67,8 @@ impl GatewayError {
             GatewayError::InvalidBody { .. }
             | GatewayError::InvalidTags { .. }
             | GatewayError::InvalidHeader { .. }
-            | GatewayError::UnknownProvider { .. } => 400,
+            | GatewayError::UnknownProvider { .. }
+            | GatewayError::EndpointNotSupported { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
@@ -84,6 +92,7 @@ impl GatewayError {
             | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. }
             | GatewayError::ModelNotAllowed { .. }
+            | GatewayError::EndpointNotSupported { .. }
             | GatewayError::CountTokensUnsupported { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
             | GatewayError::ProviderMisconfigured { .. }
@@ -107,6 +116,7 @@ impl GatewayError {
             GatewayError::InvalidTags { .. } => "invalid_tags",
             GatewayError::InvalidHeader { .. } => "invalid_header",
             GatewayError::UnknownProvider { .. } => "unknown_provider",
+            GatewayError::EndpointNotSupported { .. } => "endpoint_not_supported",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
@@ -138,7 +148,15 @@ impl GatewayError {
             }
             GatewayError::InvalidApiKey => "Invalid API key.".to_string(),
             GatewayError::UnknownEndpoint { path } => format!(
-                "Unknown endpoint {path}. Supported: POST /openai/v1/chat/completions, GET /openai/v1/models."
+                "Unknown endpoint {path}. Supported: POST /openai/v1/chat/completions, /openai/v1/responses, /openai/v1/embeddings, /openai/v1/completions; GET /openai/v1/models."
+            ),
+            GatewayError::EndpointNotSupported {
+                provider,
+                kind,
+                endpoint,
+                detail,
+            } => format!(
+                "Provider '{provider}' ({kind}{detail}) does not support {endpoint}; choose another provider with X-Provider-Name or the model."
             ),
             GatewayError::MethodNotAllowed { method, allow } => {
                 format!("Method {method} is not allowed on this endpoint; use {allow}.")

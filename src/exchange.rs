@@ -4,6 +4,7 @@
 //! usage record and metrics — runs in `cargo test` against [`hostapi::fake::Fake`]. `host.rs` only
 //! forwards Envoy's callbacks here and maps [`Flow`] to proxy-wasm actions.
 
+use crate::api::{self, Api};
 use crate::auth;
 use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
@@ -619,6 +620,10 @@ struct Pending {
     body: Option<(Vec<u8>, usize)>,
     tags: Option<String>,
     content_length: Option<usize>,
+    /// The request body is JSON (passthrough: its `model` may select the provider).
+    json: bool,
+    /// The request waited for a sidecar callout (a route decided later must resume it).
+    waited: bool,
 }
 
 enum State {
@@ -626,10 +631,11 @@ enum State {
     PassThrough,
     /// Waiting for the sidecar to resolve the key.
     Resolving(Box<Pending>),
-    /// Authenticated chat request waiting for its body.
+    /// Authenticated request waiting for its body.
     AwaitingBody {
         identity: Rc<Identity>,
         provider_header: Option<String>,
+        endpoint: Endpoint,
     },
     /// Attempt role: the attempt to shape, waiting for the replayed body.
     AwaitingAttempt(Box<AttemptSlot>),
@@ -645,6 +651,8 @@ struct AttemptSlot {
     fallback: bool,
     last: bool,
     org: String,
+    /// The OpenAI-style API of the replayed request.
+    api: Api,
 }
 
 pub struct GatewayHttp {
@@ -680,6 +688,8 @@ struct Exchange {
     json: Vec<u8>,
     /// The non-streamed body passed `MAX_JSON_COPY`: it was not copied for usage.
     json_overflow: bool,
+    /// Passthrough response that is not JSON (audio, files): nothing to read, nothing copied.
+    skip_copy: bool,
     /// Native provider stream being translated to OpenAI chunks.
     translator: Option<Box<dyn crate::translate::StreamTranslator>>,
     /// Native non-streamed (or error) response: held whole, then translated.
@@ -702,6 +712,7 @@ impl Exchange {
             tap: None,
             json: Vec::new(),
             json_overflow: false,
+            skip_copy: false,
             translator: None,
             translate_whole: false,
             translated_usage: None,
@@ -786,12 +797,21 @@ impl GatewayHttp {
             }
             let fallback = plan.is_fallback(slot);
             let org = plan.org;
+            // The replayed request keeps the client's path: it names the API.
+            let api = entry::classify(
+                get(":method").as_deref().unwrap_or_default(),
+                get(":path").as_deref().unwrap_or_default(),
+            )
+            .and_then(Result::ok)
+            .and_then(|e| e.api())
+            .unwrap_or(Api::Chat);
             self.state = State::AwaitingAttempt(Box::new(AttemptSlot {
                 attempt,
                 index: slot,
                 fallback,
                 last,
                 org,
+                api,
             }));
             return Ok(Flow::Pause);
         }
@@ -804,9 +824,10 @@ impl GatewayHttp {
         }
         let path = get(":path");
         self.anthropic = entry::is_anthropic(path.as_deref().unwrap_or_default());
-        let endpoint = match entry::classify(
+        let endpoint = match entry::classify_with(
             get(":method").as_deref().unwrap_or_default(),
             path.as_deref().unwrap_or_default(),
+            self.plan.openai_passthrough,
         ) {
             None => return Ok(Flow::Continue),
             Some(r) => r?,
@@ -829,10 +850,13 @@ impl GatewayHttp {
             body: None,
             tags,
             content_length,
+            json: get("content-type").is_some_and(|c| c.contains("json")),
+            waited: false,
         };
         match self.authenticate(pending)? {
             Next::Ready(identity, p) => self.proceed(identity, *p),
-            Next::Waiting(p) => {
+            Next::Waiting(mut p) => {
+                p.waited = true;
                 self.state = State::Resolving(p);
                 Ok(Flow::Pause)
             }
@@ -928,7 +952,14 @@ impl GatewayHttp {
                 let body = gateway::get_model(&identity, &name)?;
                 Ok(self.reply_json(&body))
             }
+            Endpoint::Passthrough(ref rest) => {
+                let rest = rest.clone();
+                self.passthrough(identity, p, rest)
+            }
             Endpoint::ChatCompletions
+            | Endpoint::Responses
+            | Endpoint::Embeddings
+            | Endpoint::Completions
             | Endpoint::AnthropicMessages
             | Endpoint::AnthropicCountTokens => {
                 self.messages = match p.endpoint {
@@ -949,7 +980,13 @@ impl GatewayHttp {
                 match p.body {
                     // The body completed while we waited for the sidecar: route now and resume.
                     Some((body, size)) => {
-                        self.route(identity, p.provider_header.as_deref(), &body, size)?;
+                        self.route(
+                            identity,
+                            p.provider_header.as_deref(),
+                            &p.endpoint,
+                            &body,
+                            size,
+                        )?;
                         if let Err(e) = host().resume_request() {
                             log::error!("llm-gateway: cannot resume request: {e:?}");
                         }
@@ -959,6 +996,7 @@ impl GatewayHttp {
                         self.state = State::AwaitingBody {
                             identity,
                             provider_header: p.provider_header,
+                            endpoint: p.endpoint,
                         };
                         Ok(Flow::Pause)
                     }
@@ -982,8 +1020,13 @@ impl GatewayHttp {
                 };
                 let body = read_body(body_size)?;
                 let req = crate::body::inspect(&body)?;
-                let routed =
-                    gateway::route_to(&slot.attempt.provider, &slot.attempt.model, &req, &body)?;
+                let routed = gateway::route_api(
+                    &slot.attempt.provider,
+                    &slot.attempt.model,
+                    &req,
+                    &body,
+                    slot.api,
+                )?;
                 self.exchange = Some(Box::new(Exchange::new(None, Some(slot))));
                 self.apply(routed, body_size)?;
                 Ok(Flow::Continue)
@@ -997,17 +1040,78 @@ impl GatewayHttp {
             State::AwaitingBody {
                 identity,
                 provider_header,
+                endpoint,
             } => {
                 if !end_of_stream {
                     return Ok(Flow::Pause);
                 }
-                let (identity, provider_header) = (identity.clone(), provider_header.clone());
+                let (identity, provider_header, endpoint) =
+                    (identity.clone(), provider_header.clone(), endpoint.clone());
                 let body = read_body(body_size)?;
-                self.route(identity, provider_header.as_deref(), &body, body_size)?;
+                self.route(
+                    identity,
+                    provider_header.as_deref(),
+                    &endpoint,
+                    &body,
+                    body_size,
+                )?;
                 Ok(Flow::Continue)
             }
             _ => Ok(Flow::Continue),
         }
+    }
+
+    /// The passthrough of another `/openai/v1/*` path. The provider comes from `X-Provider-Name` or
+    /// the settings and the request goes on at once, its body streamed untouched (multipart
+    /// included); only when neither names a provider and the body is JSON is the body awaited, for its
+    /// `model`.
+    fn passthrough(
+        &mut self,
+        identity: Rc<Identity>,
+        p: Pending,
+        rest: String,
+    ) -> Result<Flow, GatewayError> {
+        self.tags = usage::parse_tags(p.tags.as_deref())?;
+        let named = p.provider_header.is_some()
+            || identity.key_settings.provider.is_some()
+            || identity.org_settings.provider.is_some();
+        if !named && p.json && !p.headers_ended && p.body.is_none() {
+            let limit = self.plan.max_body_bytes;
+            if p.content_length.is_some_and(|n| n > limit) {
+                return Err(GatewayError::BodyTooLarge { limit });
+            }
+            self.state = State::AwaitingBody {
+                identity,
+                provider_header: p.provider_header,
+                endpoint: Endpoint::Passthrough(rest),
+            };
+            return Ok(Flow::Pause);
+        }
+        match p.body {
+            Some((body, size)) => self.route(
+                identity,
+                p.provider_header.as_deref(),
+                &Endpoint::Passthrough(rest),
+                &body,
+                size,
+            )?,
+            None => {
+                let routed = gateway::route_passthrough(
+                    &identity,
+                    p.provider_header.as_deref(),
+                    &rest,
+                    None,
+                )?;
+                self.exchange = Some(Box::new(Exchange::new(Some(identity), None)));
+                self.apply(routed, 0)?;
+            }
+        }
+        if p.waited {
+            if let Err(e) = host().resume_request() {
+                log::error!("llm-gateway: cannot resume request: {e:?}");
+            }
+        }
+        Ok(Flow::Continue)
     }
 
     /// Applies the routing decision to the paused request.
@@ -1015,12 +1119,16 @@ impl GatewayHttp {
         &mut self,
         identity: Rc<Identity>,
         provider_header: Option<&str>,
+        endpoint: &Endpoint,
         body: &[u8],
         body_size: usize,
     ) -> Result<(), GatewayError> {
-        let (routed, chat_body) = match self.messages {
-            None => (gateway::route_chat(&identity, provider_header, body)?, None),
-            Some(count_tokens) => {
+        let (routed, chat_body) = match (endpoint, self.messages) {
+            (Endpoint::Passthrough(rest), _) => (
+                gateway::route_passthrough(&identity, provider_header, rest, Some(body))?,
+                None,
+            ),
+            (_, Some(count_tokens)) => {
                 let version = host()
                     .header(Map::RequestHeaders, "anthropic-version")
                     .ok()
@@ -1034,16 +1142,35 @@ impl GatewayHttp {
                     version.as_deref(),
                 )?
             }
+            (e, None) => (
+                gateway::route_request(
+                    &identity,
+                    provider_header,
+                    body,
+                    e.api().unwrap_or(Api::Chat),
+                )?,
+                None,
+            ),
         };
         let prompt = if identity.store_prompts {
-            usage::prompt_text(chat_body.as_deref().unwrap_or(body))
+            match chat_body.as_deref() {
+                Some(chat) => api::prompt_text(Some(Api::Chat), chat),
+                None => api::prompt_text(routed.api, body),
+            }
         } else {
             None
         };
-        let chain = match routed.ingress {
-            Ingress::MessagesNative { .. } => Vec::new(),
+        let mut chain = match (routed.ingress, routed.api) {
+            (Ingress::MessagesNative { .. }, _) | (_, None) => Vec::new(),
             _ => fallback_chain(&identity, &routed),
         };
+        // Fallbacks without the API are skipped (a chain of one is no chain).
+        if let Some(api) = routed.api {
+            chain.retain(|a| api::supports(&a.provider, api));
+        }
+        if chain.len() < 2 {
+            chain.clear();
+        }
         if routed.ingress == Ingress::MessagesViaChat {
             // Anthropic client headers mean nothing to other providers.
             set_header("anthropic-beta", None);
@@ -1327,6 +1454,7 @@ impl GatewayHttp {
                     }
                 }
             }
+            None if ex.skip_copy => {}
             None if !ex.json_overflow && ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
                 ex.json.extend_from_slice(&chunk)
             }
@@ -1409,7 +1537,7 @@ impl GatewayHttp {
                     },
                     true,
                 ),
-                (None, false) => (usage::from_json_response(&ex.json), true),
+                (None, false) => (api::response_facts(r.api, &ex.json), true),
             },
         };
         // What the client received: Envoy's `response.code` (an Envoy-generated 5xx after the
@@ -1420,7 +1548,8 @@ impl GatewayHttp {
         let ok = (200..300).contains(&status);
         let (u, estimated) = match facts.usage {
             Some(u) => (u, false),
-            None if ok => (
+            // The passthrough records only what the provider reports.
+            None if ok && r.api.is_some() => (
                 usage::Usage {
                     prompt_tokens: usage::estimate_tokens(r.request_bytes),
                     completion_tokens: usage::estimate_tokens(facts.completion_chars),
@@ -1511,7 +1640,7 @@ impl GatewayHttp {
             record.prompt = ex.prompt.clone();
             record.completion = match &ex.tap {
                 Some(t) => Some(t.text.clone()),
-                None => usage::completion_text(&ex.json),
+                None => api::completion_text(r.api, &ex.json),
             }
             .map(|t| usage::clip(&t, usage::MAX_STORED_TEXT));
         }
@@ -1589,12 +1718,17 @@ impl GatewayHttp {
             (None, None) if sse => {
                 let mut tap = StreamTap::new(strip);
                 tap.capture = ex.identity.as_ref().is_some_and(|i| i.store_prompts);
+                tap.responses = r.api == Some(Api::Responses);
                 ex.tap = Some(tap);
                 if strip {
                     set("content-length", None);
                 }
             }
-            (None, None) => {}
+            (None, None) => {
+                // Passthrough: only JSON bodies can carry usage.
+                ex.skip_copy =
+                    r.api.is_none() && !get("content-type").is_some_and(|c| c.contains("json"));
+            }
         }
         if let Some(slot) = &ex.attempt {
             set(
@@ -1779,6 +1913,186 @@ mod tests {
         assert!(out.contains("[DONE]"));
         http.on_log();
         assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(3));
+    }
+
+    #[test]
+    fn responses_stream_usage_comes_from_response_completed() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        f.st().request_headers.retain(|(k, _)| k != b":path");
+        f.st()
+            .request_headers
+            .push((b":path".to_vec(), b"/openai/v1/responses".to_vec()));
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        let body = br#"{"model":"m1","stream":true,"input":"hi"}"#;
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Continue);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/responses")
+        );
+        // No stream_options for the Responses API: the body goes as sent.
+        assert_eq!(f.st().request_body, body.to_vec());
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"text/event-stream")]);
+        http.on_http_response_headers(2, false);
+        let stream = b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"yo\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"m1-up\",\"usage\":{\"input_tokens\":12,\"output_tokens\":5}}}\n\n";
+        f.st().response_body = stream.to_vec();
+        http.on_http_response_body(stream.len(), true);
+        assert_eq!(f.st().response_body, stream.to_vec());
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(12));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(5));
+    }
+
+    #[test]
+    fn passthrough_is_off_by_default_and_streams_when_on() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        let path_to = |f: &Fake, p: &[u8]| {
+            f.st().request_headers.retain(|(k, _)| k != b":path");
+            f.st().request_headers.push((b":path".to_vec(), p.to_vec()));
+        };
+        f.st().request_headers = req_headers(&[]);
+        path_to(f, b"/openai/v1/images/generations");
+        http.on_http_request_headers(5, false);
+        assert_eq!(reply(f).0, 404);
+
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "openaiPassthrough": true,
+            "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                           "url": "http://127.0.0.1:9/v1", "apiKey": "up-key", "models": ["m1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[
+            ("x-provider-name", b"local"),
+            ("content-type", b"multipart/form-data; boundary=x"),
+        ]);
+        path_to(f, b"/openai/v1/audio/transcriptions?x=1");
+        // Routed at the headers: the multipart body is never held.
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Continue);
+        {
+            let st = f.st();
+            assert!(st.local_replies.is_empty(), "{:?}", st.local_replies);
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/audio/transcriptions?x=1")
+            );
+            assert_eq!(
+                get(&st.request_headers, "authorization").as_deref(),
+                Some("Bearer up-key")
+            );
+            assert_eq!(get(&st.request_headers, "x-provider-name"), None);
+        }
+        assert_eq!(http.on_http_request_body(10, false), Flow::Continue);
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        http.on_http_response_headers(2, false);
+        let answer =
+            br#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"output_tokens":3}}"#;
+        f.st().response_body = answer.to_vec();
+        http.on_http_response_body(answer.len(), true);
+        http.on_log();
+        assert_eq!(
+            f.metric(&metrics::tokens("local", "audio", "input")),
+            Some(14)
+        );
+
+        // A JSON body without a named provider: its model selects (and is rewritten).
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        path_to(f, b"/openai/v1/moderations");
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        let body = br#"{"model":"m1","input":"x"}"#;
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Continue);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/moderations")
+        );
+    }
+
+    #[test]
+    fn passthrough_after_a_sidecar_lookup_resumes_the_request() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "openaiPassthrough": true,
+            "sidecar": {"token": "t"},
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        let auth = format!("Bearer {KEY}");
+        f.st().request_headers = headers(&[
+            (":method", b"GET"),
+            (":path", b"/openai/v1/files?limit=2"),
+            ("authorization", auth.as_bytes()),
+        ]);
+        assert_eq!(http.on_http_request_headers(3, true), Flow::Pause);
+        assert_eq!(f.st().calls.len(), 1);
+        f.st().call_response_headers = headers(&[(":status", b"200")]);
+        let answer = br#"{"identity":{"keyId":"k1","orgId":"o1","configId":"c1","clusterId":null,
+          "keySettings":{},"orgSettings":{"provider":"p"},
+          "providers":[{"name":"p","kind":"OPENAI","base":{"tls":true,"authority":"api.openai.com","path":"/v1"},
+            "models":[{"name":"m","upstream":"m"}],"isHosted":false,"apiKey":"sk-up-9999",
+            "envoyCluster":"llm_gateway_dfp_https","fallback":[]}]},"ttlSeconds":7}"#;
+        f.st().call_response_body = answer.to_vec();
+        http.on_http_call_response(1, 1, answer.len(), 0);
+        let st = f.st();
+        assert!(st.local_replies.is_empty(), "{:?}", st.local_replies);
+        assert_eq!(st.resumed, 1);
+        assert_eq!(
+            get(&st.request_headers, ":path").as_deref(),
+            Some("/v1/files?limit=2")
+        );
+        assert_eq!(
+            get(&st.request_headers, "authorization").as_deref(),
+            Some("Bearer sk-up-9999")
+        );
+    }
+
+    #[test]
+    fn unsupported_endpoint_is_a_clear_400() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "providers": [{"name": "claude", "supportedProvider": "ANTHROPIC",
+                           "apiKey": "a", "models": ["c1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        f.st().request_headers.retain(|(k, _)| k != b":path");
+        f.st()
+            .request_headers
+            .push((b":path".to_vec(), b"/openai/v1/embeddings".to_vec()));
+        http.on_http_request_headers(5, false);
+        let body = br#"{"model":"c1","input":"x"}"#;
+        f.st().request_body = body.to_vec();
+        http.on_http_request_body(body.len(), true);
+        let (code, v) = reply(f);
+        assert_eq!(code, 400);
+        assert_eq!(v["error"]["code"], "endpoint_not_supported");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("'claude'") && msg.contains("/v1/embeddings"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The request flow as plain Rust: entry → auth → selection → provider shaping. The proxy-wasm adapter
 //! (`host.rs`) only moves headers and bytes in and out of these functions.
 
+use crate::api::{self, Api};
 use crate::body;
 use crate::config::{Identity, Model, ProviderKind, ResolvedProvider};
 use crate::error::GatewayError;
@@ -59,6 +60,8 @@ pub struct Routed {
     pub translation: Option<Translation>,
     /// Whether the client asked for the final usage chunk (translated streams).
     pub client_wants_usage: bool,
+    /// The OpenAI-style API called; `None`: the passthrough (usage read from any `usage` shape).
+    pub api: Option<Api>,
     /// The API the client speaks (what responses must look like to it).
     pub ingress: Ingress,
 }
@@ -81,9 +84,19 @@ pub fn route_chat(
     provider_header: Option<&str>,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
+    route_request(id, provider_header, raw_body, Api::Chat)
+}
+
+/// Decides where a request of an OpenAI-style `api` goes and how it must look.
+pub fn route_request(
+    id: &Identity,
+    provider_header: Option<&str>,
+    raw_body: &[u8],
+    api: Api,
+) -> Result<Routed, GatewayError> {
     let req = body::inspect(raw_body)?;
     let sel = select(id, provider_header, req.model.as_deref())?;
-    route_to(sel.provider, sel.model, &req, raw_body)
+    route_api(sel.provider, sel.model, &req, raw_body, api)
 }
 
 /// Shapes the request for one provider and model (the first attempt, or a fallback attempt).
@@ -93,7 +106,21 @@ pub fn route_to(
     req: &body::ChatRequest,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
-    let mut target = if provider.native {
+    route_api(provider, model, req, raw_body, Api::Chat)
+}
+
+/// [`route_to`] for any OpenAI-style API: chat may be translated to a native API; the other APIs
+/// need the provider's own OpenAI-style endpoint (a clear 400 otherwise).
+pub fn route_api(
+    provider: &ResolvedProvider,
+    model: &Model,
+    req: &body::ChatRequest,
+    raw_body: &[u8],
+    api: Api,
+) -> Result<Routed, GatewayError> {
+    let mut target = if api != Api::Chat {
+        providers::api_target(provider, model, api)?
+    } else if provider.native {
         providers::native_target(provider, model, raw_body, req.stream)?
     } else {
         providers::chat_target(provider, model)?
@@ -105,7 +132,11 @@ pub fn route_to(
     };
     let mut strip_usage_chunk = false;
     let translated = target.translation.is_some();
-    if req.stream && !translated && providers::supports_stream_usage(provider.kind) {
+    if req.stream
+        && !translated
+        && api.stream_usage_option()
+        && providers::supports_stream_usage(provider.kind)
+    {
         let current = new_body.as_deref().unwrap_or(raw_body);
         let (with_usage, client_asked) =
             usage::ensure_stream_usage_for(current, req.stream_options);
@@ -138,6 +169,7 @@ pub fn route_to(
         translation: target.translation,
         client_wants_usage: translated && req.stream_options.include_usage(),
         ingress: Ingress::Chat,
+        api: Some(api),
     })
 }
 
@@ -187,6 +219,7 @@ pub fn route_messages(
             translation: None,
             client_wants_usage: false,
             ingress: Ingress::MessagesNative { count_tokens },
+            api: Some(Api::Chat),
         };
         return Ok((routed, None));
     }
@@ -205,6 +238,81 @@ pub fn route_messages(
     routed.request_bytes = raw_body.len();
     routed.ingress = Ingress::MessagesViaChat;
     Ok((routed, Some(chat)))
+}
+
+/// Passthrough of another `/openai/v1/*` path (`rest`, query included) to the selected provider:
+/// upstream path and auth rewritten; the body goes as sent, except `model` rewritten to the upstream
+/// name when a JSON body named one (`json_body`).
+pub fn route_passthrough(
+    id: &Identity,
+    provider_header: Option<&str>,
+    rest: &str,
+    json_body: Option<&[u8]>,
+) -> Result<Routed, GatewayError> {
+    let req = match json_body {
+        Some(b) => body::inspect(b).unwrap_or_default(),
+        None => body::ChatRequest::default(),
+    };
+    let sel = select(id, provider_header, req.model.as_deref())?;
+    let (provider, model) = (sel.provider, sel.model);
+    if !api::passthrough_allowed(provider) {
+        return Err(GatewayError::EndpointNotSupported {
+            provider: provider.name.clone(),
+            kind: provider.kind.as_str(),
+            endpoint: format!("/v1{}", rest.split('?').next().unwrap_or_default()),
+            detail: " in native API mode or without an OpenAI-style API".into(),
+        });
+    }
+    let auth = match provider.kind {
+        ProviderKind::Azure => Some(("api-key", providers::required_key(provider)?.to_string())),
+        ProviderKind::OpenAiCompatible => provider
+            .api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .and_then(providers::bearer),
+        _ => providers::bearer(providers::required_key(provider)?),
+    };
+    let body = match (json_body, req.model.as_deref()) {
+        (Some(b), Some(m)) => body::with_model(b, Some(m), &model.upstream),
+        _ => None,
+    };
+    Ok(Routed {
+        provider: provider.name.clone(),
+        kind: provider.kind,
+        is_hosted: provider.is_hosted,
+        // Metrics and records name the model the body named, else the API (`audio`, `files`, ...).
+        model: req.model.clone().unwrap_or_else(|| passthrough_label(rest)),
+        cluster: provider.envoy_cluster.clone(),
+        authority: provider.base.authority.clone(),
+        path: api::passthrough_path(provider, rest),
+        auth,
+        extra_headers: provider
+            .timeouts
+            .as_ref()
+            .map(|t| t.headers())
+            .unwrap_or_default(),
+        body,
+        stream: req.stream,
+        upstream_model: if req.model.is_some() {
+            model.upstream.clone()
+        } else {
+            String::new()
+        },
+        strip_usage_chunk: false,
+        request_bytes: json_body.map_or(0, <[u8]>::len),
+        translation: None,
+        client_wants_usage: false,
+        api: None,
+        ingress: Ingress::Chat,
+    })
+}
+
+/// The first segment of a passthrough path (`/audio/transcriptions?x` → `audio`).
+fn passthrough_label(rest: &str) -> String {
+    rest.split(['/', '?'])
+        .find(|s| !s.is_empty())
+        .unwrap_or("passthrough")
+        .to_string()
 }
 
 /// Translates a whole native response body back to OpenAI's shape: a chat completion for 2xx, the
