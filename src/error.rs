@@ -28,6 +28,9 @@ pub enum GatewayError {
         model: String,
         provider: Option<String>,
     },
+    /// The model exists in the organization but not in the key's scope (a cluster-scoped key asking for
+    /// a model only organization-level providers serve).
+    ModelOutOfScope { model: String, cluster: String },
     /// The caller's configuration has no provider or model at all.
     NoProviderConfigured,
     /// A provider is configured in a way that cannot be used (e.g. missing URL or key).
@@ -57,6 +60,7 @@ impl GatewayError {
             | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
+            GatewayError::ModelOutOfScope { .. } => 403,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
             GatewayError::KeyLookupRateLimited => 429,
@@ -84,7 +88,9 @@ impl GatewayError {
             | GatewayError::Internal { .. } => "server_error",
             GatewayError::ControlPlaneUnavailable => "service_unavailable",
             GatewayError::KeyLookupRateLimited => "rate_limit_error",
-            GatewayError::DestinationForbidden { .. } => "permission_error",
+            GatewayError::DestinationForbidden { .. } | GatewayError::ModelOutOfScope { .. } => {
+                "permission_error"
+            }
         }
     }
 
@@ -101,6 +107,7 @@ impl GatewayError {
             GatewayError::InvalidHeader { .. } => "invalid_header",
             GatewayError::UnknownProvider { .. } => "unknown_provider",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
+            GatewayError::ModelOutOfScope { .. } => "model_not_in_scope",
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
@@ -114,7 +121,9 @@ impl GatewayError {
     /// The request field the error is about, if any.
     pub fn param(&self) -> Option<&'static str> {
         match self {
-            GatewayError::ModelNotAllowed { .. } => Some("model"),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelOutOfScope { .. } => {
+                Some("model")
+            }
             GatewayError::UnknownProvider { .. } => Some("X-Provider-Name"),
             GatewayError::InvalidTags { .. } => Some("X-LLM-Gateway-Tags"),
             _ => None,
@@ -153,6 +162,9 @@ impl GatewayError {
             ),
             GatewayError::ModelNotAllowed { model, provider: None } => format!(
                 "The model '{model}' does not exist or is not allowed by this API key's configuration."
+            ),
+            GatewayError::ModelOutOfScope { model, cluster } => format!(
+                "The model '{model}' is served only by organization-level (SaaS) providers, and this API key is scoped to cluster '{cluster}', which may use only that cluster's hosted models. Use an organization-scoped API key for this model."
             ),
             GatewayError::NoProviderConfigured => {
                 "This API key's configuration has no provider with a model.".to_string()
