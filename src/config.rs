@@ -242,7 +242,7 @@ impl ModelSpec {
             ModelSpec::Mapped { name, .. } => name,
         }
     }
-    fn to_model(&self) -> Model {
+    pub fn to_model(&self) -> Model {
         match self {
             ModelSpec::Name(n) => Model {
                 name: n.clone(),
@@ -418,6 +418,18 @@ pub struct Identity {
 impl Identity {
     pub fn provider(&self, name: &str) -> Option<&ResolvedProvider> {
         self.providers.iter().find(|p| p.name == name)
+    }
+
+    /// The cluster a usage record is attributed to: the key's cluster scope, else the cluster of the
+    /// hosted provider that served (an organization-scoped key served in a cluster).
+    pub fn usage_cluster(&self, served_by: &str) -> Option<String> {
+        self.cluster_id.clone().or_else(|| {
+            self.providers
+                .iter()
+                .chain(self.fallback_providers.iter())
+                .find(|p| p.name == served_by && p.is_hosted)
+                .and_then(|p| p.cluster_id.clone())
+        })
     }
 }
 
@@ -1121,6 +1133,14 @@ mod tests {
             .collect();
         assert_eq!(fb, vec!["saas"]);
         assert!(id.out_of_scope_models.is_empty(), "m is served in scope");
+        assert_eq!(id.usage_cluster("saas").as_deref(), Some("c1"));
+        // An organization-scoped key served by a cluster's hosted provider: usage names that cluster.
+        let org_key = json.replace(r#","clusterId":"c1"}]}"#, "}]}");
+        let plan = cfg(&org_key).unwrap();
+        let id = plan.identity_for_hash(&hash_key("k")).unwrap();
+        assert_eq!(id.cluster_id, None);
+        assert_eq!(id.usage_cluster("h2").as_deref(), Some("c2"));
+        assert_eq!(id.usage_cluster("saas"), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::caller::Caller;
 use crate::db::{self, StoredKey, StoredSettings};
 use crate::error::{ApiError, ApiResult};
-use crate::org::check_settings;
+use crate::org::{check_settings, check_settings_in_config};
 use crate::state::AppState;
 use crate::tx::OrgWrite;
 use crate::util::{new_api_key, new_id, now_ms, rfc3339, JsonBody};
@@ -145,6 +145,7 @@ async fn create_key(
         .with_param("config_id"));
     }
     check_settings(&settings, &w.providers, cluster_id.as_deref())?;
+    check_settings_in_config(&settings, &w.providers, &w.configs, &config_id)?;
     let secret = new_api_key();
     let key = StoredKey {
         id: new_id("key"),
@@ -270,6 +271,8 @@ async fn put_key_settings(
     let mut conn = st.pool.acquire().await?;
     let providers = db::providers(&mut conn, &caller.org_id).await?;
     check_settings(&settings, &providers, key.cluster_id.as_deref())?;
+    let configs = db::configs(&mut conn, &caller.org_id).await?;
+    check_settings_in_config(&settings, &providers, &configs, &key.config_id)?;
     db::set_key_settings(&mut conn, &caller.org_id, &id, &settings).await?;
     Ok(Json(settings))
 }
