@@ -287,6 +287,15 @@ pub async fn rotate_admin_key(
     Ok((org_id, secret))
 }
 
+/// Whether any key (active or revoked) has this digest.
+pub async fn sha_exists(conn: &mut AnyConnection, sha256: &str) -> ApiResult<bool> {
+    Ok(sqlx::query("SELECT id FROM api_keys WHERE sha256 = $1")
+        .bind(sha256)
+        .fetch_optional(conn)
+        .await?
+        .is_some())
+}
+
 pub fn key_prefix(secret: &str) -> String {
     secret.chars().take(8).collect()
 }
