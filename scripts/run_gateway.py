@@ -160,10 +160,7 @@ def main():
     # .run/ecds/llm_gateway.yaml by rename and the running Envoy applies it (docs/operations.md).
     ecds_dir = os.path.join(run_dir, "ecds")
     os.makedirs(ecds_dir, exist_ok=True)
-    env_keys = envoy_config.gateway_filter(envoy_config.load_template())["vm_config"][
-        "environment_variables"]["host_env_keys"] + ["LLM_GATEWAY_FALLBACK_KEY"]
-    cfg, filt = envoy_config.render_ecds(port, admin, ecds_dir, gw, sidecar_port=sidecar_port,
-                                         env_keys=env_keys)
+    cfg, filt = envoy_config.render_ecds(port, admin, ecds_dir, gw, sidecar_port=sidecar_port)
     ecds_path = envoy_config.write_ecds(filt, os.path.join(ecds_dir, envoy_config.ECDS_FILE))
     cfg_path = envoy_config.write(cfg, os.path.join(run_dir, "envoy.yaml"))
 

@@ -578,14 +578,9 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             return Err("set fallbackKey or fallbackKeyEnv, not both".to_string());
         }
         (Some(k), None) => Some(k.trim().to_string()),
-        (None, Some(var)) => Some(
-            secrets
-                .env(var)
-                .map(|k| k.trim().to_string())
-                .ok_or_else(|| {
-                    format!("environment variable {var} (fallbackKeyEnv) is not set")
-                })?,
-        ),
+        // An unset or empty variable means no fallback key (deployments ship the reference to an
+        // optional secret).
+        (None, Some(var)) => secrets.env(var).map(|k| k.trim().to_string()),
         (None, None) => None,
     };
     let fallback_key_hash = match fallback_key.filter(|k| !k.is_empty()) {
@@ -1071,6 +1066,8 @@ mod tests {
             cfg(&sidecar).unwrap().fallback_key_hash,
             Some(hash_key("cp-key"))
         );
+        let unset = base().replacen('{', r#"{"fallbackKeyEnv":"NOT_SET","#, 1);
+        assert_eq!(cfg(&unset).unwrap().fallback_key_hash, None);
         let env = base().replacen('{', r#"{"fallbackKeyEnv":"OPENAI_KEY","sidecar":{"token":"t"},"#, 1);
         assert_eq!(
             cfg(&env).unwrap().fallback_key_hash,
