@@ -214,7 +214,7 @@ Control plane: {base}  (data in {data_dir}; {mode})
 Filter configuration: {ecds_path} (applied live when replaced by rename)
 
 Admin key (stored 0600 in {admin_path}; rotate or recover it with
-  target/release/llm-gateway-sidecar admin-key rotate --data-dir {data_dir}):
+  {os.path.relpath(SIDECAR_BIN, envoy_config.ROOT)} admin-key rotate --data-dir {data_dir}):
   {key}
 Demo key: {DEMO_KEY}{"  (also the fallback key of requests without a key)" if fallback == DEMO_KEY else ""}
 
@@ -228,7 +228,8 @@ Register a real provider (then call it with the demo key or the admin key):
     -d '{{"providers":[{{"name":"openai","supportedProvider":"OPENAI","apiKey":"'"$OPENAI_API_KEY"'","models":["gpt-4o-mini"]}}]}}'
 
 Savings report (open in a browser, valid 24 h): {link or "(POST /v1/llm/report/link failed)"}
-  a new link: curl -s -X POST {base}/v1/llm/report/link -H 'X-API-Key: {key}'
+  a new link:
+  curl -s -X POST {base}/v1/llm/report/link -H 'X-API-Key: {key}'
 More: docs/api.md. Ctrl-C stops everything.
 """, flush=True)
     while True:
