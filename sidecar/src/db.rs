@@ -236,22 +236,38 @@ pub async fn rotate_admin_key(
 ) -> Result<(String, String), String> {
     let err = |e: sqlx::Error| format!("database: {e}");
     let mut conn = pool.acquire().await.map_err(err)?;
-    let orgs: Vec<String> = sqlx::query("SELECT id FROM organizations ORDER BY created_at, id")
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(err)?
-        .iter()
-        .map(|r| r.try_get::<String, _>("id"))
-        .collect::<Result<_, _>>()
-        .map_err(err)?;
+    let orgs: Vec<(String, String)> =
+        sqlx::query("SELECT id, name FROM organizations ORDER BY created_at, id")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>("id")?, r.try_get::<String, _>("name")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(err)?;
+    let known = || {
+        orgs.iter()
+            .map(|(id, name)| format!("{id} ({name})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // By id or unique name; omitted: the first organization (the one created at first start).
     let org_id = match org {
-        Some(o) if orgs.iter().any(|x| x == o) => o.to_string(),
-        Some(o) => return Err(format!("organization '{o}' does not exist (known: {})", orgs.join(", "))),
-        None if orgs.len() == 1 => orgs.first().cloned().unwrap_or_default(),
-        None if orgs.is_empty() => {
-            return Err("no organization yet: start the sidecar once (serve) to create it".into())
+        Some(o) => {
+            let hits: Vec<&(String, String)> =
+                orgs.iter().filter(|(id, name)| id == o || name == o).collect();
+            match hits.as_slice() {
+                [one] => one.0.clone(),
+                [] => return Err(format!("organization '{o}' does not exist (known: {})", known())),
+                _ => return Err(format!("several organizations are named '{o}': pass the id ({})", known())),
+            }
         }
-        None => return Err(format!("several organizations: pass --org (one of {})", orgs.join(", "))),
+        None => match orgs.first() {
+            Some((id, _)) => id.clone(),
+            None => {
+                return Err("no organization yet: start the sidecar once (serve) to create it".into())
+            }
+        },
     };
     let secret = new_api_key();
     let now = now_ms();

@@ -35,8 +35,8 @@ const USAGE: &str = "usage: llm-gateway-sidecar [serve] [--data-dir DIR] [--list
                                         PostgreSQL use pg_dump (docs/operations.md)
        llm-gateway-sidecar openapi      print the OpenAPI document (what sidecar/openapi.json holds)
        llm-gateway-sidecar admin-key rotate [--org ORG] [--keep-old] [--data-dir DIR]
-                                        create a new admin key of the organization (ORG may be omitted
-                                        when there is one) and print it on stdout; the organization's
+                                        create a new admin key of organization ORG (id or name; default:
+                                        the first one, created at first start) and print it on stdout; its
                                         previous admin keys are revoked unless --keep-old (recovering a
                                         lost key). Works while the sidecar runs (same DATABASE_URL)
 
