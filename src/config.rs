@@ -676,8 +676,7 @@ fn scope_filter(
     }
     let mut hidden_models: Vec<String> = Vec::new();
     for m in hidden.iter().flat_map(|p| p.models.iter()) {
-        if !visible.iter().any(|p| p.model(&m.name).is_some()) && !hidden_models.contains(&m.name)
-        {
+        if !visible.iter().any(|p| p.model(&m.name).is_some()) && !hidden_models.contains(&m.name) {
             hidden_models.push(m.name.clone());
         }
     }
@@ -952,12 +951,9 @@ pub fn apply_layer(
         if out.iter().any(|p: &ConfigProviderSpec| &p.name == name) {
             continue;
         }
-        let entry = merged
-            .iter()
-            .find(|p| &p.name == name)
-            .ok_or_else(|| {
-                format!("'only' names provider '{name}', which neither the parent nor 'providers' has")
-            })?;
+        let entry = merged.iter().find(|p| &p.name == name).ok_or_else(|| {
+            format!("'only' names provider '{name}', which neither the parent nor 'providers' has")
+        })?;
         out.push(entry.clone());
     }
     Ok(out)
@@ -1068,7 +1064,11 @@ mod tests {
         );
         let unset = base().replacen('{', r#"{"fallbackKeyEnv":"NOT_SET","#, 1);
         assert_eq!(cfg(&unset).unwrap().fallback_key_hash, None);
-        let env = base().replacen('{', r#"{"fallbackKeyEnv":"OPENAI_KEY","sidecar":{"token":"t"},"#, 1);
+        let env = base().replacen(
+            '{',
+            r#"{"fallbackKeyEnv":"OPENAI_KEY","sidecar":{"token":"t"},"#,
+            1,
+        );
         assert_eq!(
             cfg(&env).unwrap().fallback_key_hash,
             Some(hash_key("sk-from-env-1234"))

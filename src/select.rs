@@ -57,8 +57,7 @@ pub fn select<'a>(
         .filter_map(|n| id.provider(n))
         .collect();
 
-    let model_name = match requested_model
-        .or_else(|| default_model(id, |m| serves_anywhere(id, m)))
+    let model_name = match requested_model.or_else(|| default_model(id, |m| serves_anywhere(id, m)))
     {
         Some(m) => m,
         None => preferred
@@ -202,7 +201,10 @@ mod tests {
         );
         let mut id = identity();
         id.providers.pop();
-        assert_eq!(names(select(&id, None, None)), pair_of("openai-a", "gpt-4o"));
+        assert_eq!(
+            names(select(&id, None, None)),
+            pair_of("openai-a", "gpt-4o")
+        );
     }
 
     #[test]

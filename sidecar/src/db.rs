@@ -242,7 +242,12 @@ pub async fn rotate_admin_key(
             .await
             .map_err(err)?
             .iter()
-            .map(|r| Ok((r.try_get::<String, _>("id")?, r.try_get::<String, _>("name")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("id")?,
+                    r.try_get::<String, _>("name")?,
+                ))
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(err)?;
     let known = || {
@@ -254,25 +259,41 @@ pub async fn rotate_admin_key(
     // By id or unique name; omitted: the first organization (the one created at first start).
     let org_id = match org {
         Some(o) => {
-            let hits: Vec<&(String, String)> =
-                orgs.iter().filter(|(id, name)| id == o || name == o).collect();
+            let hits: Vec<&(String, String)> = orgs
+                .iter()
+                .filter(|(id, name)| id == o || name == o)
+                .collect();
             match hits.as_slice() {
                 [one] => one.0.clone(),
-                [] => return Err(format!("organization '{o}' does not exist (known: {})", known())),
-                _ => return Err(format!("several organizations are named '{o}': pass the id ({})", known())),
+                [] => {
+                    return Err(format!(
+                        "organization '{o}' does not exist (known: {})",
+                        known()
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "several organizations are named '{o}': pass the id ({})",
+                        known()
+                    ))
+                }
             }
         }
         None => match orgs.first() {
             Some((id, _)) => id.clone(),
             None => {
-                return Err("no organization yet: start the sidecar once (serve) to create it".into())
+                return Err(
+                    "no organization yet: start the sidecar once (serve) to create it".into(),
+                )
             }
         },
     };
     let secret = new_api_key();
     let now = now_ms();
     let mut tx = if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
-        sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await.map_err(err)?
+        sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
+            .await
+            .map_err(err)?
     } else {
         sqlx::Connection::begin(&mut *conn).await.map_err(err)?
     };
@@ -298,7 +319,9 @@ pub async fn rotate_admin_key(
         created_at: now,
         revoked_at: None,
     };
-    insert_key(&mut tx, &key).await.map_err(|e| format!("{e:?}"))?;
+    insert_key(&mut tx, &key)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
     tx.commit().await.map_err(err)?;
     Ok((org_id, secret))
 }

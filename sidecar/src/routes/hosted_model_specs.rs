@@ -34,7 +34,10 @@ async fn hosted_model_specs(State(st): State<AppState>, caller: Caller) -> ApiRe
     let mut out = st.catalogs().model_specs.clone();
     if let Some(items) = out.get_mut("items").and_then(Value::as_array_mut) {
         for item in items.iter_mut() {
-            let Some(spec_model) = item.get("model").and_then(Value::as_str).map(str::to_string)
+            let Some(spec_model) = item
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_string)
             else {
                 continue;
             };
