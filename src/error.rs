@@ -28,8 +28,8 @@ pub enum GatewayError {
         model: String,
         provider: Option<String>,
     },
-    /// The model exists in the organization but not in the key's scope (a cluster-scoped key asking for
-    /// a model only organization-level providers serve).
+    /// The model is in the key's config but not in its scope (a cluster-scoped key asking for a model only
+    /// SaaS providers or other clusters' hosted providers serve).
     ModelOutOfScope { model: String, cluster: String },
     /// The caller's configuration has no provider or model at all.
     NoProviderConfigured,
@@ -164,7 +164,7 @@ impl GatewayError {
                 "The model '{model}' does not exist or is not allowed by this API key's configuration."
             ),
             GatewayError::ModelOutOfScope { model, cluster } => format!(
-                "The model '{model}' is served only by organization-level (SaaS) providers, and this API key is scoped to cluster '{cluster}', which may use only that cluster's hosted models. Use an organization-scoped API key for this model."
+                "The model '{model}' is outside this API key's scope: the key is scoped to cluster '{cluster}', which may use only that cluster's hosted models, and no such provider serves it (SaaS models and other clusters' models need an organization-scoped API key)."
             ),
             GatewayError::NoProviderConfigured => {
                 "This API key's configuration has no provider with a model.".to_string()
