@@ -109,6 +109,16 @@ def test_restart_is_idempotent_and_admin_key_rotates(tmp_path):
         assert s3.api("GET", "/v1/llm/providers", key=recovered)[0] == 200
 
 
+def test_static_mode_stays_available(tmp_path):
+    with RunStack(tmp_path, env={"LLM_GATEWAY_RUN_MODE": "static"}) as s:
+        assert "static mode" in s.banner
+        st, out = s.chat(key=DEMO_KEY, model="demo-small")
+        assert st == 200, out
+        # The demo provider lives in the filter configuration, not in the admin's organization.
+        st, out = s.api("GET", "/v1/llm/providers")
+        assert st == 200 and out["providers"] == [], out
+
+
 def test_fallback_key_is_a_control_plane_key(stack):
     # LLM_GATEWAY_FALLBACK_KEY=demo: key-less requests use the demo key, resolved by the sidecar.
     st, out = stack.chat(model="demo-small")
