@@ -35,6 +35,9 @@ pub enum GatewayError {
         model: String,
         provider: Option<String>,
     },
+    /// The model is in the key's config but not in its scope (a cluster-scoped key asking for a model only
+    /// SaaS providers or other clusters' hosted providers serve).
+    ModelOutOfScope { model: String, cluster: String },
     /// The caller's configuration has no provider or model at all.
     NoProviderConfigured,
     /// A provider is configured in a way that cannot be used (e.g. missing URL or key).
@@ -70,6 +73,7 @@ impl GatewayError {
             | GatewayError::UnknownProvider { .. }
             | GatewayError::EndpointNotSupported { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
+            GatewayError::ModelOutOfScope { .. } => 403,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
             GatewayError::KeyLookupRateLimited => 429,
@@ -100,7 +104,9 @@ impl GatewayError {
             | GatewayError::Internal { .. } => "server_error",
             GatewayError::ControlPlaneUnavailable => "service_unavailable",
             GatewayError::KeyLookupRateLimited => "rate_limit_error",
-            GatewayError::DestinationForbidden { .. } => "permission_error",
+            GatewayError::DestinationForbidden { .. } | GatewayError::ModelOutOfScope { .. } => {
+                "permission_error"
+            }
         }
     }
 
@@ -118,6 +124,7 @@ impl GatewayError {
             GatewayError::UnknownProvider { .. } => "unknown_provider",
             GatewayError::EndpointNotSupported { .. } => "endpoint_not_supported",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
+            GatewayError::ModelOutOfScope { .. } => "model_not_in_scope",
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
@@ -132,7 +139,9 @@ impl GatewayError {
     /// The request field the error is about, if any.
     pub fn param(&self) -> Option<&'static str> {
         match self {
-            GatewayError::ModelNotAllowed { .. } => Some("model"),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelOutOfScope { .. } => {
+                Some("model")
+            }
             GatewayError::UnknownProvider { .. } => Some("X-Provider-Name"),
             GatewayError::InvalidTags { .. } => Some("X-LLM-Gateway-Tags"),
             _ => None,
@@ -179,6 +188,9 @@ impl GatewayError {
             ),
             GatewayError::ModelNotAllowed { model, provider: None } => format!(
                 "The model '{model}' does not exist or is not allowed by this API key's configuration."
+            ),
+            GatewayError::ModelOutOfScope { model, cluster } => format!(
+                "The model '{model}' is outside this API key's scope: the key is scoped to cluster '{cluster}', which may use only that cluster's hosted models, and no such provider serves it (SaaS models and other clusters' models need an organization-scoped API key)."
             ),
             GatewayError::NoProviderConfigured => {
                 "This API key's configuration has no provider with a model.".to_string()

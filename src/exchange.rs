@@ -1613,7 +1613,7 @@ impl GatewayHttp {
             id: record_id,
             time: ex.start_ms,
             org_id: id.org_id.clone(),
-            cluster_id: id.cluster_id.clone(),
+            cluster_id: id.usage_cluster(&provider),
             api_key_id: id.key_id.clone(),
             config_id: id.config_id.clone(),
             provider,

@@ -395,7 +395,8 @@ pub fn from_translated(u: crate::translate::Usage) -> crate::usage::Usage {
     }
 }
 
-/// Models the caller may use, as OpenAI's `GET /v1/models` list (each name once, first provider wins).
+/// Models the caller may use, as OpenAI's `GET /v1/models` list (each name once, `owned_by` the
+/// provider that would serve it: hosted first, see `select`).
 pub fn list_models(id: &Identity) -> String {
     let mut seen: Vec<&str> = Vec::new();
     let mut data = Vec::new();
@@ -403,7 +404,8 @@ pub fn list_models(id: &Identity) -> String {
         for m in &p.models {
             if !seen.contains(&m.name.as_str()) {
                 seen.push(&m.name);
-                data.push(model_object(&m.name, &p.name));
+                let owner = crate::select::owner(id, &m.name).map_or(p.name.as_str(), |o| &o.name);
+                data.push(model_object(&m.name, owner));
             }
         }
     }
@@ -412,9 +414,7 @@ pub fn list_models(id: &Identity) -> String {
 
 /// One model as OpenAI's `GET /v1/models/{model}`.
 pub fn get_model(id: &Identity, name: &str) -> Result<String, GatewayError> {
-    id.providers
-        .iter()
-        .find(|p| p.model(name).is_some())
+    crate::select::owner(id, name)
         .map(|p| model_object(name, &p.name).to_string())
         .ok_or_else(|| GatewayError::ModelNotAllowed {
             model: name.to_string(),
