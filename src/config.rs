@@ -32,9 +32,14 @@ pub struct RawConfig {
     /// Largest accepted request body in bytes (413 above it).
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
-    /// A gateway key (plain text) used for requests that carry no key at all.
-    #[serde(default)]
+    /// A gateway key (plain text) used for requests that carry no key at all (`apiKeyFallback` in the
+    /// reference's words): a static key of `keys`, or, with a `sidecar`, a control-plane key resolved
+    /// like any other.
+    #[serde(default, alias = "apiKeyFallback")]
     pub fallback_key: Option<String>,
+    /// The same, read from this environment variable of the Envoy process (a mounted secret).
+    #[serde(default, alias = "apiKeyFallbackEnv")]
+    pub fallback_key_env: Option<String>,
     /// Organization id reported for static keys.
     #[serde(default)]
     pub org_id: Option<String>,
@@ -63,6 +68,10 @@ pub struct RawConfig {
     /// attempt number `attemptSlot` (0-based) of a fallback chain.
     #[serde(default)]
     pub attempt_slot: Option<usize>,
+    /// Forward other `/openai/v1/*` paths (images, audio, moderations, files, batches, ...) to the
+    /// selected provider with its auth; off by default (404).
+    #[serde(default)]
+    pub openai_passthrough: bool,
 }
 
 /// A model's price in USD per 1M tokens; `cached` (input tokens served from cache) defaults to `input`.
@@ -237,7 +246,7 @@ impl ModelSpec {
             ModelSpec::Mapped { name, .. } => name,
         }
     }
-    fn to_model(&self) -> Model {
+    pub fn to_model(&self) -> Model {
         match self {
             ModelSpec::Name(n) => Model {
                 name: n.clone(),
@@ -320,9 +329,19 @@ pub struct ConfigSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub inherits: Option<String>,
-    /// Providers of this config. Empty: everything from the parent.
+    /// Additions and overrides, merged by provider name into the parent's list: an entry naming an
+    /// inherited provider overrides only the fields it sets (models, apiKey, apiBase); an entry naming
+    /// another registered provider adds it. Empty: the parent's list unchanged.
     #[serde(default)]
     pub providers: Vec<ConfigProviderSpec>,
+    /// Narrowing: when set, only these providers (in this order) of the merged list are kept.
+    #[serde(
+        default,
+        alias = "restrictTo",
+        alias = "restrict_to",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub only: Option<Vec<String>>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -383,6 +402,10 @@ pub struct Identity {
     /// hosted model, for a cluster-scoped key). Never selected or listed directly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback_providers: Vec<ResolvedProvider>,
+    /// Models of the key's config that its cluster scope hides (served only by organization-level
+    /// providers): asking for one is refused with a message naming the scope as the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub out_of_scope_models: Vec<String>,
     /// Whether prompts and completions are stored with usage records (the sidecar's `storePrompts`,
     /// off by default; static keys never store them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -400,6 +423,18 @@ impl Identity {
     pub fn provider(&self, name: &str) -> Option<&ResolvedProvider> {
         self.providers.iter().find(|p| p.name == name)
     }
+
+    /// The cluster a usage record is attributed to: the key's cluster scope, else the cluster of the
+    /// hosted provider that served (an organization-scoped key served in a cluster).
+    pub fn usage_cluster(&self, served_by: &str) -> Option<String> {
+        self.cluster_id.clone().or_else(|| {
+            self.providers
+                .iter()
+                .chain(self.fallback_providers.iter())
+                .find(|p| p.name == served_by && p.is_hosted)
+                .and_then(|p| p.cluster_id.clone())
+        })
+    }
 }
 
 /// The compiled, immutable gateway configuration.
@@ -416,6 +451,8 @@ pub struct Plan {
     pub attempt_slot: Option<usize>,
     /// Static model prices (USD per 1M tokens) by model name.
     pub prices: HashMap<String, Price>,
+    /// Other `/openai/v1/*` paths are forwarded to the provider (`openaiPassthrough`).
+    pub openai_passthrough: bool,
 }
 
 impl Plan {
@@ -522,7 +559,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         for entry in flat {
             providers.push(resolve_entry(entry, &registry, &clusters)?);
         }
-        let (providers, fallback_providers) =
+        let (providers, fallback_providers, out_of_scope_models) =
             scope_filter(providers, k.cluster_id.as_deref(), &registry, &clusters)?;
         let identity = Identity {
             key_id: k.id.clone(),
@@ -533,6 +570,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             org_settings: raw.settings.clone(),
             providers,
             fallback_providers,
+            out_of_scope_models,
             store_prompts: false,
             prices: Default::default(),
             refused: None,
@@ -541,11 +579,25 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
             return Err(format!("key '{}' has the same sha256 as another key", k.id));
         }
     }
-    let fallback_key_hash = match &raw.fallback_key {
+    let fallback_key = match (&raw.fallback_key, &raw.fallback_key_env) {
+        (Some(_), Some(_)) => {
+            return Err("set fallbackKey or fallbackKeyEnv, not both".to_string());
+        }
+        (Some(k), None) => Some(k.trim().to_string()),
+        // An unset or empty variable means no fallback key (deployments ship the reference to an
+        // optional secret).
+        (None, Some(var)) => secrets.env(var).map(|k| k.trim().to_string()),
+        (None, None) => None,
+    };
+    let fallback_key_hash = match fallback_key.filter(|k| !k.is_empty()) {
         Some(k) => {
-            let h = hash_key(k);
-            if !keys.contains_key(&h) {
-                return Err("fallbackKey is not one of the configured keys".to_string());
+            let h = hash_key(&k);
+            // A key the static list does not hold is resolved through the sidecar like any key.
+            if !keys.contains_key(&h) && raw.sidecar.is_none() {
+                return Err(
+                    "fallbackKey is not one of the configured keys (and no sidecar resolves it)"
+                        .to_string(),
+                );
             }
             Some(h)
         }
@@ -585,6 +637,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         sidecar,
         attempt_slot: raw.attempt_slot,
         prices: raw.prices.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        openai_passthrough: raw.openai_passthrough,
     })
 }
 
@@ -594,12 +647,14 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
 /// hosted providers of their cluster. For both, the fallback chains of the selectable providers are
 /// resolved: a fallback provider that is not selectable itself (e.g. the org's SaaS fallback of a
 /// hosted model, for a cluster token) is returned in the second list, with all its registered models.
+/// The third list names the models the scope hides (served by none of the selectable providers).
+type Scoped = (Vec<ResolvedProvider>, Vec<ResolvedProvider>, Vec<String>);
 fn scope_filter(
     providers: Vec<ResolvedProvider>,
     cluster: Option<&str>,
     registry: &HashMap<String, Registered>,
     clusters: &UpstreamClusters,
-) -> Result<(Vec<ResolvedProvider>, Vec<ResolvedProvider>), String> {
+) -> Result<Scoped, String> {
     let (visible, hidden): (Vec<ResolvedProvider>, Vec<ResolvedProvider>) = match cluster {
         None => (providers, Vec::new()),
         Some(c) => providers
@@ -626,7 +681,13 @@ fn scope_filter(
         queue.extend(resolved.fallback.iter().cloned());
         fallbacks.push(resolved);
     }
-    Ok((visible, fallbacks))
+    let mut hidden_models: Vec<String> = Vec::new();
+    for m in hidden.iter().flat_map(|p| p.models.iter()) {
+        if !visible.iter().any(|p| p.model(&m.name).is_some()) && !hidden_models.contains(&m.name) {
+            hidden_models.push(m.name.clone());
+        }
+    }
+    Ok((visible, fallbacks, hidden_models))
 }
 
 /// A validated provider registration.
@@ -816,7 +877,8 @@ pub fn flatten_configs(
                 _ => Vec::new(),
             };
         for link in chain.iter().rev() {
-            flat = apply_layer(&flat, &link.providers);
+            flat = apply_layer(&flat, &link.providers, link.only.as_deref())
+                .map_err(|e| format!("config '{}': {e}", link.id))?;
         }
         for e in &flat {
             if !providers.iter().any(|p| p.name == e.name) {
@@ -862,27 +924,46 @@ fn inheritance_chain<'a>(
     }
 }
 
-/// Child entries narrow the parent's provider list; each entry inherits unset fields from the parent's
-/// entry of the same provider. An empty child list keeps the parent's list unchanged.
+/// One inheritance layer: `providers` are additions and overrides merged by name into the parent's
+/// list (an inherited provider keeps its place and the fields the child does not set; a new provider is
+/// appended), then `only`, when set, narrows the result to the providers it names, in its order.
+/// Every name in `only` must be in the merged list.
 pub fn apply_layer(
     parent: &[ConfigProviderSpec],
     child: &[ConfigProviderSpec],
-) -> Vec<ConfigProviderSpec> {
-    if child.is_empty() {
-        return parent.to_vec();
+    only: Option<&[String]>,
+) -> Result<Vec<ConfigProviderSpec>, String> {
+    let mut merged: Vec<ConfigProviderSpec> = parent.to_vec();
+    for c in child {
+        match merged.iter_mut().find(|p| p.name == c.name) {
+            Some(p) => {
+                if c.models.is_some() {
+                    p.models = c.models.clone();
+                }
+                if c.api_key.is_some() {
+                    p.api_key = c.api_key.clone();
+                }
+                if c.api_base.is_some() {
+                    p.api_base = c.api_base.clone();
+                }
+            }
+            None => merged.push(c.clone()),
+        }
     }
-    child
-        .iter()
-        .map(|c| match parent.iter().find(|p| p.name == c.name) {
-            Some(p) => ConfigProviderSpec {
-                name: c.name.clone(),
-                models: c.models.clone().or_else(|| p.models.clone()),
-                api_key: c.api_key.clone().or_else(|| p.api_key.clone()),
-                api_base: c.api_base.clone().or_else(|| p.api_base.clone()),
-            },
-            None => c.clone(),
-        })
-        .collect()
+    let Some(only) = only else {
+        return Ok(merged);
+    };
+    let mut out = Vec::with_capacity(only.len());
+    for name in only {
+        if out.iter().any(|p: &ConfigProviderSpec| &p.name == name) {
+            continue;
+        }
+        let entry = merged.iter().find(|p| &p.name == name).ok_or_else(|| {
+            format!("'only' names provider '{name}', which neither the parent nor 'providers' has")
+        })?;
+        out.push(entry.clone());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -932,7 +1013,9 @@ mod tests {
         assert_eq!(k1.providers[1].envoy_cluster, DEFAULT_HTTP_CLUSTER);
         assert_eq!(k1.providers[1].models[0].upstream, "llama3");
         let k2 = plan.identity_for_hash(&hash_key("two")).unwrap();
-        assert_eq!(k2.providers.len(), 1);
+        // `providers` merge: a and b keep the default's other provider.
+        assert_eq!(k2.providers.len(), 2);
+        assert_eq!(k2.providers[1].name, "local");
         // b inherits a's narrowed model list and overrides the key.
         assert_eq!(k2.providers[0].models.len(), 1);
         assert_eq!(k2.providers[0].models[0].name, "gpt-4o-mini");
@@ -976,6 +1059,62 @@ mod tests {
         assert_eq!(cfg(&with).unwrap().fallback_key_hash, Some(hash_key("one")));
         let without = base().replacen('{', r#"{"fallbackKey":"nope","#, 1);
         assert!(cfg(&without).is_err());
+        // With a sidecar, an unknown fallback key is resolved through it (a control-plane key).
+        let sidecar = base().replacen(
+            '{',
+            r#"{"apiKeyFallback":"cp-key","sidecar":{"token":"t"},"#,
+            1,
+        );
+        assert_eq!(
+            cfg(&sidecar).unwrap().fallback_key_hash,
+            Some(hash_key("cp-key"))
+        );
+        let unset = base().replacen('{', r#"{"fallbackKeyEnv":"NOT_SET","#, 1);
+        assert_eq!(cfg(&unset).unwrap().fallback_key_hash, None);
+        let env = base().replacen(
+            '{',
+            r#"{"fallbackKeyEnv":"OPENAI_KEY","sidecar":{"token":"t"},"#,
+            1,
+        );
+        assert_eq!(
+            cfg(&env).unwrap().fallback_key_hash,
+            Some(hash_key("sk-from-env-1234"))
+        );
+    }
+
+    fn entry(name: &str, models: Option<&[&str]>, key: Option<&str>) -> ConfigProviderSpec {
+        ConfigProviderSpec {
+            name: name.into(),
+            models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
+            api_key: key.map(String::from),
+            api_base: None,
+        }
+    }
+
+    #[test]
+    fn layers_merge_by_name_and_only_narrows() {
+        let parent = vec![
+            entry("openai", None, None),
+            entry("anthropic", Some(&["claude"]), None),
+        ];
+        // "this API key for OpenAI": the key is overridden, everything else is kept.
+        let out = apply_layer(&parent, &[entry("openai", None, Some("sk-x"))], None).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].api_key.as_deref(), Some("sk-x"));
+        assert_eq!(out[1], parent[1]);
+        // A new provider is appended.
+        let out = apply_layer(&parent, &[entry("gemini", None, None)], None).unwrap();
+        let names: Vec<_> = out.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["openai", "anthropic", "gemini"]);
+        // "only OpenAI and Gemini": narrowing after the merge, in the order of `only`.
+        let only = vec!["gemini".to_string(), "openai".to_string()];
+        let out = apply_layer(&parent, &[entry("gemini", None, None)], Some(&only)).unwrap();
+        let names: Vec<_> = out.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["gemini", "openai"]);
+        let bad = vec!["mistral".to_string()];
+        assert!(apply_layer(&parent, &[], Some(&bad))
+            .unwrap_err()
+            .contains("mistral"));
     }
 
     #[test]
@@ -997,6 +1136,15 @@ mod tests {
             .map(|p| p.name.as_str())
             .collect();
         assert_eq!(fb, vec!["saas"]);
+        assert!(id.out_of_scope_models.is_empty(), "m is served in scope");
+        assert_eq!(id.usage_cluster("saas").as_deref(), Some("c1"));
+        // An organization-scoped key served by a cluster's hosted provider: usage names that cluster.
+        let org_key = json.replace(r#","clusterId":"c1"}]}"#, "}]}");
+        let plan = cfg(&org_key).unwrap();
+        let id = plan.identity_for_hash(&hash_key("k")).unwrap();
+        assert_eq!(id.cluster_id, None);
+        assert_eq!(id.usage_cluster("h2").as_deref(), Some("c2"));
+        assert_eq!(id.usage_cluster("saas"), None);
     }
 
     #[test]
@@ -1031,6 +1179,8 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(last4("sk-12345678"), "5678");
-        assert_eq!(last4("ab"), "ab");
+        assert_eq!(last4("sk-123456789"), "6789");
+        assert_eq!(last4("abcd"), "****");
+        assert_eq!(last4("ab"), "****");
     }
 }

@@ -13,6 +13,13 @@ pub enum GatewayError {
     UnknownEndpoint { path: String },
     /// The endpoint exists but not for this method.
     MethodNotAllowed { method: String, allow: &'static str },
+    /// The selected provider has no such API (e.g. `/v1/responses` on a native Anthropic provider).
+    EndpointNotSupported {
+        provider: String,
+        kind: &'static str,
+        endpoint: String,
+        detail: String,
+    },
     /// The request body exceeds the configured limit.
     BodyTooLarge { limit: usize },
     /// The request body is missing or is not the JSON object we expect.
@@ -28,6 +35,9 @@ pub enum GatewayError {
         model: String,
         provider: Option<String>,
     },
+    /// The model is in the key's config but not in its scope (a cluster-scoped key asking for a model only
+    /// SaaS providers or other clusters' hosted providers serve).
+    ModelOutOfScope { model: String, cluster: String },
     /// The caller's configuration has no provider or model at all.
     NoProviderConfigured,
     /// A provider is configured in a way that cannot be used (e.g. missing URL or key).
@@ -42,6 +52,11 @@ pub enum GatewayError {
     BadUpstreamResponse { reason: String },
     /// Anything else that is our fault.
     Internal { reason: String },
+    /// Anthropic `count_tokens` for a provider without that API.
+    CountTokensUnsupported {
+        provider: String,
+        kind: &'static str,
+    },
 }
 
 impl GatewayError {
@@ -55,14 +70,17 @@ impl GatewayError {
             GatewayError::InvalidBody { .. }
             | GatewayError::InvalidTags { .. }
             | GatewayError::InvalidHeader { .. }
-            | GatewayError::UnknownProvider { .. } => 400,
+            | GatewayError::UnknownProvider { .. }
+            | GatewayError::EndpointNotSupported { .. } => 400,
             GatewayError::ModelNotAllowed { .. } => 404,
+            GatewayError::ModelOutOfScope { .. } => 403,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
             GatewayError::KeyLookupRateLimited => 429,
             GatewayError::DestinationForbidden { .. } => 403,
             GatewayError::BadUpstreamResponse { .. } => 502,
             GatewayError::Internal { .. } => 500,
+            GatewayError::CountTokensUnsupported { .. } => 400,
         }
     }
 
@@ -77,14 +95,18 @@ impl GatewayError {
             | GatewayError::InvalidTags { .. }
             | GatewayError::InvalidHeader { .. }
             | GatewayError::UnknownProvider { .. }
-            | GatewayError::ModelNotAllowed { .. } => "invalid_request_error",
+            | GatewayError::ModelNotAllowed { .. }
+            | GatewayError::EndpointNotSupported { .. }
+            | GatewayError::CountTokensUnsupported { .. } => "invalid_request_error",
             GatewayError::NoProviderConfigured
             | GatewayError::ProviderMisconfigured { .. }
             | GatewayError::BadUpstreamResponse { .. }
             | GatewayError::Internal { .. } => "server_error",
             GatewayError::ControlPlaneUnavailable => "service_unavailable",
             GatewayError::KeyLookupRateLimited => "rate_limit_error",
-            GatewayError::DestinationForbidden { .. } => "permission_error",
+            GatewayError::DestinationForbidden { .. } | GatewayError::ModelOutOfScope { .. } => {
+                "permission_error"
+            }
         }
     }
 
@@ -100,7 +122,9 @@ impl GatewayError {
             GatewayError::InvalidTags { .. } => "invalid_tags",
             GatewayError::InvalidHeader { .. } => "invalid_header",
             GatewayError::UnknownProvider { .. } => "unknown_provider",
+            GatewayError::EndpointNotSupported { .. } => "endpoint_not_supported",
             GatewayError::ModelNotAllowed { .. } => "model_not_found",
+            GatewayError::ModelOutOfScope { .. } => "model_not_in_scope",
             GatewayError::NoProviderConfigured => "no_provider_configured",
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
@@ -108,13 +132,16 @@ impl GatewayError {
             GatewayError::DestinationForbidden { .. } => "destination_forbidden",
             GatewayError::BadUpstreamResponse { .. } => "bad_upstream_response",
             GatewayError::Internal { .. } => "internal_error",
+            GatewayError::CountTokensUnsupported { .. } => "unsupported_endpoint",
         }
     }
 
     /// The request field the error is about, if any.
     pub fn param(&self) -> Option<&'static str> {
         match self {
-            GatewayError::ModelNotAllowed { .. } => Some("model"),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelOutOfScope { .. } => {
+                Some("model")
+            }
             GatewayError::UnknownProvider { .. } => Some("X-Provider-Name"),
             GatewayError::InvalidTags { .. } => Some("X-LLM-Gateway-Tags"),
             _ => None,
@@ -130,7 +157,15 @@ impl GatewayError {
             }
             GatewayError::InvalidApiKey => "Invalid API key.".to_string(),
             GatewayError::UnknownEndpoint { path } => format!(
-                "Unknown endpoint {path}. Supported: POST /openai/v1/chat/completions, GET /openai/v1/models."
+                "Unknown endpoint {path}. Supported: POST /openai/v1/chat/completions, /openai/v1/responses, /openai/v1/embeddings, /openai/v1/completions; GET /openai/v1/models."
+            ),
+            GatewayError::EndpointNotSupported {
+                provider,
+                kind,
+                endpoint,
+                detail,
+            } => format!(
+                "Provider '{provider}' ({kind}{detail}) does not support {endpoint}; choose another provider with X-Provider-Name or the model."
             ),
             GatewayError::MethodNotAllowed { method, allow } => {
                 format!("Method {method} is not allowed on this endpoint; use {allow}.")
@@ -154,6 +189,9 @@ impl GatewayError {
             GatewayError::ModelNotAllowed { model, provider: None } => format!(
                 "The model '{model}' does not exist or is not allowed by this API key's configuration."
             ),
+            GatewayError::ModelOutOfScope { model, cluster } => format!(
+                "The model '{model}' is outside this API key's scope: the key is scoped to cluster '{cluster}', which may use only that cluster's hosted models, and no such provider serves it (SaaS models and other clusters' models need an organization-scoped API key)."
+            ),
             GatewayError::NoProviderConfigured => {
                 "This API key's configuration has no provider with a model.".to_string()
             }
@@ -174,6 +212,9 @@ impl GatewayError {
                 format!("The provider returned a response the gateway cannot translate: {reason}")
             }
             GatewayError::Internal { reason } => format!("Internal gateway error: {reason}"),
+            GatewayError::CountTokensUnsupported { provider, kind } => format!(
+                "Provider '{provider}' ({kind}) has no token counting API; /anthropic/v1/messages/count_tokens is available for ANTHROPIC providers only."
+            ),
         }
     }
 

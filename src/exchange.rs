@@ -4,12 +4,13 @@
 //! usage record and metrics — runs in `cargo test` against [`hostapi::fake::Fake`]. `host.rs` only
 //! forwards Envoy's callbacks here and maps [`Flow`] to proxy-wasm actions.
 
+use crate::api::{self, Api};
 use crate::auth;
 use crate::config::{self, Identity, Plan, ProcessEnv, SidecarPlan};
 use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::fallback;
-use crate::gateway::{self, Routed};
+use crate::gateway::{self, Ingress, Routed};
 use crate::hostapi::{self, Buffer, Headers, Host, Map, MetricKind};
 use crate::metrics;
 use crate::report::{self, Reporter};
@@ -586,6 +587,8 @@ impl GatewayRoot {
             state: State::PassThrough,
             tags: BTreeMap::new(),
             exchange: None,
+            anthropic: false,
+            messages: None,
         })
     }
 }
@@ -617,6 +620,10 @@ struct Pending {
     body: Option<(Vec<u8>, usize)>,
     tags: Option<String>,
     content_length: Option<usize>,
+    /// The request body is JSON (passthrough: its `model` may select the provider).
+    json: bool,
+    /// The request waited for a sidecar callout (a route decided later must resume it).
+    waited: bool,
 }
 
 enum State {
@@ -624,10 +631,11 @@ enum State {
     PassThrough,
     /// Waiting for the sidecar to resolve the key.
     Resolving(Box<Pending>),
-    /// Authenticated chat request waiting for its body.
+    /// Authenticated request waiting for its body.
     AwaitingBody {
         identity: Rc<Identity>,
         provider_header: Option<String>,
+        endpoint: Endpoint,
     },
     /// Attempt role: the attempt to shape, waiting for the replayed body.
     AwaitingAttempt(Box<AttemptSlot>),
@@ -643,6 +651,8 @@ struct AttemptSlot {
     fallback: bool,
     last: bool,
     org: String,
+    /// The OpenAI-style API of the replayed request.
+    api: Api,
 }
 
 pub struct GatewayHttp {
@@ -652,6 +662,10 @@ pub struct GatewayHttp {
     tags: BTreeMap<String, String>,
     /// What is known about the upstream exchange of a routed request, for its usage record.
     exchange: Option<Box<Exchange>>,
+    /// The request is on the Anthropic ingress: local errors are Anthropic-shaped.
+    anthropic: bool,
+    /// Anthropic Messages request (`Some(count_tokens)`), else chat.
+    messages: Option<bool>,
 }
 
 /// A routed request's upstream exchange, observed as the response passes.
@@ -674,6 +688,8 @@ struct Exchange {
     json: Vec<u8>,
     /// The non-streamed body passed `MAX_JSON_COPY`: it was not copied for usage.
     json_overflow: bool,
+    /// Passthrough response that is not JSON (audio, files): nothing to read, nothing copied.
+    skip_copy: bool,
     /// Native provider stream being translated to OpenAI chunks.
     translator: Option<Box<dyn crate::translate::StreamTranslator>>,
     /// Native non-streamed (or error) response: held whole, then translated.
@@ -696,6 +712,7 @@ impl Exchange {
             tap: None,
             json: Vec::new(),
             json_overflow: false,
+            skip_copy: false,
             translator: None,
             translate_whole: false,
             translated_usage: None,
@@ -733,8 +750,12 @@ impl GatewayHttp {
         self.state = State::PassThrough;
         let headers = err.headers();
         let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        let body = err.body();
-        if let Err(e) = host().send_response(err.status(), &pairs, body.as_bytes()) {
+        let body = if self.anthropic {
+            crate::translate::anthropic_ingress::gateway_error(err)
+        } else {
+            err.body().into_bytes()
+        };
+        if let Err(e) = host().send_response(err.status(), &pairs, &body) {
             log::error!("llm-gateway: cannot send local reply: {e:?}");
         }
         Flow::Pause
@@ -776,12 +797,21 @@ impl GatewayHttp {
             }
             let fallback = plan.is_fallback(slot);
             let org = plan.org;
+            // The replayed request keeps the client's path: it names the API.
+            let api = entry::classify(
+                get(":method").as_deref().unwrap_or_default(),
+                get(":path").as_deref().unwrap_or_default(),
+            )
+            .and_then(Result::ok)
+            .and_then(|e| e.api())
+            .unwrap_or(Api::Chat);
             self.state = State::AwaitingAttempt(Box::new(AttemptSlot {
                 attempt,
                 index: slot,
                 fallback,
                 last,
                 org,
+                api,
             }));
             return Ok(Flow::Pause);
         }
@@ -792,9 +822,12 @@ impl GatewayHttp {
         if get(fallback::ATTEMPTS_HEADER).is_some() {
             set_header(fallback::ATTEMPTS_HEADER, None);
         }
-        let endpoint = match entry::classify(
+        let path = get(":path");
+        self.anthropic = entry::is_anthropic(path.as_deref().unwrap_or_default());
+        let endpoint = match entry::classify_with(
             get(":method").as_deref().unwrap_or_default(),
-            get(":path").as_deref().unwrap_or_default(),
+            path.as_deref().unwrap_or_default(),
+            self.plan.openai_passthrough,
         ) {
             None => return Ok(Flow::Continue),
             Some(r) => r?,
@@ -817,10 +850,13 @@ impl GatewayHttp {
             body: None,
             tags,
             content_length,
+            json: get("content-type").is_some_and(|c| c.contains("json")),
+            waited: false,
         };
         match self.authenticate(pending)? {
             Next::Ready(identity, p) => self.proceed(identity, *p),
-            Next::Waiting(p) => {
+            Next::Waiting(mut p) => {
+                p.waited = true;
                 self.state = State::Resolving(p);
                 Ok(Flow::Pause)
             }
@@ -916,7 +952,21 @@ impl GatewayHttp {
                 let body = gateway::get_model(&identity, &name)?;
                 Ok(self.reply_json(&body))
             }
-            Endpoint::ChatCompletions => {
+            Endpoint::Passthrough(ref rest) => {
+                let rest = rest.clone();
+                self.passthrough(identity, p, rest)
+            }
+            Endpoint::ChatCompletions
+            | Endpoint::Responses
+            | Endpoint::Embeddings
+            | Endpoint::Completions
+            | Endpoint::AnthropicMessages
+            | Endpoint::AnthropicCountTokens => {
+                self.messages = match p.endpoint {
+                    Endpoint::AnthropicMessages => Some(false),
+                    Endpoint::AnthropicCountTokens => Some(true),
+                    _ => None,
+                };
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
                 let limit = self.plan.max_body_bytes;
                 if p.content_length.is_some_and(|n| n > limit) {
@@ -930,7 +980,13 @@ impl GatewayHttp {
                 match p.body {
                     // The body completed while we waited for the sidecar: route now and resume.
                     Some((body, size)) => {
-                        self.route(identity, p.provider_header.as_deref(), &body, size)?;
+                        self.route(
+                            identity,
+                            p.provider_header.as_deref(),
+                            &p.endpoint,
+                            &body,
+                            size,
+                        )?;
                         if let Err(e) = host().resume_request() {
                             log::error!("llm-gateway: cannot resume request: {e:?}");
                         }
@@ -940,6 +996,7 @@ impl GatewayHttp {
                         self.state = State::AwaitingBody {
                             identity,
                             provider_header: p.provider_header,
+                            endpoint: p.endpoint,
                         };
                         Ok(Flow::Pause)
                     }
@@ -962,8 +1019,12 @@ impl GatewayHttp {
                     return Ok(Flow::Continue);
                 };
                 let body = read_body(body_size)?;
-                let routed =
-                    gateway::route_attempt(&slot.attempt.provider, &slot.attempt.model, &body)?;
+                let routed = gateway::route_attempt(
+                    &slot.attempt.provider,
+                    &slot.attempt.model,
+                    &body,
+                    slot.api,
+                )?;
                 self.exchange = Some(Box::new(Exchange::new(None, Some(slot))));
                 self.apply(routed, body_size)?;
                 Ok(Flow::Continue)
@@ -977,17 +1038,78 @@ impl GatewayHttp {
             State::AwaitingBody {
                 identity,
                 provider_header,
+                endpoint,
             } => {
                 if !end_of_stream {
                     return Ok(Flow::Pause);
                 }
-                let (identity, provider_header) = (identity.clone(), provider_header.clone());
+                let (identity, provider_header, endpoint) =
+                    (identity.clone(), provider_header.clone(), endpoint.clone());
                 let body = read_body(body_size)?;
-                self.route(identity, provider_header.as_deref(), &body, body_size)?;
+                self.route(
+                    identity,
+                    provider_header.as_deref(),
+                    &endpoint,
+                    &body,
+                    body_size,
+                )?;
                 Ok(Flow::Continue)
             }
             _ => Ok(Flow::Continue),
         }
+    }
+
+    /// The passthrough of another `/openai/v1/*` path. The provider comes from `X-Provider-Name` or
+    /// the settings and the request goes on at once, its body streamed untouched (multipart
+    /// included); only when neither names a provider and the body is JSON is the body awaited, for its
+    /// `model`.
+    fn passthrough(
+        &mut self,
+        identity: Rc<Identity>,
+        p: Pending,
+        rest: String,
+    ) -> Result<Flow, GatewayError> {
+        self.tags = usage::parse_tags(p.tags.as_deref())?;
+        let named = p.provider_header.is_some()
+            || identity.key_settings.provider.is_some()
+            || identity.org_settings.provider.is_some();
+        if !named && p.json && !p.headers_ended && p.body.is_none() {
+            let limit = self.plan.max_body_bytes;
+            if p.content_length.is_some_and(|n| n > limit) {
+                return Err(GatewayError::BodyTooLarge { limit });
+            }
+            self.state = State::AwaitingBody {
+                identity,
+                provider_header: p.provider_header,
+                endpoint: Endpoint::Passthrough(rest),
+            };
+            return Ok(Flow::Pause);
+        }
+        match p.body {
+            Some((body, size)) => self.route(
+                identity,
+                p.provider_header.as_deref(),
+                &Endpoint::Passthrough(rest),
+                &body,
+                size,
+            )?,
+            None => {
+                let routed = gateway::route_passthrough(
+                    &identity,
+                    p.provider_header.as_deref(),
+                    &rest,
+                    None,
+                )?;
+                self.exchange = Some(Box::new(Exchange::new(Some(identity), None)));
+                self.apply(routed, 0)?;
+            }
+        }
+        if p.waited {
+            if let Err(e) = host().resume_request() {
+                log::error!("llm-gateway: cannot resume request: {e:?}");
+            }
+        }
+        Ok(Flow::Continue)
     }
 
     /// Applies the routing decision to the paused request.
@@ -995,16 +1117,63 @@ impl GatewayHttp {
         &mut self,
         identity: Rc<Identity>,
         provider_header: Option<&str>,
+        endpoint: &Endpoint,
         body: &[u8],
         body_size: usize,
     ) -> Result<(), GatewayError> {
-        let routed = gateway::route_chat(&identity, provider_header, body)?;
+        let (routed, chat_body) = match (endpoint, self.messages) {
+            (Endpoint::Passthrough(rest), _) => (
+                gateway::route_passthrough(&identity, provider_header, rest, Some(body))?,
+                None,
+            ),
+            (_, Some(count_tokens)) => {
+                let version = host()
+                    .header(Map::RequestHeaders, "anthropic-version")
+                    .ok()
+                    .flatten()
+                    .map(|v| hostapi::text(&v).into_owned());
+                gateway::route_messages(
+                    &identity,
+                    provider_header,
+                    body,
+                    count_tokens,
+                    version.as_deref(),
+                )?
+            }
+            (e, None) => (
+                gateway::route_request(
+                    &identity,
+                    provider_header,
+                    body,
+                    e.api().unwrap_or(Api::Chat),
+                )?,
+                None,
+            ),
+        };
         let prompt = if identity.store_prompts {
-            usage::prompt_text(body)
+            match chat_body.as_deref() {
+                Some(chat) => api::prompt_text(Some(Api::Chat), chat),
+                None => api::prompt_text(routed.api, body),
+            }
         } else {
             None
         };
-        let chain = fallback_chain(&identity, &routed);
+        let mut chain = match (routed.ingress, routed.api) {
+            (Ingress::MessagesNative { .. }, _) | (_, None) => Vec::new(),
+            _ => fallback_chain(&identity, &routed),
+        };
+        // Fallbacks without the API are skipped (a chain of one is no chain).
+        if let Some(api) = routed.api {
+            chain.retain(|a| api::supports(&a.provider, api));
+        }
+        if chain.len() < 2 {
+            chain.clear();
+        }
+        if routed.ingress == Ingress::MessagesViaChat {
+            // Anthropic client headers mean nothing to other providers.
+            set_header("anthropic-beta", None);
+            set_header("anthropic-version", None);
+        }
         let mut exchange = Exchange::new(Some(identity), None);
         exchange.prompt = prompt;
         exchange.chain = chain
@@ -1020,7 +1189,15 @@ impl GatewayHttp {
         self.exchange = Some(Box::new(exchange));
         if chain.len() > 1 {
             // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
-            // the replayed request for its provider.
+            // the replayed request for its provider (a Messages request replays as its chat form).
+            if let Some(chat) = &chat_body {
+                host()
+                    .set_buffer(Buffer::RequestBody, 0, body_size, chat)
+                    .map_err(|e| GatewayError::Internal {
+                        reason: format!("cannot set body: {e:?}"),
+                    })?;
+                set_header("content-length", Some(&chat.len().to_string()));
+            }
             let org = self
                 .exchange
                 .as_ref()
@@ -1213,14 +1390,21 @@ impl GatewayHttp {
         if ex.first_byte_ms.is_none() && body_size > 0 {
             ex.first_byte_ms = Some(now_ms());
         }
-        if let (true, Some(t)) = (ex.translate_whole, r.translation) {
+        if ex.translate_whole {
             if !end_of_stream {
                 return Flow::Pause;
             }
             let body = host()
                 .buffer(Buffer::ResponseBody, 0, body_size)
                 .unwrap_or_default();
-            let (out, u, status) = gateway::translate_response(t, ex.status, &body, &r.model);
+            let (out, u, status) = match r.translation {
+                Some(t) => gateway::translate_response(t, ex.status, &body, &r.model),
+                None => (body, None, ex.status),
+            };
+            let (out, u, status) = match r.ingress {
+                Ingress::MessagesViaChat => gateway::messages_response(status, &out, &r.model),
+                _ => (out, u, status),
+            };
             ex.translated_usage = u;
             if status != ex.status {
                 ex.status = status;
@@ -1236,6 +1420,13 @@ impl GatewayHttp {
             Err(_) => return Flow::Continue,
         };
         if let Some(tr) = ex.translator.as_mut() {
+            if tr.passthrough() {
+                tr.push(&chunk);
+                if end_of_stream {
+                    tr.finish();
+                }
+                return Flow::Continue;
+            }
             let mut out = tr.push(&chunk);
             if end_of_stream {
                 out.extend(tr.finish());
@@ -1261,6 +1452,7 @@ impl GatewayHttp {
                     }
                 }
             }
+            None if ex.skip_copy => {}
             None if !ex.json_overflow && ex.json.len() + chunk.len() <= MAX_JSON_COPY => {
                 ex.json.extend_from_slice(&chunk)
             }
@@ -1287,6 +1479,10 @@ impl GatewayHttp {
         let Some(id) = ex.identity.clone() else {
             return;
         };
+        if r.ingress == (Ingress::MessagesNative { count_tokens: true }) {
+            // Token counting is free and generates nothing: not a usage event.
+            return;
+        }
         // Which provider served: the chain's answer, else the one selected.
         let provider = ex.served_by.clone().unwrap_or_else(|| r.provider.clone());
         let (provider_type, key_last4) = match ex.chain.iter().find(|(n, _, _)| *n == provider) {
@@ -1330,7 +1526,16 @@ impl GatewayHttp {
                     },
                     true,
                 ),
-                (None, false) => (usage::from_json_response(&ex.json), true),
+                (None, false) if r.ingress != Ingress::Chat => (
+                    usage::ResponseFacts {
+                        usage: crate::translate::anthropic_ingress::message_usage(&ex.json)
+                            .map(gateway::from_translated),
+                        model: None,
+                        completion_chars: 0,
+                    },
+                    true,
+                ),
+                (None, false) => (api::response_facts(r.api, &ex.json), true),
             },
         };
         // What the client received: Envoy's `response.code` (an Envoy-generated 5xx after the
@@ -1341,7 +1546,8 @@ impl GatewayHttp {
         let ok = (200..300).contains(&status);
         let (u, estimated) = match facts.usage {
             Some(u) => (u, false),
-            None if ok => (
+            // The passthrough records only what the provider reports.
+            None if ok && r.api.is_some() => (
                 usage::Usage {
                     prompt_tokens: usage::estimate_tokens(r.request_bytes),
                     completion_tokens: usage::estimate_tokens(facts.completion_chars),
@@ -1405,7 +1611,7 @@ impl GatewayHttp {
             id: record_id,
             time: ex.start_ms,
             org_id: id.org_id.clone(),
-            cluster_id: id.cluster_id.clone(),
+            cluster_id: id.usage_cluster(&provider),
             api_key_id: id.key_id.clone(),
             config_id: id.config_id.clone(),
             provider,
@@ -1432,7 +1638,7 @@ impl GatewayHttp {
             record.prompt = ex.prompt.clone();
             record.completion = match &ex.tap {
                 Some(t) => Some(t.text.clone()),
-                None => usage::completion_text(&ex.json),
+                None => api::completion_text(r.api, &ex.json),
             }
             .map(|t| usage::clip(&t, usage::MAX_STORED_TEXT));
         }
@@ -1470,6 +1676,23 @@ impl GatewayHttp {
             set(fallback::USAGE_INJECTED_HEADER, None);
         }
         match (r.translation, &ex.attempt) {
+            _ if matches!(r.ingress, Ingress::MessagesNative { .. }) => {
+                if ok && sse {
+                    ex.translator = Some(Box::new(
+                        crate::translate::anthropic_ingress::MessagesTap::new(),
+                    ));
+                }
+            }
+            _ if r.ingress == Ingress::MessagesViaChat => {
+                set("content-length", None);
+                if ok && r.stream && (sse || r.translation.is_some()) {
+                    ex.translator = Some(gateway::messages_stream(r.translation, &r.model));
+                    set("content-type", Some("text/event-stream"));
+                } else {
+                    ex.translate_whole = true;
+                    set("content-type", Some("application/json"));
+                }
+            }
             (Some(t), _) => {
                 set("content-length", None);
                 if ok && r.stream {
@@ -1493,12 +1716,17 @@ impl GatewayHttp {
             (None, None) if sse => {
                 let mut tap = StreamTap::new(strip);
                 tap.capture = ex.identity.as_ref().is_some_and(|i| i.store_prompts);
+                tap.responses = r.api == Some(Api::Responses);
                 ex.tap = Some(tap);
                 if strip {
                     set("content-length", None);
                 }
             }
-            (None, None) => {}
+            (None, None) => {
+                // Passthrough: only JSON bodies can carry usage.
+                ex.skip_copy =
+                    r.api.is_none() && !get("content-type").is_some_and(|c| c.contains("json"));
+            }
         }
         if let Some(slot) = &ex.attempt {
             set(
@@ -1686,6 +1914,186 @@ mod tests {
     }
 
     #[test]
+    fn responses_stream_usage_comes_from_response_completed() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        f.st().request_headers.retain(|(k, _)| k != b":path");
+        f.st()
+            .request_headers
+            .push((b":path".to_vec(), b"/openai/v1/responses".to_vec()));
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        let body = br#"{"model":"m1","stream":true,"input":"hi"}"#;
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Continue);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/responses")
+        );
+        // No stream_options for the Responses API: the body goes as sent.
+        assert_eq!(f.st().request_body, body.to_vec());
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"text/event-stream")]);
+        http.on_http_response_headers(2, false);
+        let stream = b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"yo\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"m1-up\",\"usage\":{\"input_tokens\":12,\"output_tokens\":5}}}\n\n";
+        f.st().response_body = stream.to_vec();
+        http.on_http_response_body(stream.len(), true);
+        assert_eq!(f.st().response_body, stream.to_vec());
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(12));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(5));
+    }
+
+    #[test]
+    fn passthrough_is_off_by_default_and_streams_when_on() {
+        let (f, root) = vm();
+        let mut http = root.create_http_context().unwrap();
+        let path_to = |f: &Fake, p: &[u8]| {
+            f.st().request_headers.retain(|(k, _)| k != b":path");
+            f.st().request_headers.push((b":path".to_vec(), p.to_vec()));
+        };
+        f.st().request_headers = req_headers(&[]);
+        path_to(f, b"/openai/v1/images/generations");
+        http.on_http_request_headers(5, false);
+        assert_eq!(reply(f).0, 404);
+
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "openaiPassthrough": true,
+            "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                           "url": "http://127.0.0.1:9/v1", "apiKey": "up-key", "models": ["m1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[
+            ("x-provider-name", b"local"),
+            ("content-type", b"multipart/form-data; boundary=x"),
+        ]);
+        path_to(f, b"/openai/v1/audio/transcriptions?x=1");
+        // Routed at the headers: the multipart body is never held.
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Continue);
+        {
+            let st = f.st();
+            assert!(st.local_replies.is_empty(), "{:?}", st.local_replies);
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/audio/transcriptions?x=1")
+            );
+            assert_eq!(
+                get(&st.request_headers, "authorization").as_deref(),
+                Some("Bearer up-key")
+            );
+            assert_eq!(get(&st.request_headers, "x-provider-name"), None);
+        }
+        assert_eq!(http.on_http_request_body(10, false), Flow::Continue);
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        http.on_http_response_headers(2, false);
+        let answer =
+            br#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"output_tokens":3}}"#;
+        f.st().response_body = answer.to_vec();
+        http.on_http_response_body(answer.len(), true);
+        http.on_log();
+        assert_eq!(
+            f.metric(&metrics::tokens("local", "audio", "input")),
+            Some(14)
+        );
+
+        // A JSON body without a named provider: its model selects (and is rewritten).
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        path_to(f, b"/openai/v1/moderations");
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        let body = br#"{"model":"m1","input":"x"}"#;
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Continue);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/moderations")
+        );
+    }
+
+    #[test]
+    fn passthrough_after_a_sidecar_lookup_resumes_the_request() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "openaiPassthrough": true,
+            "sidecar": {"token": "t"},
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        let auth = format!("Bearer {KEY}");
+        f.st().request_headers = headers(&[
+            (":method", b"GET"),
+            (":path", b"/openai/v1/files?limit=2"),
+            ("authorization", auth.as_bytes()),
+        ]);
+        assert_eq!(http.on_http_request_headers(3, true), Flow::Pause);
+        assert_eq!(f.st().calls.len(), 1);
+        f.st().call_response_headers = headers(&[(":status", b"200")]);
+        let answer = br#"{"identity":{"keyId":"k1","orgId":"o1","configId":"c1","clusterId":null,
+          "keySettings":{},"orgSettings":{"provider":"p"},
+          "providers":[{"name":"p","kind":"OPENAI","base":{"tls":true,"authority":"api.openai.com","path":"/v1"},
+            "models":[{"name":"m","upstream":"m"}],"isHosted":false,"apiKey":"sk-up-9999",
+            "envoyCluster":"llm_gateway_dfp_https","fallback":[]}]},"ttlSeconds":7}"#;
+        f.st().call_response_body = answer.to_vec();
+        http.on_http_call_response(1, 1, answer.len(), 0);
+        let st = f.st();
+        assert!(st.local_replies.is_empty(), "{:?}", st.local_replies);
+        assert_eq!(st.resumed, 1);
+        assert_eq!(
+            get(&st.request_headers, ":path").as_deref(),
+            Some("/v1/files?limit=2")
+        );
+        assert_eq!(
+            get(&st.request_headers, "authorization").as_deref(),
+            Some("Bearer sk-up-9999")
+        );
+    }
+
+    #[test]
+    fn unsupported_endpoint_is_a_clear_400() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().config = serde_json::json!({
+            "providers": [{"name": "claude", "supportedProvider": "ANTHROPIC",
+                           "apiKey": "a", "models": ["c1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        f.st().request_headers.retain(|(k, _)| k != b":path");
+        f.st()
+            .request_headers
+            .push((b":path".to_vec(), b"/openai/v1/embeddings".to_vec()));
+        http.on_http_request_headers(5, false);
+        let body = br#"{"model":"c1","input":"x"}"#;
+        f.st().request_body = body.to_vec();
+        http.on_http_request_body(body.len(), true);
+        let (code, v) = reply(f);
+        assert_eq!(code, 400);
+        assert_eq!(v["error"]["code"], "endpoint_not_supported");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("'claude'") && msg.contains("/v1/embeddings"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn every_error_path_is_an_openai_error() {
         type Case = (
             Vec<(&'static str, &'static [u8])>,
@@ -1787,6 +2195,241 @@ mod tests {
         http.on_http_response_headers(2, false);
         http.on_http_response_body(10, true);
         http.on_log();
+    }
+
+    /// A VM with an OpenAI-compatible provider (`m1`) and an ANTHROPIC one (`c1`).
+    fn vm_anthropic() -> (&'static Fake, GatewayRoot) {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().now_ms = 1_000;
+        f.st().config = serde_json::json!({
+            "maxBodyBytes": 8192,
+            "providers": [
+                {"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                 "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]},
+                {"name": "ant", "supportedProvider": "ANTHROPIC", "url": "http://127.0.0.1:8/v1",
+                 "apiKey": "sk-ant-up", "models": [{"name": "c1", "upstreamName": "claude-up"}]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        (f, root)
+    }
+
+    fn messages_request(f: &Fake, http: &mut GatewayHttp, path: &str, body: &[u8]) -> Flow {
+        f.st().request_headers = headers(&[
+            (":method", b"POST"),
+            (":path", path.as_bytes()),
+            (":authority", b"gw"),
+            ("content-type", b"application/json"),
+            ("x-api-key", KEY.as_bytes()),
+            ("anthropic-version", b"2023-06-01"),
+            ("anthropic-beta", b"tools-2024-04-04"),
+        ]);
+        assert_eq!(http.on_http_request_headers(7, false), Flow::Pause);
+        f.st().request_body = body.to_vec();
+        http.on_http_request_body(body.len(), true)
+    }
+
+    #[test]
+    fn anthropic_messages_through_a_chat_provider() {
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            messages_request(f, &mut http, "/anthropic/v1/messages", body),
+            Flow::Continue
+        );
+        {
+            let st = f.st();
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/chat/completions")
+            );
+            assert_eq!(get(&st.request_headers, "x-api-key"), None);
+            assert_eq!(get(&st.request_headers, "anthropic-beta"), None);
+            let sent: serde_json::Value = serde_json::from_slice(&st.request_body).unwrap();
+            assert_eq!(sent["messages"][0]["role"], "user");
+            assert_eq!(sent["max_tokens"], 64);
+        }
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Pause);
+        let answer = br#"{"id":"c1","choices":[{"index":0,"message":{"role":"assistant","content":"yo"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+        f.st().response_body = answer.to_vec();
+        assert_eq!(
+            http.on_http_response_body(answer.len(), true),
+            Flow::Continue
+        );
+        let out: serde_json::Value = serde_json::from_slice(&f.st().response_body).unwrap();
+        assert_eq!(out["type"], "message");
+        assert_eq!(out["content"][0]["text"], "yo");
+        assert_eq!(out["stop_reason"], "end_turn");
+        assert_eq!(out["usage"]["input_tokens"], 7);
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(7));
+        assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
+    }
+
+    #[test]
+    fn anthropic_messages_native_passthrough_taps_stream_usage() {
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"c1","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            messages_request(f, &mut http, "/anthropic/v1/messages", body),
+            Flow::Continue
+        );
+        {
+            let st = f.st();
+            assert_eq!(
+                get(&st.request_headers, ":path").as_deref(),
+                Some("/v1/messages")
+            );
+            assert_eq!(
+                get(&st.request_headers, "x-api-key").as_deref(),
+                Some("sk-ant-up")
+            );
+            assert_eq!(get(&st.request_headers, "authorization"), None);
+            assert_eq!(
+                get(&st.request_headers, "anthropic-version").as_deref(),
+                Some("2023-06-01")
+            );
+            assert_eq!(
+                st.request_body,
+                br#"{"model":"claude-up","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#.to_vec()
+            );
+        }
+        f.st().response_headers =
+            headers(&[(":status", b"200"), ("content-type", b"text/event-stream")]);
+        assert_eq!(http.on_http_response_headers(2, false), Flow::Continue);
+        let stream: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for (i, part) in stream.chunks(17).enumerate() {
+            f.st().response_body = part.to_vec();
+            let last = (i + 1) * 17 >= stream.len();
+            assert_eq!(http.on_http_response_body(part.len(), last), Flow::Continue);
+            assert_eq!(f.st().response_body, part.to_vec(), "bytes pass untouched");
+        }
+        http.on_log();
+        assert_eq!(f.metric(&metrics::tokens("ant", "c1", "input")), Some(11));
+        assert_eq!(f.metric(&metrics::tokens("ant", "c1", "output")), Some(5));
+    }
+
+    #[test]
+    fn anthropic_ingress_errors_are_anthropic_shaped() {
+        // A bad key.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = headers(&[
+            (":method", b"POST"),
+            (":path", b"/anthropic/v1/messages"),
+            ("x-api-key", b"nope"),
+        ]);
+        http.on_http_request_headers(3, false);
+        let (code, v) = reply(f);
+        assert_eq!(code, 401);
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        // count_tokens on a provider without it.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages/count_tokens", body);
+        let (code, v) = reply(f);
+        assert_eq!(code, 400);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("local"));
+        // count_tokens natively: routed, and not a usage event.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"c1","messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages/count_tokens", body);
+        assert_eq!(
+            get(&f.st().request_headers, ":path").as_deref(),
+            Some("/v1/messages/count_tokens")
+        );
+        // An upstream error from a chat provider.
+        let (f, root) = vm_anthropic();
+        let mut http = root.create_http_context().unwrap();
+        let body = br#"{"model":"m1","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        messages_request(f, &mut http, "/anthropic/v1/messages", body);
+        f.st().response_headers =
+            headers(&[(":status", b"429"), ("content-type", b"application/json")]);
+        http.on_http_response_headers(2, false);
+        let err = br#"{"error":{"message":"slow","type":"rate_limit_error"}}"#;
+        f.st().response_body = err.to_vec();
+        http.on_http_response_body(err.len(), true);
+        let v: serde_json::Value = serde_json::from_slice(&f.st().response_body).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["type"], "error");
+    }
+
+    /// Arbitrary bytes through the Anthropic ingress, native and through chat, streamed or not: no
+    /// panic, and every local reply is an Anthropic error.
+    #[test]
+    fn anthropic_ingress_arbitrary_bytes() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces: [&[u8]; 9] = [
+            b"\xff",
+            br#"{"model":"c1","max_tokens":5,"messages":[{"role":"user","content":"x"}]"#,
+            br#"{"model":"m1","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result"}]}]"#,
+            b",\"stream\":true}",
+            b"}",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{}}}\n\n",
+            b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":9}]},\"finish_reason\":\"x\"}]}\n\n",
+            b"data: [DONE]\n\n",
+            b"\r\n",
+        ];
+        for _ in 0..200 {
+            let mut bytes = |n: u64| -> Vec<u8> {
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    v.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+                v
+            };
+            let (body, status, ctype, answer) = (bytes(3), bytes(1), bytes(1), bytes(4));
+            let (f, root) = vm_anthropic();
+            let mut http = root.create_http_context().unwrap();
+            let path = [
+                "/anthropic/v1/messages",
+                "/anthropic/messages/count_tokens",
+                "/anthropic/x",
+            ][(next() % 3) as usize];
+            f.st().request_headers = headers(&[
+                (":method", b"POST"),
+                (":path", path.as_bytes()),
+                ("x-api-key", KEY.as_bytes()),
+                ("anthropic-version", &status),
+            ]);
+            http.on_http_request_headers(4, false);
+            f.st().request_body = body.clone();
+            http.on_http_request_body(body.len(), true);
+            let code: &[u8] = [b"200".as_slice(), b"400", b"500", &status][(next() % 4) as usize];
+            let ct: &[u8] = [b"text/event-stream".as_slice(), b"application/json", &ctype]
+                [(next() % 3) as usize];
+            f.st().response_headers = headers(&[(":status", code), ("content-type", ct)]);
+            http.on_http_response_headers(2, false);
+            for part in answer.chunks(1 + (next() % 40) as usize) {
+                f.st().response_body = part.to_vec();
+                http.on_http_response_body(part.len(), false);
+            }
+            http.on_http_response_body(0, true);
+            http.on_log();
+            for (code, _, body) in &f.st().local_replies {
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                assert!(*code >= 400 && v["type"] == "error", "{v}");
+                assert!(v["error"]["message"].is_string(), "{v}");
+            }
+        }
     }
 
     /// Arbitrary bytes in every header and body, through the whole lifecycle (a small deterministic

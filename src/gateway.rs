@@ -1,6 +1,7 @@
 //! The request flow as plain Rust: entry → auth → selection → provider shaping. The proxy-wasm adapter
 //! (`host.rs`) only moves headers and bytes in and out of these functions.
 
+use crate::api::{self, Api};
 use crate::body;
 use crate::config::{Identity, Model, ProviderKind, ResolvedProvider};
 use crate::error::GatewayError;
@@ -59,6 +60,22 @@ pub struct Routed {
     pub translation: Option<Translation>,
     /// Whether the client asked for the final usage chunk (translated streams).
     pub client_wants_usage: bool,
+    /// The OpenAI-style API called; `None`: the passthrough (usage read from any `usage` shape).
+    pub api: Option<Api>,
+    /// The API the client speaks (what responses must look like to it).
+    pub ingress: Ingress,
+}
+
+/// The API a client speaks on its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ingress {
+    /// OpenAI chat completions.
+    #[default]
+    Chat,
+    /// Anthropic Messages, passed natively to an ANTHROPIC provider (`count_tokens`: not accounted).
+    MessagesNative { count_tokens: bool },
+    /// Anthropic Messages, sent as chat completions; answers are translated back to Messages.
+    MessagesViaChat,
 }
 
 /// Decides where a chat-completions request goes and how it must look.
@@ -67,9 +84,21 @@ pub fn route_chat(
     provider_header: Option<&str>,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
-    // One parse: into a whole document only when the request goes to a native provider (the model
-    // is peeked at by a byte scan to know that first; should the guess be wrong, `route_to` parses).
-    let native = id.providers.iter().any(|p| p.native)
+    route_request(id, provider_header, raw_body, Api::Chat)
+}
+
+/// Decides where a request of an OpenAI-style `api` goes and how it must look.
+pub fn route_request(
+    id: &Identity,
+    provider_header: Option<&str>,
+    raw_body: &[u8],
+    api: Api,
+) -> Result<Routed, GatewayError> {
+    // One parse: into a whole document only when a chat request goes to a native provider (the
+    // model is peeked at by a byte scan to know that first; should the guess be wrong, `route_api`
+    // parses).
+    let native = api == Api::Chat
+        && id.providers.iter().any(|p| p.native)
         && select(id, provider_header, body::peek_model(raw_body)).is_ok_and(|s| s.provider.native);
     let (req, doc) = if native {
         let (req, doc) = body::inspect_doc(raw_body)?;
@@ -78,7 +107,7 @@ pub fn route_chat(
         (body::inspect(raw_body)?, None)
     };
     let sel = select(id, provider_header, req.model.as_deref())?;
-    route_to(sel.provider, sel.model, &req, doc.as_ref(), raw_body)
+    route_api(sel.provider, sel.model, &req, doc.as_ref(), raw_body, api)
 }
 
 /// Parses the body and shapes it for one fallback attempt (one parse, whatever the provider).
@@ -86,12 +115,20 @@ pub fn route_attempt(
     provider: &ResolvedProvider,
     model: &Model,
     raw_body: &[u8],
+    api: Api,
 ) -> Result<Routed, GatewayError> {
-    if provider.native {
+    if provider.native && api == Api::Chat {
         let (req, doc) = body::inspect_doc(raw_body)?;
-        route_to(provider, model, &req, Some(&doc), raw_body)
+        route_api(provider, model, &req, Some(&doc), raw_body, api)
     } else {
-        route_to(provider, model, &body::inspect(raw_body)?, None, raw_body)
+        route_api(
+            provider,
+            model,
+            &body::inspect(raw_body)?,
+            None,
+            raw_body,
+            api,
+        )
     }
 }
 
@@ -103,7 +140,22 @@ pub fn route_to(
     doc: Option<&body::Doc>,
     raw_body: &[u8],
 ) -> Result<Routed, GatewayError> {
-    let mut target = if provider.native {
+    route_api(provider, model, req, doc, raw_body, Api::Chat)
+}
+
+/// [`route_to`] for any OpenAI-style API: chat may be translated to a native API; the other APIs
+/// need the provider's own OpenAI-style endpoint (a clear 400 otherwise).
+pub fn route_api(
+    provider: &ResolvedProvider,
+    model: &Model,
+    req: &body::ChatRequest,
+    doc: Option<&body::Doc>,
+    raw_body: &[u8],
+    api: Api,
+) -> Result<Routed, GatewayError> {
+    let mut target = if api != Api::Chat {
+        providers::api_target(provider, model, api)?
+    } else if provider.native {
         let parsed;
         let doc = match doc {
             Some(d) => d,
@@ -123,7 +175,11 @@ pub fn route_to(
     };
     let mut strip_usage_chunk = false;
     let translated = target.translation.is_some();
-    if req.stream && !translated && providers::supports_stream_usage(provider.kind) {
+    if req.stream
+        && !translated
+        && api.stream_usage_option()
+        && providers::supports_stream_usage(provider.kind)
+    {
         let current = new_body.as_deref().unwrap_or(raw_body);
         let (with_usage, client_asked) =
             usage::ensure_stream_usage_for(current, req.stream_options);
@@ -155,7 +211,151 @@ pub fn route_to(
         request_bytes: raw_body.len(),
         translation: target.translation,
         client_wants_usage: translated && req.stream_options.include_usage(),
+        ingress: Ingress::Chat,
+        api: Some(api),
     })
+}
+
+/// Decides where an Anthropic Messages request goes. An ANTHROPIC provider without a fallback chain
+/// is reached natively (`model` rewritten, nothing else); every other request becomes a chat request
+/// (returned second: the body a fallback chain replays) shaped like chat for the chosen provider.
+/// `count_tokens` exists only natively.
+pub fn route_messages(
+    id: &Identity,
+    provider_header: Option<&str>,
+    raw_body: &[u8],
+    count_tokens: bool,
+    anthropic_version: Option<&str>,
+) -> Result<(Routed, Option<Vec<u8>>), GatewayError> {
+    use crate::translate::anthropic_ingress as ai;
+    let req = body::inspect(raw_body)?;
+    let sel = select(id, provider_header, req.model.as_deref())?;
+    let (provider, model) = (sel.provider, sel.model);
+    if provider.kind == ProviderKind::Anthropic && (count_tokens || provider.fallback.is_empty()) {
+        let path = if count_tokens {
+            "/messages/count_tokens"
+        } else {
+            "/messages"
+        };
+        let mut extra_headers = vec![(
+            "anthropic-version",
+            anthropic_version.unwrap_or(ai::DEFAULT_VERSION).to_string(),
+        )];
+        if let Some(t) = &provider.timeouts {
+            extra_headers.extend(t.headers());
+        }
+        let routed = Routed {
+            provider: provider.name.clone(),
+            kind: provider.kind,
+            is_hosted: provider.is_hosted,
+            model: model.name.clone(),
+            cluster: provider.envoy_cluster.clone(),
+            authority: provider.base.authority.clone(),
+            path: provider.base.join(path),
+            auth: Some(("x-api-key", providers::required_key(provider)?.to_string())),
+            extra_headers,
+            body: body::with_model(raw_body, req.model.as_deref(), &model.upstream),
+            stream: req.stream && !count_tokens,
+            upstream_model: model.upstream.clone(),
+            strip_usage_chunk: false,
+            request_bytes: raw_body.len(),
+            translation: None,
+            client_wants_usage: false,
+            ingress: Ingress::MessagesNative { count_tokens },
+            api: Some(Api::Chat),
+        };
+        return Ok((routed, None));
+    }
+    if count_tokens {
+        return Err(GatewayError::CountTokensUnsupported {
+            provider: provider.name.clone(),
+            kind: provider.kind.as_str(),
+        });
+    }
+    let chat = ai::to_chat(raw_body)?;
+    let chat_req = body::inspect(&chat)?;
+    let mut routed = route_to(provider, model, &chat_req, None, &chat)?;
+    if routed.body.is_none() {
+        routed.body = Some(chat.clone());
+    }
+    routed.request_bytes = raw_body.len();
+    routed.ingress = Ingress::MessagesViaChat;
+    Ok((routed, Some(chat)))
+}
+
+/// Passthrough of another `/openai/v1/*` path (`rest`, query included) to the selected provider:
+/// upstream path and auth rewritten; the body goes as sent, except `model` rewritten to the upstream
+/// name when a JSON body named one (`json_body`).
+pub fn route_passthrough(
+    id: &Identity,
+    provider_header: Option<&str>,
+    rest: &str,
+    json_body: Option<&[u8]>,
+) -> Result<Routed, GatewayError> {
+    let req = match json_body {
+        Some(b) => body::inspect(b).unwrap_or_default(),
+        None => body::ChatRequest::default(),
+    };
+    let sel = select(id, provider_header, req.model.as_deref())?;
+    let (provider, model) = (sel.provider, sel.model);
+    if !api::passthrough_allowed(provider) {
+        return Err(GatewayError::EndpointNotSupported {
+            provider: provider.name.clone(),
+            kind: provider.kind.as_str(),
+            endpoint: format!("/v1{}", rest.split('?').next().unwrap_or_default()),
+            detail: " in native API mode or without an OpenAI-style API".into(),
+        });
+    }
+    let auth = match provider.kind {
+        ProviderKind::Azure => Some(("api-key", providers::required_key(provider)?.to_string())),
+        ProviderKind::OpenAiCompatible => provider
+            .api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .and_then(providers::bearer),
+        _ => providers::bearer(providers::required_key(provider)?),
+    };
+    let body = match (json_body, req.model.as_deref()) {
+        (Some(b), Some(m)) => body::with_model(b, Some(m), &model.upstream),
+        _ => None,
+    };
+    Ok(Routed {
+        provider: provider.name.clone(),
+        kind: provider.kind,
+        is_hosted: provider.is_hosted,
+        // Metrics and records name the model the body named, else the API (`audio`, `files`, ...).
+        model: req.model.clone().unwrap_or_else(|| passthrough_label(rest)),
+        cluster: provider.envoy_cluster.clone(),
+        authority: provider.base.authority.clone(),
+        path: api::passthrough_path(provider, rest),
+        auth,
+        extra_headers: provider
+            .timeouts
+            .as_ref()
+            .map(|t| t.headers())
+            .unwrap_or_default(),
+        body,
+        stream: req.stream,
+        upstream_model: if req.model.is_some() {
+            model.upstream.clone()
+        } else {
+            String::new()
+        },
+        strip_usage_chunk: false,
+        request_bytes: json_body.map_or(0, <[u8]>::len),
+        translation: None,
+        client_wants_usage: false,
+        api: None,
+        ingress: Ingress::Chat,
+    })
+}
+
+/// The first segment of a passthrough path (`/audio/transcriptions?x` → `audio`).
+fn passthrough_label(rest: &str) -> String {
+    rest.split(['/', '?'])
+        .find(|s| !s.is_empty())
+        .unwrap_or("passthrough")
+        .to_string()
 }
 
 /// Translates a whole native response body back to OpenAI's shape: a chat completion for 2xx, the
@@ -197,6 +397,39 @@ pub fn stream_translator(
     }
 }
 
+/// An OpenAI chat answer (whole) as an Anthropic Messages answer: the message for 2xx, the
+/// Anthropic error shape otherwise. Returns the body, usage and status.
+pub fn messages_response(
+    status: u32,
+    body: &[u8],
+    model: &str,
+) -> (Vec<u8>, Option<crate::usage::Usage>, u32) {
+    use crate::translate::anthropic_ingress as ai;
+    if !(200..300).contains(&status) {
+        return (ai::error_from_chat(status, body), None, status);
+    }
+    match ai::from_chat(body, model) {
+        Ok((out, u)) => (out, Some(from_translated(u)), status),
+        Err(e) => (ai::gateway_error(&e), None, e.status()),
+    }
+}
+
+/// The stream translator of a Messages request served through chat: the provider's native
+/// translation first (if any), then chat chunks → Messages events.
+pub fn messages_stream(
+    t: Option<Translation>,
+    model: &str,
+) -> Box<dyn crate::translate::StreamTranslator> {
+    use crate::translate::anthropic_ingress::{ChatToMessages, Composed};
+    match t {
+        Some(t) => Box::new(Composed {
+            inner: stream_translator(t, model, true),
+            outer: ChatToMessages::new(model),
+        }),
+        None => Box::new(ChatToMessages::new(model)),
+    }
+}
+
 pub fn from_translated(u: crate::translate::Usage) -> crate::usage::Usage {
     crate::usage::Usage {
         prompt_tokens: u.prompt_tokens,
@@ -205,7 +438,8 @@ pub fn from_translated(u: crate::translate::Usage) -> crate::usage::Usage {
     }
 }
 
-/// Models the caller may use, as OpenAI's `GET /v1/models` list (each name once, first provider wins).
+/// Models the caller may use, as OpenAI's `GET /v1/models` list (each name once, `owned_by` the
+/// provider that would serve it: hosted first, see `select`).
 pub fn list_models(id: &Identity) -> String {
     let mut seen: Vec<&str> = Vec::new();
     let mut data = Vec::new();
@@ -213,7 +447,8 @@ pub fn list_models(id: &Identity) -> String {
         for m in &p.models {
             if !seen.contains(&m.name.as_str()) {
                 seen.push(&m.name);
-                data.push(model_object(&m.name, &p.name));
+                let owner = crate::select::owner(id, &m.name).map_or(p.name.as_str(), |o| &o.name);
+                data.push(model_object(&m.name, owner));
             }
         }
     }
@@ -222,9 +457,7 @@ pub fn list_models(id: &Identity) -> String {
 
 /// One model as OpenAI's `GET /v1/models/{model}`.
 pub fn get_model(id: &Identity, name: &str) -> Result<String, GatewayError> {
-    id.providers
-        .iter()
-        .find(|p| p.model(name).is_some())
+    crate::select::owner(id, name)
         .map(|p| model_object(name, &p.name).to_string())
         .ok_or_else(|| GatewayError::ModelNotAllowed {
             model: name.to_string(),

@@ -6,6 +6,7 @@
 //! Only `host` talks to Envoy; everything else is plain Rust tested on the host.
 
 pub mod access_log;
+pub mod api;
 pub mod auth;
 pub mod body;
 pub mod config;

@@ -163,5 +163,9 @@ impl ResolvedProvider {
 /// Last four characters of a secret (or fewer if it is that short).
 pub fn last4(secret: &str) -> String {
     let n = secret.chars().count();
-    secret.chars().skip(n.saturating_sub(4)).collect()
+    // A secret of 8 characters or fewer would give away half of itself or more: fully masked.
+    if n <= 8 {
+        return "****".to_string();
+    }
+    secret.chars().skip(n - 4).collect()
 }

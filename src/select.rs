@@ -1,9 +1,16 @@
 //! Selection: which provider and model serve a request.
 //!
-//! Priority: `X-Provider-Name` header (strict: must be one of the key's providers) → API-key settings →
-//! org settings. A named model is looked up in the key's config; hosted providers win over SaaS ones.
-//! No model named → the settings' default model, else the preferred provider's first model, else the
-//! first provider's first model.
+//! 1. `X-Provider-Name` (strict: must be one of the key's providers) fixes the provider; the model is the
+//!    requested one, else the first settings default model (key, then org) it serves, else its first model.
+//! 2. Otherwise the model is decided first: the requested one; else the first settings default model
+//!    (key, then org) the config serves; else the first model of the first settings provider (key, then
+//!    org) in the config; else the first model of the config's first provider.
+//! 3. Then the provider among those serving that model, hosted first: a hosted settings provider (key,
+//!    then org), any hosted provider (config order), a SaaS settings provider (key, then org), any SaaS
+//!    provider (config order).
+//!
+//! So a hosted provider serving the model always wins over a SaaS one, whether the model was named,
+//! defaulted, or implied by a settings provider; settings choose among providers of the same kind.
 
 use crate::config::{Identity, Model, ResolvedProvider};
 use crate::error::GatewayError;
@@ -43,47 +50,65 @@ pub fn select<'a>(
         return Ok(Selection { provider, model });
     }
 
-    // Settings are preferences: a provider they name is used when it serves the model.
+    // Settings are preferences: the providers they name, in priority order.
     let preferred: Vec<&ResolvedProvider> = [&id.key_settings.provider, &id.org_settings.provider]
         .into_iter()
         .flatten()
         .filter_map(|n| id.provider(n))
         .collect();
 
-    let model_name = requested_model.or_else(|| default_model(id, |m| serves_anywhere(id, m)));
-    match model_name {
-        Some(m) => {
-            if let Some(sel) = preferred.iter().find_map(|p| pair(p, m)) {
-                return Ok(sel);
-            }
-            let hosted = id
-                .providers
-                .iter()
-                .filter(|p| p.is_hosted)
-                .find_map(|p| pair(p, m));
-            let saas = || {
-                id.providers
-                    .iter()
-                    .filter(|p| !p.is_hosted)
-                    .find_map(|p| pair(p, m))
-            };
-            hosted
-                .or_else(saas)
-                .ok_or_else(|| GatewayError::ModelNotAllowed {
-                    model: m.to_string(),
-                    provider: None,
-                })
-        }
+    let model_name = match requested_model.or_else(|| default_model(id, |m| serves_anywhere(id, m)))
+    {
+        Some(m) => m,
         None => preferred
             .iter()
             .copied()
             .chain(id.providers.iter())
-            .find_map(|p| {
-                p.models
-                    .first()
-                    .map(|model| Selection { provider: p, model })
-            })
-            .ok_or(GatewayError::NoProviderConfigured),
+            .find_map(|p| p.models.first())
+            .map(|m| m.name.as_str())
+            .ok_or(GatewayError::NoProviderConfigured)?,
+    };
+    provider_for(id, &preferred, model_name).ok_or_else(|| not_found(id, model_name))
+}
+
+/// The provider that serves `model` for this identity when the request does not name one (hosted first,
+/// then settings, then config order): what `/models` reports as `owned_by`.
+pub fn owner<'a>(id: &'a Identity, model: &str) -> Option<&'a ResolvedProvider> {
+    let preferred: Vec<&ResolvedProvider> = [&id.key_settings.provider, &id.org_settings.provider]
+        .into_iter()
+        .flatten()
+        .filter_map(|n| id.provider(n))
+        .collect();
+    provider_for(id, &preferred, model).map(|s| s.provider)
+}
+
+fn provider_for<'a>(
+    id: &'a Identity,
+    preferred: &[&'a ResolvedProvider],
+    model: &str,
+) -> Option<Selection<'a>> {
+    [true, false].into_iter().find_map(|hosted| {
+        preferred
+            .iter()
+            .copied()
+            .chain(id.providers.iter())
+            .filter(|p| p.is_hosted == hosted)
+            .find_map(|p| pair(p, model))
+    })
+}
+
+fn not_found(id: &Identity, model: &str) -> GatewayError {
+    match &id.cluster_id {
+        Some(cluster) if id.out_of_scope_models.iter().any(|m| m == model) => {
+            GatewayError::ModelOutOfScope {
+                model: model.to_string(),
+                cluster: cluster.clone(),
+            }
+        }
+        _ => GatewayError::ModelNotAllowed {
+            model: model.to_string(),
+            provider: None,
+        },
     }
 }
 
@@ -151,6 +176,7 @@ mod tests {
                 prov("hosted", true, &["gpt-4o", "llama"]),
             ],
             fallback_providers: vec![],
+            out_of_scope_models: vec![],
             store_prompts: false,
             prices: Default::default(),
             refused: None,
@@ -167,11 +193,44 @@ mod tests {
     }
 
     #[test]
-    fn no_model_takes_first_provider_first_model() {
+    fn no_model_takes_first_provider_first_model_hosted_first() {
+        // The first model is gpt-4o; the hosted provider serving it wins over openai-a.
         assert_eq!(
             names(select(&identity(), None, None)),
+            pair_of("hosted", "gpt-4o")
+        );
+        let mut id = identity();
+        id.providers.pop();
+        assert_eq!(
+            names(select(&id, None, None)),
             pair_of("openai-a", "gpt-4o")
         );
+    }
+
+    #[test]
+    fn owner_is_the_provider_that_would_serve() {
+        let id = identity();
+        assert_eq!(owner(&id, "gpt-4o").unwrap().name, "hosted");
+        assert_eq!(owner(&id, "o3").unwrap().name, "openai-b");
+        assert!(owner(&id, "nope").is_none());
+    }
+
+    #[test]
+    fn cluster_scope_names_the_reason() {
+        let mut id = identity();
+        id.cluster_id = Some("c1".into());
+        id.out_of_scope_models = vec!["gpt-5".into()];
+        assert_eq!(
+            select(&id, None, Some("gpt-5")).unwrap_err(),
+            GatewayError::ModelOutOfScope {
+                model: "gpt-5".into(),
+                cluster: "c1".into()
+            }
+        );
+        assert!(matches!(
+            select(&id, None, Some("gpt-9")).unwrap_err(),
+            GatewayError::ModelNotAllowed { .. }
+        ));
     }
 
     #[test]
@@ -206,12 +265,17 @@ mod tests {
     fn header_beats_key_settings_beats_org_settings() {
         let mut id = identity();
         id.org_settings.provider = Some("openai-b".into());
-        assert_eq!(
-            names(select(&id, None, None)),
-            pair_of("openai-b", "gpt-4o")
-        );
+        // A SaaS settings provider implies its first model, but a hosted provider serving it wins.
+        assert_eq!(names(select(&id, None, None)), pair_of("hosted", "gpt-4o"));
         assert_eq!(
             names(select(&id, None, Some("gpt-4o"))),
+            pair_of("hosted", "gpt-4o")
+        );
+        // Among SaaS providers the settings provider wins over config order.
+        let mut saas_only = id.clone();
+        saas_only.providers.pop();
+        assert_eq!(
+            names(select(&saas_only, None, None)),
             pair_of("openai-b", "gpt-4o")
         );
         id.key_settings.provider = Some("hosted".into());

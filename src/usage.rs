@@ -175,6 +175,8 @@ pub struct StreamTap {
     pub text: String,
     /// Stripping was given up because an event passed the bound (see [`StreamTap::truncated`]).
     overflowed: bool,
+    /// A Responses API stream (typed events, usage in `response.completed`, no `[DONE]`).
+    pub responses: bool,
 }
 
 impl StreamTap {
@@ -252,6 +254,26 @@ impl StreamTap {
 
     /// Records what an event says; returns true for a usage-only chunk.
     fn observe(&mut self, data: &str) -> bool {
+        if self.responses {
+            let ev = crate::api::responses_event(data);
+            if ev.model.is_some() {
+                self.model = ev.model;
+            }
+            if let Some(t) = ev.text {
+                self.completion_chars += t.chars().count();
+                if self.capture && self.text.len() < MAX_STORED_TEXT {
+                    self.text.push_str(&t);
+                }
+            }
+            if ev.usage.is_some() {
+                self.usage = ev.usage;
+            }
+            if ev.done {
+                self.done = true;
+                self.finished = true;
+            }
+            return false;
+        }
         if data == "[DONE]" {
             self.done = true;
             return false;

@@ -233,6 +233,123 @@ def request(method, url, body=None, headers=None, timeout=30):
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+# ---------------------------------------------------------------------------------------------
+# Hostile-input helpers (tests/test_hostile.py, scripts/fault_test.py).
+# ---------------------------------------------------------------------------------------------
+
+# What a wasm VM failure looks like in Envoy's log: the filter's panic hook logs "llm-gateway panicked:
+# panicked at ..." (the SDK's hook: "panicked at"), V8 reports the trap ("Uncaught RuntimeError",
+# "unreachable", "Function: proxy_on_... failed"), and a dead VM answers every request on its worker with
+# an empty 503.
+VM_FAILURE_MARKERS = ("panicked at", "llm-gateway panicked", "Uncaught RuntimeError",
+                      "RuntimeError: unreachable", "Function: proxy_on_", "wasm trap", "Wasm VM failed",
+                      "out of memory", "Plugin configured to fail closed")
+
+
+def vm_failures(log_text):
+    """The lines of an Envoy log that show a wasm panic, trap or abort."""
+    return [line for line in log_text.splitlines() if any(m in line for m in VM_FAILURE_MARKERS)]
+
+
+def raw_http(port, data, timeout=10):
+    """Sends raw bytes to 127.0.0.1:port (e.g. a header byte >= 0x80 no HTTP client would send) and
+    returns (status, headers with lower-cased names, body bytes); status None if the peer closed
+    without an answer. The request should say `connection: close`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        buf = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    if not buf.startswith(b"HTTP/"):
+        return None, {}, buf
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
+    if headers.get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            n = int(size_line.split(b";")[0] or b"0", 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return status, headers, body
+
+
+def process_rss_kb(pid):
+    """Resident memory of a process, in KiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+SIDECAR_BIN = os.path.join(ROOT, "target", "debug", "llm-gateway-sidecar")
+
+
+class SidecarProcess:
+    """The real control-plane sidecar (SQLite in a temp dir) on a free port; stopped by PID."""
+
+    def __init__(self, admin_key, token, env=None, ttl=2):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="llmgw-sidecar-")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_key, self.token = admin_key, token
+        self.env = dict(os.environ, LLM_GATEWAY_ADMIN_KEY=admin_key, LLM_GATEWAY_INTERNAL_TOKEN=token,
+                        LLM_GATEWAY_CACHE_TTL=str(ttl), **(env or {}))
+        self.env.pop("DATABASE_URL", None)
+        self.proc = None
+
+    def start(self):
+        self.log = open(os.path.join(self.dir, "sidecar.log"), "a")
+        self.proc = subprocess.Popen([SIDECAR_BIN, "--data-dir", self.dir, "--listen", f"127.0.0.1:{self.port}"],
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("sidecar exited")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("sidecar not ready")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def api(self, method, path, body=None, key=None):
+        hdrs = {"content-type": "application/json", "x-api-key": key or self.admin_key}
+        s, _, b = request(method, self.url + path, body, hdrs)
+        try:
+            doc = json.loads(b) if b else None
+        except ValueError:
+            doc = b
+        return s, doc
+
+
 def prom_samples(text):
     """Parses Prometheus text exposition into [(name, {label: value}, float)]."""
     import re

@@ -30,7 +30,7 @@ def gw_config(url, key):
 class EcdsEnvoy(Envoy):
     """The harness Envoy with its main filter in ECDS form, the config in a watched directory."""
 
-    def __init__(self, first_config):
+    def __init__(self, first_config, sidecar_port=None):
         self.ecds_dir = tempfile.mkdtemp(prefix="llmgw-ecds-")
         holder = {}
 
@@ -38,7 +38,8 @@ class EcdsEnvoy(Envoy):
             holder["filter"] = envoy_config.to_ecds(cfg, self.ecds_dir)
             return cfg
 
-        super().__init__(first_config, patch=patch, env={"LLM_GATEWAY_INTERNAL_TOKEN": "t"})
+        super().__init__(first_config, patch=patch, env={"LLM_GATEWAY_INTERNAL_TOKEN": "t"},
+                         sidecar_port=sidecar_port)
         self.filter = holder["filter"]
         self.push(first_config)
 

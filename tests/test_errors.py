@@ -71,7 +71,8 @@ def test_unknown_key_is_401(gw):
 
 def test_unknown_path_under_prefix_is_404(gw):
     envoy, _ = gw
-    s, hd, b = request("POST", envoy.url + "/openai/v1/embeddings", BODY, {"x-api-key": KEY})
+    # Other /openai/v1/* paths are 404 unless the passthrough is enabled (openaiPassthrough).
+    s, hd, b = request("POST", envoy.url + "/openai/v1/images/generations", BODY, {"x-api-key": KEY})
     assert_error(s, hd, b, 404, "unknown_url")
     s, hd, b = request("GET", envoy.url + "/somewhere/else")
     assert_error(s, hd, b, 404, "unknown_url")

@@ -197,7 +197,7 @@ def test_cluster_scoped_token_falls_back_to_org_saas(gw):
     assert s == 200 and served(hd) == ("saas-a", True)
     # ...while it still cannot select the SaaS provider directly.
     s, _, _ = chat(envoy, model="gpt-4o-mini", key=CLUSTER_KEY)
-    assert s == 404
+    assert s == 403
     assert_shapes(ups, CLUSTER_KEY)
 
 

@@ -43,7 +43,8 @@ def env():
         "settings": {"provider": "mistral"},
         "providers": providers,
         "configs": [{"id": "narrow", "inherits": "default",
-                     "providers": [{"name": "openai-main", "models": ["gpt-4o-mini"]}, {"name": "groq"}]}],
+                     "providers": [{"name": "openai-main", "models": ["gpt-4o-mini"]}],
+                     "only": ["openai-main", "groq"]}],
         "keys": [
             {"id": "main", "sha256": h(KEY), "config": "default"},
             {"id": "with-settings", "sha256": h(KEY_SETTINGS), "config": "default",

@@ -132,7 +132,7 @@ def test_api_registered_providers_route(world):
 def test_config_inheritance_and_key_override(world):
     sc, envoy, saas = world["sc"], world["envoy"], world["saas"]
     s, parent = sc.api("POST", "/config", {"name": "saas-only", "inherits": "default",
-                                           "providers": [{"name": "openai"}]})
+                                           "only": ["openai"]})
     assert s == 201, parent
     s, child = sc.api("POST", "/config", {"name": "mini", "inherits": parent["config_id"],
                                           "providers": [{"name": "openai", "models": ["gpt-4o-mini"],
@@ -178,14 +178,15 @@ def test_cluster_scope(world):
     s, h, _ = chat(envoy, key, {"model": "llama", "messages": []})
     assert s == 200 and h["x-llm-gateway-provider"] == "llama-c1"
     s, _, err = chat(envoy, key, {"model": "gpt-4o-mini", "messages": []})
-    assert s == 404
+    # The scope is named as the reason (issue 14).
+    assert s == 403 and err["error"]["code"] == "model_not_in_scope" and "cluster 'c1'" in err["error"]["message"]
     s, _, err = chat(envoy, key, {"model": "gpt-4o", "messages": []}, {"x-provider-name": "openai"})
     assert s == 400
     other, _ = new_key(sc, {"config_id": "default", "scope": "cluster", "cluster_id": "c2"})
     s, _, b = request("GET", envoy.url + "/openai/v1/models", headers={"x-api-key": other})
     assert json.loads(b)["data"] == []
     s, _, _ = chat(envoy, other, {"model": "llama", "messages": []})
-    assert s == 404
+    assert s == 403
 
 
 def test_settings_priority(world):

@@ -226,6 +226,115 @@ pub async fn create_org(
     Ok(org_id)
 }
 
+/// `llm-gateway-sidecar admin-key rotate`: a new admin key (organization scope, `default` config, named
+/// `admin`) for `org` (optional when there is one organization); the organization's previous admin keys
+/// are revoked unless `keep_old`. Returns (organization, new key).
+pub async fn rotate_admin_key(
+    pool: &AnyPool,
+    org: Option<&str>,
+    keep_old: bool,
+) -> Result<(String, String), String> {
+    let err = |e: sqlx::Error| format!("database: {e}");
+    let mut conn = pool.acquire().await.map_err(err)?;
+    let orgs: Vec<(String, String)> =
+        sqlx::query("SELECT id, name FROM organizations ORDER BY created_at, id")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("id")?,
+                    r.try_get::<String, _>("name")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(err)?;
+    let known = || {
+        orgs.iter()
+            .map(|(id, name)| format!("{id} ({name})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // By id or unique name; omitted: the first organization (the one created at first start).
+    let org_id = match org {
+        Some(o) => {
+            let hits: Vec<&(String, String)> = orgs
+                .iter()
+                .filter(|(id, name)| id == o || name == o)
+                .collect();
+            match hits.as_slice() {
+                [one] => one.0.clone(),
+                [] => {
+                    return Err(format!(
+                        "organization '{o}' does not exist (known: {})",
+                        known()
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "several organizations are named '{o}': pass the id ({})",
+                        known()
+                    ))
+                }
+            }
+        }
+        None => match orgs.first() {
+            Some((id, _)) => id.clone(),
+            None => {
+                return Err(
+                    "no organization yet: start the sidecar once (serve) to create it".into(),
+                )
+            }
+        },
+    };
+    let secret = new_api_key();
+    let now = now_ms();
+    let mut tx = if SQLITE.load(std::sync::atomic::Ordering::Relaxed) {
+        sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
+            .await
+            .map_err(err)?
+    } else {
+        sqlx::Connection::begin(&mut *conn).await.map_err(err)?
+    };
+    if !keep_old {
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE org_id = $2 AND name = 'admin' AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(&org_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+    }
+    let key = StoredKey {
+        id: new_id("key"),
+        org_id: org_id.clone(),
+        sha256: hash_key(&secret),
+        name: Some("admin".to_string()),
+        config_id: llm_gateway::config::DEFAULT_CONFIG_ID.to_string(),
+        cluster_id: None,
+        settings: StoredSettings::default(),
+        prefix: key_prefix(&secret),
+        created_at: now,
+        revoked_at: None,
+    };
+    insert_key(&mut tx, &key)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    tx.commit().await.map_err(err)?;
+    Ok((org_id, secret))
+}
+
+/// Whether any key (active or revoked) has this digest.
+pub async fn sha_exists(conn: &mut AnyConnection, sha256: &str) -> ApiResult<bool> {
+    Ok(sqlx::query("SELECT id FROM api_keys WHERE sha256 = $1")
+        .bind(sha256)
+        .fetch_optional(conn)
+        .await?
+        .is_some())
+}
+
 pub fn key_prefix(secret: &str) -> String {
     secret.chars().take(8).collect()
 }
@@ -287,6 +396,8 @@ pub struct StoredConfig {
     pub name: Option<String>,
     pub inherits: Option<String>,
     pub entries: Vec<StoredEntry>,
+    /// Narrowing of the merged provider list (`only`); `None`: no narrowing.
+    pub only: Option<Vec<String>>,
     pub secrets_enc: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
@@ -493,6 +604,10 @@ fn config_row(r: &AnyRow) -> ApiResult<StoredConfig> {
         name: r.try_get("name")?,
         inherits: r.try_get("inherits")?,
         entries: json_col(r, "entries")?,
+        only: match r.try_get::<Option<String>, _>("only_providers")? {
+            Some(t) => Some(serde_json::from_str(&t).map_err(ApiError::internal)?),
+            None => None,
+        },
         secrets_enc: r.try_get("secrets_enc")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
@@ -501,7 +616,7 @@ fn config_row(r: &AnyRow) -> ApiResult<StoredConfig> {
 
 pub async fn configs(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<StoredConfig>> {
     sqlx::query(
-        "SELECT id, name, inherits, entries, secrets_enc, created_at, updated_at FROM configs \
+        "SELECT id, name, inherits, entries, only_providers, secrets_enc, created_at, updated_at FROM configs \
          WHERE org_id = $1 ORDER BY created_at, id",
     )
     .bind(org)
@@ -514,8 +629,8 @@ pub async fn configs(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<Store
 
 pub async fn insert_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig) -> ApiResult<()> {
     sqlx::query(
-        "INSERT INTO configs (org_id, id, name, inherits, entries, secrets_enc, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO configs (org_id, id, name, inherits, entries, secrets_enc, created_at, updated_at, only_providers) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(org)
     .bind(&c.id)
@@ -525,6 +640,7 @@ pub async fn insert_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig
     .bind(c.secrets_enc.clone())
     .bind(c.created_at)
     .bind(c.updated_at)
+    .bind(c.only.as_ref().map(to_json).transpose()?)
     .execute(conn)
     .await?;
     Ok(())
@@ -532,8 +648,8 @@ pub async fn insert_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig
 
 pub async fn update_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE configs SET name = $1, inherits = $2, entries = $3, secrets_enc = $4, updated_at = $5 \
-         WHERE org_id = $6 AND id = $7",
+        "UPDATE configs SET name = $1, inherits = $2, entries = $3, secrets_enc = $4, updated_at = $5, \
+         only_providers = $8 WHERE org_id = $6 AND id = $7",
     )
     .bind(c.name.clone())
     .bind(c.inherits.clone())
@@ -542,6 +658,7 @@ pub async fn update_config(conn: &mut AnyConnection, org: &str, c: &StoredConfig
     .bind(c.updated_at)
     .bind(org)
     .bind(&c.id)
+    .bind(c.only.as_ref().map(to_json).transpose()?)
     .execute(conn)
     .await?;
     Ok(())

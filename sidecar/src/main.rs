@@ -34,6 +34,11 @@ const USAGE: &str = "usage: llm-gateway-sidecar [serve] [--data-dir DIR] [--list
                                         vault.key (provider keys cannot be decrypted without it); for
                                         PostgreSQL use pg_dump (docs/operations.md)
        llm-gateway-sidecar openapi      print the OpenAPI document (what sidecar/openapi.json holds)
+       llm-gateway-sidecar admin-key rotate [--org ORG] [--keep-old] [--data-dir DIR]
+                                        create a new admin key of organization ORG (id or name; default:
+                                        the first one, created at first start) and print it on stdout; its
+                                        previous admin keys are revoked unless --keep-old (recovering a
+                                        lost key). Works while the sidecar runs (same DATABASE_URL)
 
   --data-dir DIR   data directory (env LLM_GATEWAY_DATA_DIR, default ./.run/sidecar)
   --listen ADDR    listen address (env SIDECAR_ADDR, default 127.0.0.1:8081; port 0 picks a free port)
@@ -62,6 +67,8 @@ Environment:
 
 struct Options {
     migrate_only: bool,
+    /// `admin-key rotate`: Some((org, keep_old)).
+    rotate_admin: Option<(Option<String>, bool)>,
     backup_to: Option<PathBuf>,
     data_dir: PathBuf,
     listen: String,
@@ -84,7 +91,17 @@ fn options() -> Result<Option<Options>, String> {
     let mut migrate_only = false;
     let mut backup = false;
     let mut backup_to = None;
+    let mut rotate = false;
+    let mut rotate_org = None;
+    let mut keep_old = false;
     match args.peek().map(String::as_str) {
+        Some("admin-key") => {
+            args.next();
+            if args.next().as_deref() != Some("rotate") {
+                return Err(format!("admin-key needs the action 'rotate'\n{USAGE}"));
+            }
+            rotate = true;
+        }
         Some("serve") => {
             args.next();
         }
@@ -113,6 +130,8 @@ fn options() -> Result<Option<Options>, String> {
             "--data-dir" => data_dir = value()?,
             "--listen" => listen = value()?,
             "--to" if backup => backup_to = Some(PathBuf::from(value()?)),
+            "--org" if rotate => rotate_org = Some(value()?),
+            "--keep-old" if rotate => keep_old = true,
             "--internal-listen" => internal_listen = Some(value()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -126,6 +145,7 @@ fn options() -> Result<Option<Options>, String> {
     }
     Ok(Some(Options {
         migrate_only,
+        rotate_admin: rotate.then_some((rotate_org, keep_old)),
         backup_to,
         data_dir: PathBuf::from(data_dir),
         listen,
@@ -172,6 +192,14 @@ async fn run() -> Result<(), String> {
         return backup(&pool, &opts.data_dir, dest).await;
     }
     let pool = db::connect(&url, is_pg).await?;
+    if let Some((org, keep_old)) = &opts.rotate_admin {
+        db::migrate(&pool, is_pg).await?;
+        let (org_id, key) = db::rotate_admin_key(&pool, org.as_deref(), *keep_old).await?;
+        eprintln!("llm-gateway-sidecar: new admin key of organization {org_id} (stdout)");
+        println!("{key}");
+        pool.close().await;
+        return Ok(());
+    }
     if opts.migrate_only {
         let applied = db::migrate(&pool, is_pg).await?;
         tracing::info!(?applied, "migrations applied");

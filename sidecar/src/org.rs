@@ -70,6 +70,7 @@ pub fn config_spec(c: &StoredConfig, secrets: Option<&BTreeMap<String, String>>)
         id: c.id.clone(),
         name: c.name.clone(),
         inherits: c.inherits.clone(),
+        only: c.only.clone(),
         providers: c
             .entries
             .iter()
@@ -100,6 +101,31 @@ pub fn visible_to(spec: &ProviderSpec, cluster: Option<&str>) -> bool {
         None => true,
         Some(c) => spec.is_hosted && spec.cluster_id.as_deref() == Some(c),
     }
+}
+
+/// A key's settings may only name a provider of the key's config (after inheritance): 400 otherwise.
+pub fn check_settings_in_config(
+    s: &StoredSettings,
+    providers: &[StoredProvider],
+    configs: &[StoredConfig],
+    config_id: &str,
+) -> ApiResult<()> {
+    let Some(name) = &s.provider else {
+        return Ok(());
+    };
+    let flat = llm_gateway::config::flatten_configs(&specs_of(providers), &config_specs(configs))
+        .map_err(config_error)?;
+    let in_config = flat
+        .get(config_id)
+        .is_some_and(|entries| entries.iter().any(|e| &e.name == name));
+    if in_config {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "provider_not_in_config",
+        format!("provider '{name}' is not one of the providers of config '{config_id}', to which this key is bound"),
+    )
+    .with_param("provider"))
 }
 
 /// Settings may only name providers (and models) the scope can reach.

@@ -335,8 +335,8 @@ fn configs_inheritance_depth_loops_and_conflicts() {
         &s,
         a,
         r#"{"name":"prod","inherits":"default","providers":[
-            {"name":"openai-gpt4+","models":["gpt-4o-2024-05-13"],"api_key":"sk-config-override-DDDD"},
-            {"name":"azure-provider"}]}"#,
+            {"name":"openai-gpt4+","models":["gpt-4o-2024-05-13"],"api_key":"sk-config-override-DDDD"}],
+            "only":["openai-gpt4+","azure-provider"]}"#,
     );
     let r = s.get(&format!("/config/{c1}"), a);
     assert_eq!(r.status, 200);
@@ -351,16 +351,25 @@ fn configs_inheritance_depth_loops_and_conflicts() {
     let c2 = create_config(
         &s,
         a,
-        &format!(r#"{{"inherits":"{c1}","providers":[{{"name":"openai-gpt4+"}}]}}"#),
+        &format!(r#"{{"inherits":"{c1}","restrictTo":["openai-gpt4+"]}}"#),
     );
     let c3 = create_config(&s, a, &format!(r#"{{"parent":"{c2}"}}"#));
     // c3 → c2 → c1 → default is three levels: fine; a fourth is refused.
     let r = s.post("/config", a, &format!(r#"{{"inherits":"{c3}"}}"#));
     assert_error(&r, 400, "inheritance_too_deep");
-    assert!(r.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("3 levels"));
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    // The refused config is named as sent (it has no id yet), not by an id generated for it.
+    assert!(
+        msg.contains("3 levels") && msg.contains("the new config"),
+        "{msg}"
+    );
+    let r = s.post(
+        "/config",
+        a,
+        &format!(r#"{{"name":"deep","inherits":"{c3}"}}"#),
+    );
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("the new config 'deep'"), "{msg}");
     // Loops (including a config naming itself) are refused.
     let r = s.patch(
         &format!("/config/{c1}"),
@@ -395,11 +404,17 @@ fn configs_inheritance_depth_loops_and_conflicts() {
         r#"{"inherits":"default","providers":[{"name":"azure-provider","models":["claude"]}]}"#,
     );
     assert_error(&r, 400, "invalid_config");
-    assert_error(
-        &s.post("/config", a, r#"{"name":"empty"}"#),
-        400,
-        "invalid_config",
-    );
+    // Without a parent a config builds on the default config (all providers).
+    let r = s.post("/config", a, r#"{"name":"Production"}"#);
+    assert_eq!(r.status, 201, "{}", r.raw);
+    assert_eq!(r.body["inherits"], "default");
+    assert_eq!(r.body["resolved_providers"].as_array().unwrap().len(), 3);
+    let empty = r.body["config_id"].as_str().unwrap().to_string();
+    assert_eq!(s.delete(&format!("/config/{empty}"), a).status, 204);
+    // `only` must name providers the merged list has.
+    let r = s.post("/config", a, r#"{"only":["ghost"]}"#);
+    assert_error(&r, 400, "invalid_config");
+    assert!(r.raw.contains("ghost"), "{}", r.raw);
     assert_error(
         &s.post("/config", a, r#"{"inherits":"default","colour":1}"#),
         400,
@@ -481,7 +496,7 @@ fn configs_inheritance_depth_loops_and_conflicts() {
     let r = s.put(
         &format!("/config/{c2}"),
         a,
-        r#"{"inherits":"default","providers":[{"name":"openai-gpt3.5","api_key":"sk-c2-EEEE"}]}"#,
+        r#"{"inherits":"default","providers":[{"name":"openai-gpt3.5","api_key":"sk-c2-EEEE"}],"only":["openai-gpt3.5"]}"#,
     );
     assert_eq!(r.status, 200, "{}", r.raw);
     let id = s.resolve(&secret);
@@ -1514,7 +1529,7 @@ fn migrations_backup_and_restore() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2]"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2, 14]"));
     }
     // A database of the earlier runner (schema_migrations) is adopted, not migrated twice.
     rt.block_on(sqlite_exec(
@@ -1522,7 +1537,7 @@ fn migrations_backup_and_restore() {
         &[
             "DROP TABLE _sqlx_migrations",
             "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-            "INSERT INTO schema_migrations VALUES (1, 0), (2, 0)",
+            "INSERT INTO schema_migrations VALUES (1, 0), (2, 0), (14, 0)",
         ],
     ));
     let out = sidecar_cmd(&["migrate", "--data-dir", d]);
@@ -1531,7 +1546,7 @@ fn migrations_backup_and_restore() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2]"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version [1, 2, 14]"));
     // A migration changed after it ran is refused (checksums).
     rt.block_on(sqlite_exec(
         &dir.join("sidecar.db"),

@@ -2,6 +2,7 @@
 //! `api-key` header. The deployment is the model's upstream name.
 
 use super::{encode_segment, required_key, Target};
+use crate::api::Api;
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};
 
@@ -20,6 +21,33 @@ pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError>
         path,
         auth: Some(("api-key", required_key(p)?.to_string())),
         // The deployment in the path decides the model; the body is left as the client sent it.
+        body_model: None,
+        ..Default::default()
+    })
+}
+
+/// Other OpenAI APIs: embeddings and legacy completions on the deployment
+/// (`/openai/deployments/{deployment}/embeddings?api-version=...`); the Responses API on Azure's
+/// `/openai/v1/responses` (no api-version; the deployment name goes in the body's `model`).
+pub fn api(p: &ResolvedProvider, model: &Model, api: Api) -> Result<Target, GatewayError> {
+    if api == Api::Responses {
+        return Ok(Target {
+            path: p.base.join("/openai/v1/responses"),
+            auth: Some(("api-key", required_key(p)?.to_string())),
+            body_model: Some(model.upstream.clone()),
+            ..Default::default()
+        });
+    }
+    let version = p.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
+    let path = p.base.join(&format!(
+        "/openai/deployments/{}{}?api-version={}",
+        encode_segment(&model.upstream),
+        api.path(),
+        encode_segment(version)
+    ));
+    Ok(Target {
+        path,
+        auth: Some(("api-key", required_key(p)?.to_string())),
         body_model: None,
         ..Default::default()
     })
@@ -46,6 +74,14 @@ mod tests {
         );
         assert_eq!(t.auth, Some(("api-key", "az-key".to_string())));
         assert_eq!(t.body_model, None);
+        let t = api(&p, &model("e", "emb-dep"), Api::Embeddings).unwrap();
+        assert_eq!(
+            t.path,
+            "/openai/deployments/emb-dep/embeddings?api-version=2024-02-01"
+        );
+        let t = api(&p, &model("r", "resp-dep"), Api::Responses).unwrap();
+        assert_eq!(t.path, "/openai/v1/responses");
+        assert_eq!(t.body_model.as_deref(), Some("resp-dep"));
         p.api_version = None;
         assert!(chat(&p, &model("a", "a"))
             .unwrap()

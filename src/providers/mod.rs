@@ -2,6 +2,7 @@
 //! caller's config sees it and the chosen model, each returns the upstream [`Target`]: path, auth
 //! header and the model name the body must carry. Adding a provider is adding a file and a match arm.
 
+use crate::api::Api;
 use crate::error::GatewayError;
 use crate::plan::{Model, ProviderKind, ResolvedProvider};
 
@@ -110,11 +111,40 @@ pub fn chat_target(provider: &ResolvedProvider, model: &Model) -> Result<Target,
     }
 }
 
+/// Shapes a request of an OpenAI-style `api` (chat, Responses, embeddings, legacy completions) for
+/// `provider` and `model`; a clear 400 when the provider has no such API.
+pub fn api_target(
+    provider: &ResolvedProvider,
+    model: &Model,
+    api: Api,
+) -> Result<Target, GatewayError> {
+    if api == Api::Chat {
+        return chat_target(provider, model);
+    }
+    if !crate::api::supports(provider, api) {
+        return Err(crate::api::unsupported(provider, api));
+    }
+    match provider.kind {
+        ProviderKind::Azure => azure::api(provider, model, api),
+        ProviderKind::OpenAiCompatible => openai_compatible::at(provider, model, api.path()),
+        _ => openai_style_at(provider, model, api.path()),
+    }
+}
+
 /// The common OpenAI-style shape: `{base}/chat/completions`, `Authorization: Bearer <key>` (required),
 /// the model's upstream name in the body.
 pub(crate) fn openai_style(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
+    openai_style_at(p, model, "/chat/completions")
+}
+
+/// The OpenAI-style shape at `{base}{suffix}`.
+pub(crate) fn openai_style_at(
+    p: &ResolvedProvider,
+    model: &Model,
+    suffix: &str,
+) -> Result<Target, GatewayError> {
     Ok(Target {
-        path: p.base.join("/chat/completions"),
+        path: p.base.join(suffix),
         auth: bearer(required_key(p)?),
         body_model: Some(model.upstream.clone()),
         ..Default::default()
@@ -184,6 +214,50 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shapes_other_apis() {
+        use test_support::{model, provider};
+        let p = provider(
+            ProviderKind::OpenAi,
+            "https://api.openai.com/v1",
+            Some("sk"),
+        );
+        let m = model("m", "m-up");
+        for (api, path) in [
+            (Api::Responses, "/v1/responses"),
+            (Api::Embeddings, "/v1/embeddings"),
+            (Api::Completions, "/v1/completions"),
+            (Api::Chat, "/v1/chat/completions"),
+        ] {
+            let t = api_target(&p, &m, api).unwrap();
+            assert_eq!(t.path, path);
+            assert_eq!(t.body_model.as_deref(), Some("m-up"));
+            assert_eq!(t.auth, Some(("authorization", "Bearer sk".to_string())));
+        }
+        let g = provider(
+            ProviderKind::Gemini,
+            "https://g.example/v1beta/openai",
+            Some("g"),
+        );
+        assert_eq!(
+            api_target(&g, &m, Api::Embeddings).unwrap().path,
+            "/v1beta/openai/embeddings"
+        );
+        assert_eq!(
+            api_target(&g, &m, Api::Responses).unwrap_err().status(),
+            400
+        );
+        let v = provider(
+            ProviderKind::VertexAiGemini,
+            "https://v.example/v1",
+            Some("t"),
+        );
+        assert_eq!(
+            api_target(&v, &m, Api::Completions).unwrap_err().status(),
+            400
+        );
+    }
 
     #[test]
     fn encodes_segments() {

@@ -8,8 +8,13 @@ use crate::plan::{Model, ResolvedProvider};
 pub const DEFAULT_BASE: Option<&str> = None;
 
 pub fn chat(p: &ResolvedProvider, model: &Model) -> Result<Target, GatewayError> {
+    at(p, model, "/chat/completions")
+}
+
+/// Any OpenAI-style API at `{base}{suffix}`; the key is optional (local servers often have none).
+pub fn at(p: &ResolvedProvider, model: &Model, suffix: &str) -> Result<Target, GatewayError> {
     Ok(Target {
-        path: p.base.join("/chat/completions"),
+        path: p.base.join(suffix),
         auth: p
             .api_key
             .as_deref()

@@ -42,6 +42,7 @@ pub(crate) fn obj(pairs: Vec<(&str, Value)>) -> Value {
 }
 
 pub mod anthropic;
+pub mod anthropic_ingress;
 pub mod gemini;
 
 #[cfg(test)]
@@ -84,6 +85,11 @@ pub trait StreamTranslator {
     fn failed(&self) -> bool;
     /// An event larger than [`crate::sse::MAX_EVENT_BYTES`] was skipped (not translated).
     fn truncated(&self) -> bool {
+        false
+    }
+    /// The output is the input unchanged (a usage tap): `push`/`finish` return nothing and the
+    /// caller leaves the bytes as they are.
+    fn passthrough(&self) -> bool {
         false
     }
 }

@@ -3,7 +3,7 @@
 use crate::caller::Caller;
 use crate::db::{self, StoredKey, StoredSettings};
 use crate::error::{ApiError, ApiResult};
-use crate::org::check_settings;
+use crate::org::{check_settings, check_settings_in_config};
 use crate::state::AppState;
 use crate::tx::OrgWrite;
 use crate::util::{new_api_key, new_id, now_ms, rfc3339, JsonBody};
@@ -29,6 +29,10 @@ struct KeyIn {
     cluster_id: Option<String>,
     #[serde(default)]
     settings: Option<StoredSettings>,
+    /// Bring your own key value (20 to 200 printable ASCII characters, no spaces), e.g. to keep a key
+    /// that already exists elsewhere; normally omitted and generated. Stored only as its SHA-256.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 /// A gateway API key as the API returns it (the secret only once, at creation).
@@ -145,7 +149,26 @@ async fn create_key(
         .with_param("config_id"));
     }
     check_settings(&settings, &w.providers, cluster_id.as_deref())?;
-    let secret = new_api_key();
+    check_settings_in_config(&settings, &w.providers, &w.configs, &config_id)?;
+    let secret = match input.key.as_deref() {
+        None => new_api_key(),
+        Some(k) => {
+            if k.len() < 20 || k.len() > 200 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    "key must be 20 to 200 printable ASCII characters without spaces",
+                )
+                .with_param("key"));
+            }
+            if db::sha_exists(&mut w.tx, &hash_key(k)).await? {
+                return Err(ApiError::conflict(
+                    "key_exists",
+                    "this key value is already in use (or was revoked); choose another",
+                ));
+            }
+            k.to_string()
+        }
+    };
     let key = StoredKey {
         id: new_id("key"),
         org_id: org.to_string(),
@@ -270,6 +293,8 @@ async fn put_key_settings(
     let mut conn = st.pool.acquire().await?;
     let providers = db::providers(&mut conn, &caller.org_id).await?;
     check_settings(&settings, &providers, key.cluster_id.as_deref())?;
+    let configs = db::configs(&mut conn, &caller.org_id).await?;
+    check_settings_in_config(&settings, &providers, &configs, &key.config_id)?;
     db::set_key_settings(&mut conn, &caller.org_id, &id, &settings).await?;
     Ok(Json(settings))
 }

@@ -37,8 +37,12 @@ struct ConfigIn {
         alias = "parent_id"
     )]
     inherits: Option<String>,
+    /// Additions and overrides, merged by provider name into the parent's providers.
     #[serde(default)]
     providers: Vec<ConfigProviderSpec>,
+    /// Narrowing: keep only these providers (of the merged list), in this order.
+    #[serde(default, alias = "restrictTo", alias = "restrict_to")]
+    only: Option<Vec<String>>,
 }
 
 /// The body of `PATCH /config/{id}` (JSON merge patch): a member set to `null` is removed.
@@ -49,6 +53,7 @@ struct ConfigPatch {
     name: Option<String>,
     inherits: Option<String>,
     providers: Option<Vec<ConfigProviderSpec>>,
+    only: Option<Vec<String>>,
 }
 
 /// Builds the stored form of a config; per-provider keys without a new value keep the previous one.
@@ -96,13 +101,22 @@ fn build_config(
             api_key_last4,
         });
     }
-    let inherits = input.inherits.filter(|p| !p.trim().is_empty());
-    if inherits.is_none() && entries.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_config",
-            "a config needs providers, a parent (inherits: \"default\" or a config id), or both",
-        )
-        .with_param("providers"));
+    // Without a parent a config builds on the organization's default config.
+    let inherits = Some(
+        input
+            .inherits
+            .filter(|p| !p.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_CONFIG_ID.to_string()),
+    );
+    let only = input.only;
+    if let Some(names) = &only {
+        if names.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                "'only' must name at least one provider (omit it to keep every provider)",
+            )
+            .with_param("only"));
+        }
     }
     let secrets_enc = if secrets.is_empty() {
         None
@@ -120,6 +134,7 @@ fn build_config(
         name: input.name.filter(|n| !n.trim().is_empty()),
         inherits,
         entries,
+        only,
         secrets_enc,
         created_at: prev.map_or(now, |p| p.created_at),
         updated_at: now,
@@ -153,7 +168,11 @@ struct ConfigOut {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     builtin: bool,
     inherits: Option<String>,
+    /// Additions and overrides merged by name into the parent's providers.
     providers: Vec<StoredEntry>,
+    /// Narrowing to these providers (after the merge); absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    only: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     created_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,6 +219,7 @@ fn config_out(
         builtin: false,
         inherits: c.inherits.clone(),
         providers: c.entries.clone(),
+        only: c.only.clone(),
         created_at: Some(rfc3339(c.created_at)),
         updated_at: Some(rfc3339(c.updated_at)),
         resolved_providers: resolved_providers(providers, configs, &c.id),
@@ -247,6 +267,7 @@ fn default_config_out(providers: &[StoredProvider], configs: &[StoredConfig]) ->
                 ..Default::default()
             })
             .collect(),
+        only: None,
         created_at: None,
         updated_at: None,
         resolved_providers: resolved_providers(providers, configs, DEFAULT_CONFIG_ID),
@@ -287,7 +308,14 @@ async fn create_config(
     let mut configs = std::mem::take(&mut w.configs);
     let mut specs = config_specs(&configs);
     specs.push(config_spec(&stored, None));
-    w.validate(&specs_of(&providers), &specs, config_error)?;
+    // The generated id means nothing to the caller yet: errors name the config as it was sent.
+    let label = match &stored.name {
+        Some(n) => format!("the new config '{n}'"),
+        None => "the new config".to_string(),
+    };
+    w.validate(&specs_of(&providers), &specs, |msg| {
+        config_error(msg.replace(&format!("config '{id}'"), &label))
+    })?;
     db::insert_config(&mut w.tx, org, &stored).await?;
     w.commit().await?;
     configs.push(stored);
@@ -454,7 +482,7 @@ async fn patch_config(
             .iter()
             .map(|e| json!({"name": e.name, "models": e.models, "api_base": e.api_base}))
             .collect();
-        json!({"name": c.name, "inherits": c.inherits, "providers": entries})
+        json!({"name": c.name, "inherits": c.inherits, "providers": entries, "only": c.only})
     };
     let mut merged = match current {
         Value::Object(m) => m,

@@ -5,6 +5,7 @@ use super::{anthropic, gemini, StreamTranslator, Usage};
 use crate::sse::SseParser;
 use serde_json::{json, Value};
 
+mod anthropic_ingress_tests;
 mod anthropic_tests;
 mod gemini_tests;
 

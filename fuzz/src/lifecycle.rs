@@ -1,0 +1,267 @@
+//! The whole request lifecycle of the filter (`exchange`) over an in-memory host whose header maps,
+//! bodies and upstream answers come from the fuzzer: what the proxy-wasm host hands the filter is as
+//! hostile as what clients and providers send. Thin on purpose: it only implements the `Host` trait
+//! and calls the callbacks in Envoy's order; adapt it when the trait changes.
+
+use llm_gateway::exchange::{self, Flow, GatewayRoot};
+use llm_gateway::hostapi::{Buffer, Host, Level, Map, MetricKind, Pairs, Status};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+#[derive(Default)]
+struct State {
+    request_headers: Pairs,
+    response_headers: Pairs,
+    call_response_headers: Pairs,
+    request_body: Vec<u8>,
+    response_body: Vec<u8>,
+    call_response_body: Vec<u8>,
+    config: Vec<u8>,
+    shared: BTreeMap<String, Vec<u8>>,
+    metrics: usize,
+    replies: Vec<(u32, Vec<u8>)>,
+    calls: u32,
+    now_ms: u64,
+}
+
+#[derive(Default)]
+struct FuzzHost(RefCell<State>);
+
+impl FuzzHost {
+    fn map(s: &mut State, m: Map) -> &mut Pairs {
+        match m {
+            Map::RequestHeaders => &mut s.request_headers,
+            Map::ResponseHeaders => &mut s.response_headers,
+            Map::CallResponseHeaders => &mut s.call_response_headers,
+        }
+    }
+
+    fn buf(s: &mut State, b: Buffer) -> &mut Vec<u8> {
+        match b {
+            Buffer::RequestBody => &mut s.request_body,
+            Buffer::ResponseBody => &mut s.response_body,
+            Buffer::CallResponseBody => &mut s.call_response_body,
+            Buffer::PluginConfiguration => &mut s.config,
+        }
+    }
+}
+
+impl Host for FuzzHost {
+    fn headers(&self, map: Map) -> Result<Pairs, Status> {
+        Ok(Self::map(&mut self.0.borrow_mut(), map).clone())
+    }
+    fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
+        Ok(Self::map(&mut self.0.borrow_mut(), map)
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.clone()))
+    }
+    fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+        let mut s = self.0.borrow_mut();
+        let m = Self::map(&mut s, map);
+        m.retain(|(k, _)| k.as_slice() != name.as_bytes());
+        m.push((name.as_bytes().to_vec(), value.to_vec()));
+        Ok(())
+    }
+    fn remove_header(&self, map: Map, name: &str) -> Result<(), Status> {
+        Self::map(&mut self.0.borrow_mut(), map).retain(|(k, _)| k.as_slice() != name.as_bytes());
+        Ok(())
+    }
+    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
+        let mut s = self.0.borrow_mut();
+        let buf = Self::buf(&mut s, b);
+        let end = start.saturating_add(max).min(buf.len());
+        Ok(buf.get(start.min(end)..end).unwrap_or_default().to_vec())
+    }
+    fn set_buffer(&self, b: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
+        let mut s = self.0.borrow_mut();
+        let buf = Self::buf(&mut s, b);
+        let end = start.saturating_add(size).min(buf.len());
+        let start = start.min(end);
+        buf.splice(start..end, data.iter().copied());
+        Ok(())
+    }
+    fn send_response(
+        &self,
+        code: u32,
+        _headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> Result<(), Status> {
+        self.0.borrow_mut().replies.push((code, body.to_vec()));
+        Ok(())
+    }
+    fn call(
+        &self,
+        _cluster: &str,
+        _headers: &[(&str, &str)],
+        _body: &[u8],
+        _timeout_ms: u64,
+    ) -> Result<u32, Status> {
+        let mut s = self.0.borrow_mut();
+        s.calls += 1;
+        Ok(s.calls)
+    }
+    fn resume_request(&self) -> Result<(), Status> {
+        Ok(())
+    }
+    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+        Ok(self.0.borrow().shared.get(key).cloned())
+    }
+    fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
+        let mut s = self.0.borrow_mut();
+        match value {
+            Some(v) => s.shared.insert(key.to_string(), v.to_vec()),
+            None => s.shared.remove(key),
+        };
+        Ok(())
+    }
+    fn define_metric(&self, _kind: MetricKind, _name: &str) -> Result<u32, Status> {
+        let mut s = self.0.borrow_mut();
+        s.metrics += 1;
+        Ok(u32::try_from(s.metrics).unwrap_or(u32::MAX))
+    }
+    fn increment_metric(&self, _id: u32, _by: u64) {}
+    fn add_gauge(&self, _id: u32, _delta: i64) {}
+    fn record_metric(&self, _id: u32, _value: u64) {}
+    fn property(&self, _path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+        Ok(None)
+    }
+    fn set_property(&self, _path: &[&str], _value: &[u8]) -> Result<(), Status> {
+        Ok(())
+    }
+    fn now_ms(&self) -> u64 {
+        self.0.borrow().now_ms
+    }
+    fn set_tick_ms(&self, _ms: u32) -> Result<(), Status> {
+        Ok(())
+    }
+    fn done(&self) -> Result<(), Status> {
+        Ok(())
+    }
+    fn log(&self, _level: Level, _msg: &str) {}
+}
+
+thread_local! {
+    static HOST: &'static FuzzHost = {
+        let h: &'static FuzzHost = Box::leak(Box::default());
+        exchange::install(h);
+        h
+    };
+}
+
+pub const KEY: &str = "sk-fuzz-key";
+
+/// The static configuration every run uses: one provider of each translation kind.
+fn config(key_sha256: &str) -> Vec<u8> {
+    format!(
+        r#"{{"maxBodyBytes":65536,
+        "providers":[
+          {{"name":"oai","supportedProvider":"OPENAI_COMPATIBLE","url":"http://10.0.0.1:8000/v1","isHosted":true,"models":["m"]}},
+          {{"name":"ant","supportedProvider":"ANTHROPIC","url":"https://api.anthropic.com/v1","apiKey":"sk-ant","models":["claude"]}},
+          {{"name":"gem","supportedProvider":"GEMINI","api":"native","url":"https://generativelanguage.googleapis.com/v1beta","apiKey":"g","models":["gemini"]}}],
+        "keys":[{{"id":"k","sha256":"{key_sha256}","config":"default"}}]}}"#
+    )
+    .into_bytes()
+}
+
+/// `name: value` lines (any bytes) into header pairs.
+fn header_lines(b: &[u8]) -> Pairs {
+    b.split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let at = l.iter().position(|&c| c == b':').unwrap_or(l.len());
+            let (k, v) = l.split_at(at);
+            let v = v.strip_prefix(b":").unwrap_or(v);
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            (k.to_ascii_lowercase(), v.to_vec())
+        })
+        .collect()
+}
+
+fn pair(k: &str, v: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    (k.as_bytes().to_vec(), v.to_vec())
+}
+
+/// Every local reply the filter sends with an error status must be OpenAI-shaped JSON.
+fn check_replies(s: &State) {
+    for (code, body) in &s.replies {
+        if *code >= 400 {
+            let v: serde_json::Value = serde_json::from_slice(body)
+                .unwrap_or_else(|e| panic!("local reply {code} is not JSON ({e})"));
+            let err = v.get("error").expect("local reply without `error`");
+            assert!(err.get("message").is_some_and(|m| m.is_string()));
+        }
+    }
+}
+
+/// Input: fields separated by NUL: request header lines, request body, response header lines,
+/// response body (cut into chunks), a flags byte (model choice, stream, key present).
+pub fn lifecycle(data: &[u8]) {
+    let f = crate::fields(data, 5);
+    let get = |i: usize| f.get(i).copied().unwrap_or_default();
+    let flags = get(4).first().copied().unwrap_or(0);
+    let host = HOST.with(|h| *h);
+    let key_hash = llm_gateway::config::hash_key(KEY);
+    {
+        let mut s = host.0.borrow_mut();
+        *s = State {
+            config: config(&key_hash),
+            now_ms: 1_000,
+            ..State::default()
+        };
+    }
+    let mut root = GatewayRoot::default();
+    if !root.on_configure(0) {
+        panic!("the fuzz configuration must compile");
+    }
+    let Some(mut http) = root.create_http_context() else {
+        return;
+    };
+
+    // Request: the fuzzer's header lines first (they win lookups), then a plausible request.
+    let mut req = header_lines(get(0));
+    req.push(pair(":method", b"POST"));
+    req.push(pair(":path", b"/openai/v1/chat/completions"));
+    req.push(pair(":authority", b"gw"));
+    req.push(pair("content-type", b"application/json"));
+    if flags & 1 == 0 {
+        req.push(pair("authorization", format!("Bearer {KEY}").as_bytes()));
+    }
+    let body = if get(1).is_empty() {
+        let model = ["m", "claude", "gemini"][usize::from(flags >> 1) % 3];
+        let stream = flags & 8 != 0;
+        format!(r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"x"}}]}}"#)
+            .into_bytes()
+    } else {
+        get(1).to_vec()
+    };
+    {
+        let mut s = host.0.borrow_mut();
+        s.request_headers = req;
+        s.request_body = body.clone();
+    }
+    let flow = http.on_http_request_headers(5, false);
+    if flow == Flow::Pause || flow == Flow::Continue {
+        let _ = http.on_http_request_body(body.len(), true);
+    }
+
+    // Response: the fuzzer's header lines, then the body in chunks.
+    let mut resp = header_lines(get(2));
+    resp.push(pair(":status", b"200"));
+    host.0.borrow_mut().response_headers = resp;
+    let _ = http.on_http_response_headers(2, false);
+    let (parts, _) = crate::chunks(get(3));
+    let n = parts.len();
+    for (i, c) in parts.iter().enumerate() {
+        host.0.borrow_mut().response_body = c.to_vec();
+        let _ = http.on_http_response_body(c.len(), i + 1 == n);
+    }
+    if n == 0 {
+        host.0.borrow_mut().response_body.clear();
+        let _ = http.on_http_response_body(0, true);
+    }
+    host.0.borrow_mut().now_ms = 2_000;
+    http.on_log();
+    root.on_tick();
+    check_replies(&host.0.borrow());
+}
