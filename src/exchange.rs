@@ -127,6 +127,8 @@ struct Shared {
     buffered_reported: RefCell<usize>,
     /// Key → SHA-256 digest, for the keys this VM has seen (at most `MAX_DIGESTS`).
     digests: RefCell<HashMap<String, String>>,
+    /// Budgets and rate limits (this VM's allowances).
+    limits: RefCell<crate::limits::Limits>,
 }
 
 /// Keys whose digest a VM remembers.
@@ -158,6 +160,7 @@ impl Default for Shared {
             next_id: RefCell::default(),
             buffered_reported: RefCell::default(),
             digests: RefCell::default(),
+            limits: RefCell::default(),
         }
     }
 }
@@ -169,6 +172,7 @@ const REFRESHES_PER_TICK: usize = 64;
 /// What a callout of the root context was for.
 enum RootCallout {
     Usage,
+    Limits,
     Refresh(String),
 }
 
@@ -362,6 +366,32 @@ impl GatewayRoot {
         }
     }
 
+    /// Renews this VM's budget allowances and rate-limit shares (one callout for all active keys).
+    fn renew_limits(&mut self) {
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let now = now_ms();
+        let holder = self.shared.id_prefix.borrow().clone();
+        let Some(body) = self.shared.limits.borrow_mut().renewal(&holder, now) else {
+            return;
+        };
+        match call_sidecar(
+            &sidecar,
+            crate::limits::ALLOWANCE_PATH,
+            &body,
+            sidecar.timeout_ms,
+        ) {
+            Ok(token) => {
+                self.callouts.insert(token, RootCallout::Limits);
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot renew budget allowances: {e:?}");
+                self.shared.limits.borrow_mut().renewal_failed(now);
+            }
+        }
+    }
+
     /// A background refresh answered.
     fn on_refreshed(&mut self, hash: &str, status: Option<u32>, body: &[u8]) {
         self.shared.refresher.borrow_mut().finished(hash);
@@ -486,6 +516,20 @@ impl GatewayRoot {
                 self.on_refreshed(&hash, status, &body);
                 return;
             }
+            Some(RootCallout::Limits) => {
+                let body = host()
+                    .buffer(Buffer::CallResponseBody, 0, body)
+                    .unwrap_or_default();
+                if !self
+                    .shared
+                    .limits
+                    .borrow_mut()
+                    .on_answer(status, &body, now_ms())
+                {
+                    log::warn!("llm-gateway: budget allowances not renewed (status {status:?})");
+                }
+                return;
+            }
             Some(RootCallout::Usage) => {}
             None => return,
         }
@@ -554,6 +598,9 @@ impl GatewayRoot {
                         .reporter
                         .borrow_mut()
                         .set_max_bytes(sc.usage_buffer_bytes);
+                    self.shared
+                        .limits
+                        .replace(crate::limits::Limits::new(sc.limits_fail_open));
                 }
                 self.plan = Some(Rc::new(plan));
                 self.shared.cache.replace(IdentityCache::default());
@@ -575,6 +622,7 @@ impl GatewayRoot {
     pub fn on_tick(&mut self) {
         self.flush_usage();
         self.refresh_stale();
+        self.renew_limits();
         self.maybe_finish();
     }
 
@@ -586,6 +634,7 @@ impl GatewayRoot {
             state: State::PassThrough,
             tags: BTreeMap::new(),
             exchange: None,
+            limit_headers: Vec::new(),
         })
     }
 }
@@ -652,6 +701,8 @@ pub struct GatewayHttp {
     tags: BTreeMap<String, String>,
     /// What is known about the upstream exchange of a routed request, for its usage record.
     exchange: Option<Box<Exchange>>,
+    /// Budget and rate-limit headers for the response (`crate::limits`).
+    limit_headers: Vec<(&'static str, String)>,
 }
 
 /// A routed request's upstream exchange, observed as the response passes.
@@ -918,6 +969,9 @@ impl GatewayHttp {
             }
             Endpoint::ChatCompletions => {
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
+                if self.plan.sidecar.is_some() {
+                    self.admit(&identity)?;
+                }
                 let limit = self.plan.max_body_bytes;
                 if p.content_length.is_some_and(|n| n > limit) {
                     return Err(GatewayError::BodyTooLarge { limit });
@@ -1071,6 +1125,36 @@ impl GatewayHttp {
         }
         self.state = State::Routed(Box::new(routed));
         Ok(())
+    }
+
+    /// Budgets and rate limits of the key (this VM's allowance; no callout).
+    fn admit(&mut self, identity: &Identity) -> Result<(), GatewayError> {
+        let admitted = self.shared.limits.borrow_mut().admit(
+            &identity.key_id,
+            &identity.org_id,
+            &identity.config_id,
+            now_ms(),
+        );
+        let mut m = self.shared.metrics.borrow_mut();
+        match admitted {
+            Ok(a) => {
+                if a.soft_over {
+                    m.add(metrics::BUDGET_SOFT_EXCEEDED, 1);
+                }
+                self.limit_headers = a.headers;
+                Ok(())
+            }
+            Err(e) => {
+                m.add(
+                    match e {
+                        GatewayError::BudgetExceeded { .. } => metrics::BUDGET_REFUSED,
+                        _ => metrics::RATE_LIMITED,
+                    },
+                    1,
+                );
+                Err(e)
+            }
+        }
     }
 
     fn on_resolved(&mut self, status: Option<u32>, body: &[u8]) -> Result<Flow, GatewayError> {
@@ -1397,6 +1481,12 @@ impl GatewayHttp {
         if self.plan.sidecar.is_none() {
             return;
         }
+        self.shared.limits.borrow_mut().record(
+            &id.key_id,
+            cost.unwrap_or(0),
+            u.prompt_tokens.saturating_add(u.completion_tokens),
+            end,
+        );
         let record_id = {
             let mut n = self.shared.next_id.borrow_mut();
             *n += 1;
@@ -1512,6 +1602,11 @@ impl GatewayHttp {
             // A 429 of a provider configured to fall back on it: let Envoy try the next one.
             if ex.status == 429 && slot.attempt.provider.fallback_on429 && !slot.last {
                 set(":status", Some("503"));
+            }
+        }
+        if ex.attempt.is_none() {
+            for (name, value) in &self.limit_headers {
+                set(name, Some(value));
             }
         }
         if !chained {

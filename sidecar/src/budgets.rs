@@ -204,7 +204,10 @@ mod tests {
                 db = spent; // what was spent before this round reaches the database now
                 spent += grants;
             }
-            assert!(spent <= cap + overshoot_bound(holders, floor, 0), "{holders}: {spent}");
+            assert!(
+                spent <= cap + overshoot_bound(holders, floor, 0),
+                "{holders}: {spent}"
+            );
             assert!(spent >= cap, "{holders}: the whole cap is usable");
         }
     }
