@@ -666,6 +666,8 @@ struct Pending {
     body: Option<(Vec<u8>, usize)>,
     tags: Option<String>,
     content_length: Option<usize>,
+    /// Set while the key's budgets and rate limits are being learned (its first request on this VM).
+    limits_for: Option<Rc<Identity>>,
 }
 
 enum State {
@@ -868,6 +870,7 @@ impl GatewayHttp {
             body: None,
             tags,
             content_length,
+            limits_for: None,
         };
         match self.authenticate(pending)? {
             Next::Ready(identity, p) => self.proceed(identity, *p),
@@ -969,7 +972,12 @@ impl GatewayHttp {
             }
             Endpoint::ChatCompletions => {
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
-                if self.plan.sidecar.is_some() {
+                if let Some(sidecar) = self.plan.sidecar.clone() {
+                    if p.limits_for.is_none()
+                        && self.shared.limits.borrow().needs_fetch(&identity.key_id)
+                    {
+                        return self.learn_limits(&sidecar, identity, p);
+                    }
                     self.admit(&identity)?;
                 }
                 let limit = self.plan.max_body_bytes;
@@ -1127,6 +1135,46 @@ impl GatewayHttp {
         Ok(())
     }
 
+    /// The key's first request on this VM: ask the sidecar for its limits (one callout per key and VM;
+    /// later renewals go out on the tick), then continue in `on_resolved`.
+    fn learn_limits(
+        &mut self,
+        sidecar: &SidecarPlan,
+        identity: Rc<Identity>,
+        mut p: Pending,
+    ) -> Result<Flow, GatewayError> {
+        let now = now_ms();
+        let holder = self.shared.id_prefix.borrow().clone();
+        let body = self.shared.limits.borrow_mut().first_sight(
+            &identity.key_id,
+            &identity.org_id,
+            &identity.config_id,
+            &holder,
+            now,
+        );
+        match call_sidecar(
+            sidecar,
+            crate::limits::ALLOWANCE_PATH,
+            &body,
+            sidecar.timeout_ms,
+        ) {
+            Ok(_) => {
+                p.limits_for = Some(identity);
+                self.state = State::Resolving(Box::new(p));
+                Ok(Flow::Pause)
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot ask for budget allowances: {e:?}");
+                self.shared
+                    .limits
+                    .borrow_mut()
+                    .on_first_answer(&identity.key_id, None, b"", now);
+                p.limits_for = Some(identity.clone());
+                self.proceed(identity, p)
+            }
+        }
+    }
+
     /// Budgets and rate limits of the key (this VM's allowance; no callout).
     fn admit(&mut self, identity: &Identity) -> Result<(), GatewayError> {
         let admitted = self.shared.limits.borrow_mut().admit(
@@ -1161,6 +1209,15 @@ impl GatewayHttp {
         let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
             return Ok(Flow::Continue);
         };
+        if let Some(identity) = p.limits_for.clone() {
+            self.shared.limits.borrow_mut().on_first_answer(
+                &identity.key_id,
+                status,
+                body,
+                now_ms(),
+            );
+            return self.proceed(identity, *p);
+        }
         let Some(sidecar) = self.plan.sidecar.clone() else {
             return Err(GatewayError::InvalidApiKey);
         };

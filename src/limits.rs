@@ -205,6 +205,69 @@ impl Limits {
         }
     }
 
+    /// A key this VM has never asked about (and could track): its limits must be learned before its
+    /// first request is admitted ([`Limits::first_sight`], one callout per key and VM).
+    pub fn needs_fetch(&self, key_id: &str) -> bool {
+        match self.keys.get(key_id) {
+            Some(k) => k.answered_ms.is_none(),
+            None => self.keys.len() < MAX_KEYS,
+        }
+    }
+
+    /// Tracks a key seen for the first time; the body asks the sidecar about it alone.
+    pub fn first_sight(
+        &mut self,
+        key_id: &str,
+        org: &str,
+        config: &str,
+        holder: &str,
+        now: u64,
+    ) -> Vec<u8> {
+        self.track(key_id, org, config, now);
+        let keys = [json!({"keyId": key_id, "orgId": org, "configId": config})];
+        json!({"holder": holder, "keys": keys})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// The sidecar answered (or not) about a key seen for the first time: without an answer the key
+    /// is treated as past its lease (the failure policy decides), until a renewal succeeds.
+    pub fn on_first_answer(&mut self, key_id: &str, status: Option<u32>, body: &[u8], now: u64) {
+        let ok = status == Some(200) && self.apply(body, now);
+        if let Some(k) = self.keys.get_mut(key_id) {
+            if !ok || k.answered_ms.is_none() {
+                k.answered_ms = Some(now);
+                k.lease_until_ms = now;
+            }
+        }
+    }
+
+    fn track(&mut self, key_id: &str, org: &str, config: &str, now: u64) {
+        if self.keys.contains_key(key_id) {
+            return;
+        }
+        if self.keys.len() >= MAX_KEYS {
+            self.keys
+                .retain(|_, k| now.saturating_sub(k.seen_ms) < IDLE_MS);
+        }
+        if self.keys.len() >= MAX_KEYS {
+            return;
+        }
+        self.keys.insert(
+            key_id.to_string(),
+            KeyState {
+                org: org.to_string(),
+                config: config.to_string(),
+                seen_ms: now,
+                answered_ms: None,
+                lease_until_ms: 0,
+                requests: None,
+                tokens: None,
+                budgets: Vec::new(),
+            },
+        );
+    }
+
     /// Whether a request of `key_id` may start now.
     pub fn admit(
         &mut self,
@@ -213,30 +276,7 @@ impl Limits {
         config: &str,
         now: u64,
     ) -> Result<Admitted, GatewayError> {
-        if !self.keys.contains_key(key_id) {
-            if self.keys.len() >= MAX_KEYS {
-                self.keys
-                    .retain(|_, k| now.saturating_sub(k.seen_ms) < IDLE_MS);
-            }
-            if self.keys.len() >= MAX_KEYS {
-                return Ok(Admitted::default());
-            }
-            self.keys.insert(
-                key_id.to_string(),
-                KeyState {
-                    org: org.to_string(),
-                    config: config.to_string(),
-                    seen_ms: now,
-                    answered_ms: None,
-                    lease_until_ms: 0,
-                    requests: None,
-                    tokens: None,
-                    budgets: Vec::new(),
-                },
-            );
-            // Renew at once: the key's limits are learned on this VM's next tick.
-            self.next_renew_ms = 0;
-        }
+        self.track(key_id, org, config, now);
         let Some(k) = self.keys.get_mut(key_id) else {
             return Ok(Admitted::default());
         };
@@ -363,9 +403,10 @@ impl Limits {
     /// allowances until their lease ends.
     pub fn on_answer(&mut self, status: Option<u32>, body: &[u8], now: u64) -> bool {
         self.renewal_failed(now);
-        if status != Some(200) {
-            return false;
-        }
+        status == Some(200) && self.apply(body, now)
+    }
+
+    fn apply(&mut self, body: &[u8], now: u64) -> bool {
         let Ok(a) = serde_json::from_slice::<Answer>(body) else {
             return false;
         };
@@ -603,6 +644,30 @@ mod tests {
             l.renewal("h", 1000 + IDLE_MS + RENEW_MS).is_none(),
             "idle keys dropped"
         );
+    }
+
+    #[test]
+    fn first_sight_learns_before_admitting() {
+        for open in [true, false] {
+            let mut l = Limits::new(open);
+            assert!(l.needs_fetch("k1"));
+            let body = l.first_sight("k1", "o", "c", "h", 0);
+            assert!(String::from_utf8(body)
+                .unwrap()
+                .contains("\"keyId\":\"k1\""));
+            l.on_first_answer("k1", Some(200), &answer(json!([]), Some(1), None), 0);
+            assert!(!l.needs_fetch("k1"));
+            assert!(l.admit("k1", "o", "c", 1).is_ok());
+            assert!(
+                l.admit("k1", "o", "c", 2).is_err(),
+                "1 rpm applies to the second request"
+            );
+            // No answer for a new key: the failure policy applies at once.
+            l.first_sight("k2", "o", "c", "h", 0);
+            l.on_first_answer("k2", None, b"", 0);
+            assert!(!l.needs_fetch("k2"));
+            assert_eq!(l.admit("k2", "o", "c", 1).is_ok(), open);
+        }
     }
 
     #[test]

@@ -107,6 +107,15 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// How long a holder (a filter VM) may keep enforcing from a grant without renewing it.
 pub const DEFAULT_LEASE_SECONDS: u64 = 30;
+
+/// The lease: `LLM_GATEWAY_LIMITS_LEASE_SECONDS` (1-3600), else [`DEFAULT_LEASE_SECONDS`].
+pub fn lease_seconds() -> u64 {
+    std::env::var("LLM_GATEWAY_LIMITS_LEASE_SECONDS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .unwrap_or(DEFAULT_LEASE_SECONDS)
+}
 /// A holder counts as active (sharing rate limits and budgets) this long after its last renewal.
 pub const HOLDER_ACTIVE_MS: i64 = 10_000;
 

@@ -660,7 +660,7 @@ async fn allowances(
         }));
     }
     Ok(Json(json!({
-        "leaseSeconds": budgets::DEFAULT_LEASE_SECONDS,
+        "leaseSeconds": budgets::lease_seconds(),
         "keys": out,
     })))
 }
