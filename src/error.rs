@@ -41,7 +41,12 @@ pub enum GatewayError {
     /// The provider answered with a body the gateway cannot translate (e.g. not the JSON it documents).
     BadUpstreamResponse { reason: String },
     /// A budget of the key, its config or organization is used up (or this instance's allowance is).
-    BudgetExceeded { message: String, retry_after: u64 },
+    BudgetExceeded {
+        message: String,
+        retry_after: u64,
+        /// Not the budget itself: this instance's allowance of it, until the next renewal.
+        renewing: bool,
+    },
     /// A per-minute request or token limit is reached; `headers` are the `x-ratelimit-*` headers.
     RateLimited {
         message: String,
@@ -124,7 +129,10 @@ impl GatewayError {
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
             GatewayError::KeyLookupRateLimited => "key_lookup_rate_limited",
-            GatewayError::BudgetExceeded { .. } => "budget_exceeded",
+            GatewayError::BudgetExceeded {
+                renewing: false, ..
+            } => "budget_exceeded",
+            GatewayError::BudgetExceeded { renewing: true, .. } => "budget_allowance_renewing",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::LimitsUnavailable => "limits_unavailable",
             GatewayError::DestinationForbidden { .. } => "destination_forbidden",

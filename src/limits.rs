@@ -310,6 +310,7 @@ impl Limits {
                         b.grant.name, b.grant.scope, b.grant.resets_at
                     ),
                     retry_after: retry_secs(wait),
+                    renewing: false,
                 });
             }
             if !b.allowance_left() {
@@ -319,6 +320,7 @@ impl Limits {
                         b.grant.name, b.grant.scope
                     ),
                     retry_after: 1,
+                    renewing: true,
                 });
             }
         }
@@ -543,6 +545,10 @@ mod tests {
         l.record("k1", 1500, 10, 20);
         let e = l.admit("k1", "o", "c", 30).unwrap_err();
         assert_eq!(e.status(), 429);
+        assert_eq!(
+            (e.kind(), e.code()),
+            ("insufficient_quota", "budget_exceeded")
+        );
         assert!(e.message().contains("'team'") && e.message().contains("2026-12-02T00:00:00Z"));
         assert!(e.headers().contains(&("retry-after", "100".to_string())));
         // The window resets: the sidecar grants again.
@@ -562,6 +568,7 @@ mod tests {
         l.record("k1", 100, 1, 1);
         let e = l.admit("k1", "o", "c", 2).unwrap_err();
         assert!(e.message().contains("allowance"));
+        assert_eq!(e.code(), "budget_allowance_renewing");
         assert!(e.headers().contains(&("retry-after", "1".to_string())));
     }
 
