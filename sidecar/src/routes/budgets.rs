@@ -261,6 +261,12 @@ async fn create_budget(
             "set max_usd, max_tokens or both",
         ));
     }
+    if input.window_seconds == Some(0) {
+        return Err(
+            ApiError::bad_request("invalid_value", "window_seconds must be >= 1")
+                .with_param("window_seconds"),
+        );
+    }
     let window_seconds = match (input.period, input.window_seconds) {
         (Period::Fixed, Some(s)) if s >= 1 => i64::try_from(s).unwrap_or(i64::MAX),
         (Period::Fixed, _) => {
