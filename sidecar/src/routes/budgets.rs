@@ -213,11 +213,15 @@ async fn org_budgets(conn: &mut AnyConnection, org: &str) -> ApiResult<Vec<Budge
         .collect()
 }
 
-/// The organization's budgets with their current spend (also part of `GET /v1/llm/usage`'s answer).
-pub async fn budgets_with_spend(conn: &mut AnyConnection, org: &str) -> ApiResult<Value> {
+/// The caller's budgets with their current spend (also part of `GET /v1/llm/usage`'s answer).
+/// Cluster-scoped callers see the organization's and config budgets and their own key's.
+pub async fn budgets_with_spend(conn: &mut AnyConnection, caller: &Caller) -> ApiResult<Value> {
     let now = now_ms();
     let mut out = Vec::new();
-    for b in org_budgets(conn, org).await? {
+    for b in org_budgets(conn, &caller.org_id).await? {
+        if caller.cluster_id.is_some() && b.scope == Scope::Key && b.scope_id != caller.key_id {
+            continue;
+        }
         out.push(budget_out(conn, &b, now).await?);
     }
     Ok(serde_json::to_value(out).unwrap_or(Value::Null))
