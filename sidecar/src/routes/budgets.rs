@@ -250,7 +250,7 @@ async fn create_budget(
     }
     let max_nusd = match input.max_usd {
         None => None,
-        Some(u) if u.is_finite() && u >= 0.0 && u < 1e9 => Some((u * 1e9).round() as u64),
+        Some(u) if (0.0..1e9).contains(&u) => Some((u * 1e9).round() as u64),
         Some(_) => {
             return Err(ApiError::bad_request(
                 "invalid_value",
@@ -507,6 +507,9 @@ async fn list_rate_limits(
     Ok(Json(RateLimitsOut { data }))
 }
 
+/// A stored rate limit: scope, scope id, requests and tokens per minute.
+type RateRow = (Scope, String, Option<u64>, Option<u64>);
+
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AllowanceKey {
@@ -554,8 +557,7 @@ async fn allowances(
     // Per organization: active holders, budgets, rate limits (each read once per answer).
     let mut holders: HashMap<String, u64> = HashMap::new();
     let mut org_b: HashMap<String, Vec<Budget>> = HashMap::new();
-    let mut org_rl: HashMap<String, Vec<(Scope, String, Option<u64>, Option<u64>)>> =
-        HashMap::new();
+    let mut org_rl: HashMap<String, Vec<RateRow>> = HashMap::new();
     let mut spent: HashMap<String, (u64, u64, i64, i64)> = HashMap::new();
     let mut out = Vec::new();
     for k in &input.keys {
