@@ -153,6 +153,10 @@ def test_budget_refuses_after_crossing_and_resets(world):
     # Also in the usage API.
     s, u = sc.api("GET", "/v1/llm/usage")
     assert any(x["id"] == b["id"] and x["exceeded"] for x in u["budgets"]), u["budgets"]
+    # And in the savings report.
+    s, _, html = request("GET", sc.url + "/v1/llm/report", headers={"x-api-key": ADMIN})
+    assert s == 200 and b'data-section="budgets"' in html and b"team-a burst" in html, html[-2000:]
+    assert b"used up: requests refused" in html
     # The window resets: served again (after the next renewal).
     time.sleep(int(h["retry-after"]) + 1.5)
     s, h, body = chat(envoy, key)
