@@ -1786,6 +1786,71 @@ mod tests {
         assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
     }
 
+    /// Budgets and rate limits through the host: the key's first request waits for one allowance
+    /// callout, gets the x-ratelimit-* headers; past the limit the next request is a 429 with them.
+    #[test]
+    fn limits_are_learned_then_enforced_with_headers() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().now_ms = 1_000;
+        f.st().config = serde_json::json!({
+            "sidecar": {"token": "t"},
+            "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                           "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        {
+            let st = f.st();
+            let (_, h, b) = st.calls.last().unwrap();
+            assert!(h.contains(&(":path".into(), crate::limits::ALLOWANCE_PATH.into())));
+            assert!(String::from_utf8_lossy(b).contains(r#""keyId":"k""#));
+        }
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Pause);
+        let answer = serde_json::json!({"leaseSeconds": 30, "keys": [{"keyId": "k",
+            "requestsPerMinute": 1, "requestsShare": 1, "budgets": []}]})
+        .to_string();
+        f.st().call_response_headers = headers(&[(":status", b"200")]);
+        f.st().call_response_body = answer.clone().into_bytes();
+        http.on_http_call_response(1, 1, answer.len(), 0);
+        assert_eq!(f.st().resumed, 1);
+        assert!(f.st().local_replies.is_empty());
+        f.st().response_headers = headers(&[(":status", b"200")]);
+        http.on_http_response_headers(1, false);
+        assert_eq!(
+            get(&f.st().response_headers, "x-ratelimit-limit-requests").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            get(&f.st().response_headers, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+        http.on_log();
+        // The second request of the minute: refused locally, no callout.
+        let calls = f.st().calls.len();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        assert_eq!(f.st().calls.len(), calls);
+        let (code, v) = reply(f);
+        assert_eq!(code, 429);
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        let st = f.st();
+        let (_, h, _) = &st.local_replies[0];
+        assert!(h.iter().any(|(k, v)| k == "retry-after" && v == b"60"));
+        assert!(h.iter().any(|(k, _)| k == "x-ratelimit-reset-requests"));
+        drop(st);
+        assert_eq!(f.metric(metrics::RATE_LIMITED), Some(1));
+    }
+
     #[test]
     fn the_record_says_what_the_client_received() {
         let (f, root) = vm();
