@@ -1144,6 +1144,15 @@ impl GatewayHttp {
         mut p: Pending,
     ) -> Result<Flow, GatewayError> {
         let now = now_ms();
+        if !self.shared.breaker.borrow_mut().allow(now) {
+            // The sidecar is failing: no callout (and no wait); the failure policy decides.
+            self.shared
+                .limits
+                .borrow_mut()
+                .on_first_answer(&identity.key_id, None, b"", now);
+            p.limits_for = Some(identity.clone());
+            return self.proceed(identity, p);
+        }
         let holder = self.shared.id_prefix.borrow().clone();
         let body = self.shared.limits.borrow_mut().first_sight(
             &identity.key_id,
@@ -1165,6 +1174,7 @@ impl GatewayHttp {
             }
             Err(e) => {
                 log::warn!("llm-gateway: cannot ask for budget allowances: {e:?}");
+                self.shared.breaker.borrow_mut().failure(now);
                 self.shared
                     .limits
                     .borrow_mut()
@@ -1210,6 +1220,11 @@ impl GatewayHttp {
             return Ok(Flow::Continue);
         };
         if let Some(identity) = p.limits_for.clone() {
+            // Counts for the breaker like a resolve: a failing sidecar stops costing first requests.
+            match status {
+                Some(s) if s < 500 => self.shared.breaker.borrow_mut().success(),
+                _ => self.shared.breaker.borrow_mut().failure(now_ms()),
+            }
             self.shared.limits.borrow_mut().on_first_answer(
                 &identity.key_id,
                 status,
