@@ -143,9 +143,9 @@ def test_budget_refuses_after_crossing_and_resets(world):
     assert 1 <= int(h["retry-after"]) <= 8
     assert h["content-type"] == "application/json"
     assert any("x-llm-gateway-budget-remaining" in x for x in ok), ok
-    # Sequential requests: at most one request (in flight when the cap is crossed) past the bound.
+    # The documented bound C + 2·H·(floor + largest request) + other requests in flight (none here).
     floor = max(1, 10_000 // 100)
-    bound = 10_000 + 2 * VMS_PER_ENVOY * floor + PER_REQ_NUSD
+    bound = 10_000 + 2 * VMS_PER_ENVOY * (floor + PER_REQ_NUSD)
     time.sleep(1.5)  # usage records reach the sidecar on the filter's tick
     spent = round(budget(sc, b["id"])["spent_usd"] * 1e9)
     assert 10_000 <= spent <= bound, (spent, bound, len(ok))
@@ -161,6 +161,36 @@ def test_budget_refuses_after_crossing_and_resets(world):
     time.sleep(int(h["retry-after"]) + 1.5)
     s, h, body = chat(envoy, key)
     assert s == 200, body
+
+
+def test_a_stream_is_never_cut_the_next_request_is_refused(world):
+    sc, envoy, up = world
+    key, kid = new_key(sc, {"name": "streams", "config_id": "default"})
+    s, b = sc.api("POST", "/v1/llm/budgets", {"name": "stream tokens", "scope": "key", "scope_id": kid,
+                                              "period": "day", "max_tokens": 15})
+    assert s == 201, b
+    hdrs = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    streamed, deadline = 0, time.time() + 20
+    while time.time() < deadline:
+        s, h, body = request("POST", envoy.url + CHAT, dict(BODY, stream=True), hdrs)
+        if s == 200:
+            # Each stream (10 tokens) is delivered whole, also the one that crosses the cap.
+            assert body.rstrip().endswith(b"data: [DONE]"), body
+            assert body.count(b"chat.completion.chunk") >= 2
+            streamed += 1
+            continue
+        err = json.loads(body)["error"]
+        assert s == 429, body
+        if err["code"] == "budget_allowance_renewing":
+            time.sleep(0.5)
+            continue
+        assert err["code"] == "budget_exceeded" and "stream tokens" in err["message"], err
+        break
+    time.sleep(1.5)
+    spent = budget(sc, b["id"])["spent_tokens"]
+    # At least 10 then 20 tokens (past 15); at most the documented bound with 1-token floors.
+    assert streamed >= 2 and spent == 10 * streamed, (streamed, spent)
+    assert 15 <= spent <= 15 + 2 * VMS_PER_ENVOY * (1 + 10), spent
 
 
 def test_rate_limits_with_headers(world):
@@ -316,7 +346,7 @@ def test_two_envoys_two_sidecars_one_postgres_stay_within_the_bound(postgres):
         spent = round(budget(a, doc["id"])["spent_usd"] * 1e9)
         holders = 2 * VMS_PER_ENVOY
         floor = cap // 100
-        bound = cap + 2 * holders * floor + threads * PER_REQ_NUSD
+        bound = cap + 2 * holders * (floor + PER_REQ_NUSD) + threads * PER_REQ_NUSD
         print("served", counts, "spent", spent, "cap", cap, "bound", bound)
         assert spent == counts["ok"] * PER_REQ_NUSD
         assert cap <= spent <= bound, (spent, bound)
