@@ -87,7 +87,9 @@ def add_provider(sc, upstream):
 
 
 def gateway(sc, mode="open"):
-    return Envoy({"sidecar": {"token": TOKEN, "timeoutMs": 1000, "limitsFailureMode": mode},
+    # A generous callout timeout: on a loaded CI machine a first-sight allowance callout that times out
+    # would apply the failure policy (open) to the key until the next renewal, outside the bound.
+    return Envoy({"sidecar": {"token": TOKEN, "timeoutMs": 5000, "limitsFailureMode": mode},
                   "providers": [], "keys": []}, sidecar_port=sc.port).start()
 
 
@@ -356,7 +358,12 @@ def test_two_envoys_two_sidecars_one_postgres_stay_within_the_bound(postgres):
                 s, h, body = chat(e, key)
                 assert s == 429 and body["error"]["code"] in ("budget_exceeded", "budget_allowance_renewing"), body
     finally:
+        for sc in (a, b):
+            with open(os.path.join(sc.dir, "sidecar.log"), errors="replace") as f:
+                bad = [line for line in f if '"status":5' in line or "ERROR" in line]
+            print("sidecar errors:", len(bad), bad[:3])
         for e in envoys:
+            print("envoy warnings:", [l for l in e.logs().splitlines() if "allowance" in l][:5])
             e.stop()
         a.stop()
         b.stop()
