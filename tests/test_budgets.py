@@ -352,7 +352,9 @@ def test_two_envoys_two_sidecars_one_postgres_stay_within_the_bound(postgres):
         print("served", counts, "spent", spent, "cap", cap, "bound", bound)
         assert spent == counts["ok"] * PER_REQ_NUSD
         assert cap <= spent <= bound, (spent, bound)
-        # Both Envoys are refused now, whichever sidecar and worker answers.
+        # Both Envoys are refused now, whichever sidecar and worker answers (once every holder renewed
+        # after the last records reached the database).
+        time.sleep(1.5)
         for e in envoys:
             for _ in range(3):
                 s, h, body = chat(e, key)
