@@ -528,6 +528,7 @@ impl GatewayRoot {
                 {
                     log::warn!("llm-gateway: budget allowances not renewed (status {status:?})");
                 }
+                share_limits(&self.shared);
                 return;
             }
             Some(RootCallout::Usage) => {}
@@ -975,6 +976,7 @@ impl GatewayHttp {
                 if let Some(sidecar) = self.plan.sidecar.clone() {
                     if p.limits_for.is_none()
                         && self.shared.limits.borrow().needs_fetch(&identity.key_id)
+                        && !adopt_shared_limits(&self.shared, &identity)
                     {
                         return self.learn_limits(&sidecar, identity, p);
                     }
@@ -1231,6 +1233,7 @@ impl GatewayHttp {
                 body,
                 now_ms(),
             );
+            share_limits(&self.shared);
             return self.proceed(identity, *p);
         }
         let Some(sidecar) = self.plan.sidecar.clone() else {
@@ -1238,6 +1241,31 @@ impl GatewayHttp {
         };
         let identity = store_answer(&self.shared, &sidecar, &p.hash, status, body)?;
         self.proceed(identity, *p)
+    }
+}
+
+/// A key's limits learned by another worker of this Envoy (shared data), adopted without a callout.
+fn adopt_shared_limits(shared: &Shared, identity: &Identity) -> bool {
+    let key = crate::limits::shared_key(&identity.key_id);
+    match host().shared_get(&key) {
+        Ok(Some(record)) => shared.limits.borrow_mut().adopt_shared(
+            &identity.key_id,
+            &identity.org_id,
+            &identity.config_id,
+            &record,
+            now_ms(),
+        ),
+        _ => false,
+    }
+}
+
+/// Shares the answers this VM learned with the other workers (at most one record per key per 10 s).
+fn share_limits(shared: &Shared) {
+    let records = shared.limits.borrow_mut().take_shared();
+    for (key, record) in records {
+        if let Err(e) = host().shared_set(&key, Some(&record)) {
+            log::warn!("llm-gateway: cannot share budget allowances: {e:?}");
+        }
     }
 }
 
@@ -1838,6 +1866,8 @@ mod tests {
         http.on_http_call_response(1, 1, answer.len(), 0);
         assert_eq!(f.st().resumed, 1);
         assert!(f.st().local_replies.is_empty());
+        // Shared with the other workers, so that their first request of the key needs no callout.
+        assert!(f.st().shared.contains_key(&crate::limits::shared_key("k")));
         f.st().response_headers = headers(&[(":status", b"200")]);
         http.on_http_response_headers(1, false);
         assert_eq!(

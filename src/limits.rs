@@ -7,7 +7,7 @@
 
 use crate::error::GatewayError;
 use hashbrown::HashMap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// The sidecar's allowance endpoint.
@@ -22,7 +22,7 @@ pub const IDLE_MS: u64 = 60_000;
 pub const RENEW_MS: u64 = 500;
 
 /// One budget's allowance for this holder, as the sidecar grants it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Grant {
     pub id: String,
@@ -38,7 +38,7 @@ pub struct Grant {
     pub exhausted: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 struct KeyAnswer {
     key_id: String,
@@ -47,6 +47,24 @@ struct KeyAnswer {
     requests_share: Option<u64>,
     tokens_share: Option<u64>,
     budgets: Vec<Grant>,
+}
+
+/// A key's answer as one VM shares it with the other workers of its Envoy (shared data), so that
+/// their first request of the key needs no callout.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+struct SharedAnswer {
+    at: u64,
+    lease_ms: u64,
+    key: KeyAnswer,
+}
+
+/// A VM shares a key's answer at most this often.
+const SHARE_EVERY_MS: u64 = 10_000;
+
+/// Shared-data key of a key's answer.
+pub fn shared_key(key_id: &str) -> String {
+    format!("llmgw.limits.{key_id}")
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +193,8 @@ struct KeyState {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     budgets: Vec<BudgetState>,
+    /// When this VM last shared the key's answer.
+    shared_ms: Option<u64>,
 }
 
 /// What an admitted request carries: response headers, and whether a soft budget is past its cap.
@@ -192,6 +212,8 @@ pub struct Limits {
     pub fail_open: bool,
     in_flight: bool,
     next_renew_ms: u64,
+    /// Answers to write to shared data (`shared_key` → record), taken by the host adapter.
+    to_share: Vec<(String, Vec<u8>)>,
 }
 
 fn retry_secs(ms: u64) -> u64 {
@@ -265,6 +287,7 @@ impl Limits {
                 requests: None,
                 tokens: None,
                 budgets: Vec::new(),
+                shared_ms: None,
             },
         );
     }
@@ -418,27 +441,85 @@ impl Limits {
             let Some(k) = self.keys.get_mut(&ka.key_id) else {
                 continue;
             };
-            k.answered_ms = Some(now);
-            k.lease_until_ms = now.saturating_add(lease);
-            k.requests = merge_bucket(
-                k.requests.take(),
-                ka.requests_per_minute,
-                ka.requests_share,
-                now,
-            );
-            k.tokens = merge_bucket(k.tokens.take(), ka.tokens_per_minute, ka.tokens_share, now);
-            k.budgets = ka
-                .budgets
-                .into_iter()
-                .map(|grant| BudgetState {
-                    grant,
-                    used_nano_usd: 0,
-                    used_tokens: 0,
-                })
-                .collect();
+            if k.shared_ms
+                .is_none_or(|t| now.saturating_sub(t) >= SHARE_EVERY_MS)
+            {
+                k.shared_ms = Some(now);
+                let record = SharedAnswer {
+                    at: now,
+                    lease_ms: lease,
+                    key: ka.clone(),
+                };
+                if let Ok(b) = serde_json::to_vec(&record) {
+                    self.to_share.push((shared_key(&ka.key_id), b));
+                }
+            }
+            apply_key(k, ka, now, now.saturating_add(lease), false);
         }
         true
     }
+
+    /// Answers to write to shared data since the last call.
+    pub fn take_shared(&mut self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut self.to_share)
+    }
+
+    /// A key seen for the first time on this VM, answered by another worker recently (its shared
+    /// record, within the lease): rate-limit shares and budget states apply at once, without a
+    /// callout; this VM may admit one request per budget until its own renewal (next tick) brings its
+    /// own grant. Returns whether the record was used.
+    pub fn adopt_shared(
+        &mut self,
+        key_id: &str,
+        org: &str,
+        config: &str,
+        record: &[u8],
+        now: u64,
+    ) -> bool {
+        let Ok(r) = serde_json::from_slice::<SharedAnswer>(record) else {
+            return false;
+        };
+        let until = r.at.saturating_add(r.lease_ms.min(3_600_000));
+        if r.key.key_id != key_id || now >= until {
+            return false;
+        }
+        self.track(key_id, org, config, now);
+        let Some(k) = self.keys.get_mut(key_id) else {
+            return false;
+        };
+        k.shared_ms = Some(r.at);
+        apply_key(k, r.key, now, until, true);
+        true
+    }
+}
+
+/// Applies a key's answer. `one_request`: the grants are another holder's; this one may start one
+/// request per budget (a grant of one unit) until its own renewal.
+fn apply_key(k: &mut KeyState, ka: KeyAnswer, now: u64, lease_until: u64, one_request: bool) {
+    k.answered_ms = Some(now);
+    k.lease_until_ms = lease_until;
+    k.requests = merge_bucket(
+        k.requests.take(),
+        ka.requests_per_minute,
+        ka.requests_share,
+        now,
+    );
+    k.tokens = merge_bucket(k.tokens.take(), ka.tokens_per_minute, ka.tokens_share, now);
+    k.budgets = ka
+        .budgets
+        .into_iter()
+        .map(|mut grant| {
+            if one_request {
+                grant.grant_nano_usd = grant.grant_nano_usd.map(|g| g.min(1));
+                grant.grant_tokens = grant.grant_tokens.map(|g| g.min(1));
+            }
+            BudgetState {
+                grant,
+                used_nano_usd: 0,
+                used_tokens: 0,
+            }
+        })
+        .collect();
 }
 
 fn merge_bucket(
@@ -676,6 +757,35 @@ mod tests {
             assert!(!l.needs_fetch("k2"));
             assert_eq!(l.admit("k2", "o", "c", 1).is_ok(), open);
         }
+    }
+
+    #[test]
+    fn other_workers_answers_are_adopted_for_one_request() {
+        let mut a = Limits::new(true);
+        known(&mut a, &answer(budget(1000, 500, false), Some(10), None));
+        let shared = a.take_shared();
+        assert_eq!(shared.len(), 1);
+        assert_eq!(shared[0].0, shared_key("k1"));
+        assert!(a.take_shared().is_empty());
+        let mut b = Limits::new(true);
+        assert!(
+            !b.adopt_shared("k2", "o", "c", &shared[0].1, 10),
+            "another key's record"
+        );
+        assert!(
+            !b.adopt_shared("k1", "o", "c", &shared[0].1, 30_000),
+            "past the lease"
+        );
+        assert!(b.adopt_shared("k1", "o", "c", &shared[0].1, 10));
+        assert!(!b.needs_fetch("k1"));
+        let ok = b.admit("k1", "o", "c", 11).unwrap();
+        assert!(ok
+            .headers
+            .contains(&("x-ratelimit-limit-requests", "10".into())));
+        b.record("k1", 5, 1, 12);
+        let e = b.admit("k1", "o", "c", 13).unwrap_err();
+        assert_eq!(e.code(), "budget_allowance_renewing");
+        assert!(!b.adopt_shared("k1", "o", "c", b"garbage", 10));
     }
 
     #[test]
