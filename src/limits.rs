@@ -36,6 +36,8 @@ pub struct Grant {
     pub grant_nano_usd: Option<u64>,
     pub grant_tokens: Option<u64>,
     pub exhausted: bool,
+    pub max_nano_usd: Option<u64>,
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -466,8 +468,8 @@ impl Limits {
 
     /// A key seen for the first time on this VM, answered by another worker recently (its shared
     /// record, within the lease): rate-limit shares and budget states apply at once, without a
-    /// callout; this VM may admit one request per budget until its own renewal (next tick) brings its
-    /// own grant. Returns whether the record was used.
+    /// callout; this VM may spend at most a floor (1% of the cap) of each budget until its own
+    /// renewal (next tick) brings its own grant. Returns whether the record was used.
     pub fn adopt_shared(
         &mut self,
         key_id: &str,
@@ -493,9 +495,9 @@ impl Limits {
     }
 }
 
-/// Applies a key's answer. `one_request`: the grants are another holder's; this one may start one
-/// request per budget (a grant of one unit) until its own renewal.
-fn apply_key(k: &mut KeyState, ka: KeyAnswer, now: u64, lease_until: u64, one_request: bool) {
+/// Applies a key's answer. `adopted`: the grants are another holder's; this one may spend at most a
+/// floor of each budget until its own renewal.
+fn apply_key(k: &mut KeyState, ka: KeyAnswer, now: u64, lease_until: u64, adopted: bool) {
     k.answered_ms = Some(now);
     k.lease_until_ms = lease_until;
     k.requests = merge_bucket(
@@ -509,9 +511,14 @@ fn apply_key(k: &mut KeyState, ka: KeyAnswer, now: u64, lease_until: u64, one_re
         .budgets
         .into_iter()
         .map(|mut grant| {
-            if one_request {
-                grant.grant_nano_usd = grant.grant_nano_usd.map(|g| g.min(1));
-                grant.grant_tokens = grant.grant_tokens.map(|g| g.min(1));
+            if adopted {
+                // Another holder's grant: this one may spend at most a floor (1% of the cap, as the
+                // sidecar's floor) until its own renewal.
+                let floor = |max: Option<u64>| max.map_or(1, |m| (m / 100).max(1));
+                grant.grant_nano_usd = grant
+                    .grant_nano_usd
+                    .map(|g| g.min(floor(grant.max_nano_usd)));
+                grant.grant_tokens = grant.grant_tokens.map(|g| g.min(floor(grant.max_tokens)));
             }
             BudgetState {
                 grant,
@@ -782,7 +789,7 @@ mod tests {
         assert!(ok
             .headers
             .contains(&("x-ratelimit-limit-requests", "10".into())));
-        b.record("k1", 5, 1, 12);
+        b.record("k1", 10, 1, 12); // the floor: 1% of a 1000 cap (test budgets have no max: 1)
         let e = b.admit("k1", "o", "c", 13).unwrap_err();
         assert_eq!(e.code(), "budget_allowance_renewing");
         assert!(!b.adopt_shared("k1", "o", "c", b"garbage", 10));

@@ -150,7 +150,9 @@ pub fn share(limit: u64, holders: u64) -> u64 {
 /// spends at most one floor grant plus one request per renewal (it admits while its spend is below
 /// the grant; the last request admitted may cost `max_request`), and the database lags by one
 /// renewal: two such rounds per holder; plus the other requests in flight when the cap is reached
-/// (concurrent requests admitted before the refusal, counted when they end).
+/// (concurrent requests admitted before the refusal, counted when they end). The filter adds one more
+/// `floor + max_request` per holder once per key (a worker adopting another worker's answer), which
+/// docs/operations.md adds to this steady-state bound.
 #[cfg_attr(not(test), allow(dead_code))]
 pub fn overshoot_bound(holders: u64, floor: u64, max_request: u64, in_flight_cost: u64) -> u64 {
     holders
