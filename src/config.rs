@@ -143,6 +143,14 @@ pub struct SidecarSpec {
     /// resolved by the sidecar whose URL the policy refuses are refused by the filter too.
     #[serde(default)]
     pub allowed_destinations: String,
+    /// Budgets when the sidecar has not renewed an allowance within its lease: `open` (admit) or
+    /// `closed` (503 `limits_unavailable`). See docs/operations.md, "Budgets and rate limits".
+    #[serde(default = "default_limits_failure_mode")]
+    pub limits_failure_mode: String,
+}
+
+fn default_limits_failure_mode() -> String {
+    "open".to_string()
 }
 
 fn default_sidecar_cluster() -> String {
@@ -191,6 +199,8 @@ pub struct SidecarPlan {
     pub breaker_cooldown_ms: u64,
     pub usage_buffer_bytes: usize,
     pub destinations: crate::destination::Policy,
+    /// Past an allowance's lease: admit (true) or refuse (false).
+    pub limits_fail_open: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -627,6 +637,15 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
                 usage_buffer_bytes: sc.usage_buffer_bytes,
                 destinations: crate::destination::Policy::parse(&sc.allowed_destinations)
                     .map_err(|e| format!("sidecar.allowedDestinations: {e}"))?,
+                limits_fail_open: match sc.limits_failure_mode.as_str() {
+                    "open" => true,
+                    "closed" => false,
+                    other => {
+                        return Err(format!(
+                            "sidecar.limitsFailureMode: '{other}' is not open or closed"
+                        ))
+                    }
+                },
             })
         }
     };

@@ -50,6 +50,22 @@ pub enum GatewayError {
     DestinationForbidden { provider: String, reason: String },
     /// The provider answered with a body the gateway cannot translate (e.g. not the JSON it documents).
     BadUpstreamResponse { reason: String },
+    /// A budget of the key, its config or organization is used up (or this instance's allowance is).
+    BudgetExceeded {
+        message: String,
+        retry_after: u64,
+        /// Not the budget itself: this instance's allowance of it, until the next renewal.
+        renewing: bool,
+    },
+    /// A per-minute request or token limit is reached; `headers` are the `x-ratelimit-*` headers.
+    RateLimited {
+        message: String,
+        retry_after: u64,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// Budgets cannot be enforced: the control plane did not renew the allowance within its lease
+    /// and the policy is to fail closed.
+    LimitsUnavailable,
     /// Anything else that is our fault.
     Internal { reason: String },
     /// Anthropic `count_tokens` for a provider without that API.
@@ -76,7 +92,10 @@ impl GatewayError {
             GatewayError::ModelOutOfScope { .. } => 403,
             GatewayError::NoProviderConfigured | GatewayError::ProviderMisconfigured { .. } => 500,
             GatewayError::ControlPlaneUnavailable => 503,
-            GatewayError::KeyLookupRateLimited => 429,
+            GatewayError::KeyLookupRateLimited
+            | GatewayError::BudgetExceeded { .. }
+            | GatewayError::RateLimited { .. } => 429,
+            GatewayError::LimitsUnavailable => 503,
             GatewayError::DestinationForbidden { .. } => 403,
             GatewayError::BadUpstreamResponse { .. } => 502,
             GatewayError::Internal { .. } => 500,
@@ -102,8 +121,13 @@ impl GatewayError {
             | GatewayError::ProviderMisconfigured { .. }
             | GatewayError::BadUpstreamResponse { .. }
             | GatewayError::Internal { .. } => "server_error",
-            GatewayError::ControlPlaneUnavailable => "service_unavailable",
-            GatewayError::KeyLookupRateLimited => "rate_limit_error",
+            GatewayError::ControlPlaneUnavailable | GatewayError::LimitsUnavailable => {
+                "service_unavailable"
+            }
+            GatewayError::KeyLookupRateLimited | GatewayError::RateLimited { .. } => {
+                "rate_limit_error"
+            }
+            GatewayError::BudgetExceeded { .. } => "insufficient_quota",
             GatewayError::DestinationForbidden { .. } | GatewayError::ModelOutOfScope { .. } => {
                 "permission_error"
             }
@@ -129,6 +153,12 @@ impl GatewayError {
             GatewayError::ProviderMisconfigured { .. } => "provider_misconfigured",
             GatewayError::ControlPlaneUnavailable => "control_plane_unavailable",
             GatewayError::KeyLookupRateLimited => "key_lookup_rate_limited",
+            GatewayError::BudgetExceeded {
+                renewing: false, ..
+            } => "budget_exceeded",
+            GatewayError::BudgetExceeded { renewing: true, .. } => "budget_allowance_renewing",
+            GatewayError::RateLimited { .. } => "rate_limit_exceeded",
+            GatewayError::LimitsUnavailable => "limits_unavailable",
             GatewayError::DestinationForbidden { .. } => "destination_forbidden",
             GatewayError::BadUpstreamResponse { .. } => "bad_upstream_response",
             GatewayError::Internal { .. } => "internal_error",
@@ -211,6 +241,12 @@ impl GatewayError {
             GatewayError::BadUpstreamResponse { reason } => {
                 format!("The provider returned a response the gateway cannot translate: {reason}")
             }
+            GatewayError::BudgetExceeded { message, .. }
+            | GatewayError::RateLimited { message, .. } => message.clone(),
+            GatewayError::LimitsUnavailable => {
+                "Budgets cannot be checked: the gateway control plane is unavailable; try again shortly."
+                    .to_string()
+            }
             GatewayError::Internal { reason } => format!("Internal gateway error: {reason}"),
             GatewayError::CountTokensUnsupported { provider, kind } => format!(
                 "Provider '{provider}' ({kind}) has no token counting API; /anthropic/v1/messages/count_tokens is available for ANTHROPIC providers only."
@@ -226,8 +262,19 @@ impl GatewayError {
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => {
                 h.push(("www-authenticate", "Bearer".to_string()))
             }
-            GatewayError::ControlPlaneUnavailable | GatewayError::KeyLookupRateLimited => {
-                h.push(("retry-after", "1".to_string()))
+            GatewayError::ControlPlaneUnavailable
+            | GatewayError::KeyLookupRateLimited
+            | GatewayError::LimitsUnavailable => h.push(("retry-after", "1".to_string())),
+            GatewayError::BudgetExceeded { retry_after, .. } => {
+                h.push(("retry-after", retry_after.to_string()))
+            }
+            GatewayError::RateLimited {
+                retry_after,
+                headers,
+                ..
+            } => {
+                h.push(("retry-after", retry_after.to_string()));
+                h.extend(headers.iter().cloned());
             }
             _ => {}
         }

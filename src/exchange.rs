@@ -128,6 +128,8 @@ struct Shared {
     buffered_reported: RefCell<usize>,
     /// Key → SHA-256 digest, for the keys this VM has seen (at most `MAX_DIGESTS`).
     digests: RefCell<HashMap<String, String>>,
+    /// Budgets and rate limits (this VM's allowances).
+    limits: RefCell<crate::limits::Limits>,
 }
 
 /// Keys whose digest a VM remembers.
@@ -159,6 +161,7 @@ impl Default for Shared {
             next_id: RefCell::default(),
             buffered_reported: RefCell::default(),
             digests: RefCell::default(),
+            limits: RefCell::default(),
         }
     }
 }
@@ -170,6 +173,7 @@ const REFRESHES_PER_TICK: usize = 64;
 /// What a callout of the root context was for.
 enum RootCallout {
     Usage,
+    Limits,
     Refresh(String),
 }
 
@@ -363,6 +367,32 @@ impl GatewayRoot {
         }
     }
 
+    /// Renews this VM's budget allowances and rate-limit shares (one callout for all active keys).
+    fn renew_limits(&mut self) {
+        let Some(sidecar) = self.plan.as_ref().and_then(|p| p.sidecar.clone()) else {
+            return;
+        };
+        let now = now_ms();
+        let holder = self.shared.id_prefix.borrow().clone();
+        let Some(body) = self.shared.limits.borrow_mut().renewal(&holder, now) else {
+            return;
+        };
+        match call_sidecar(
+            &sidecar,
+            crate::limits::ALLOWANCE_PATH,
+            &body,
+            sidecar.timeout_ms,
+        ) {
+            Ok(token) => {
+                self.callouts.insert(token, RootCallout::Limits);
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot renew budget allowances: {e:?}");
+                self.shared.limits.borrow_mut().renewal_failed(now);
+            }
+        }
+    }
+
     /// A background refresh answered.
     fn on_refreshed(&mut self, hash: &str, status: Option<u32>, body: &[u8]) {
         self.shared.refresher.borrow_mut().finished(hash);
@@ -487,6 +517,21 @@ impl GatewayRoot {
                 self.on_refreshed(&hash, status, &body);
                 return;
             }
+            Some(RootCallout::Limits) => {
+                let body = host()
+                    .buffer(Buffer::CallResponseBody, 0, body)
+                    .unwrap_or_default();
+                if !self
+                    .shared
+                    .limits
+                    .borrow_mut()
+                    .on_answer(status, &body, now_ms())
+                {
+                    log::warn!("llm-gateway: budget allowances not renewed (status {status:?})");
+                }
+                share_limits(&self.shared);
+                return;
+            }
             Some(RootCallout::Usage) => {}
             None => return,
         }
@@ -555,6 +600,9 @@ impl GatewayRoot {
                         .reporter
                         .borrow_mut()
                         .set_max_bytes(sc.usage_buffer_bytes);
+                    self.shared
+                        .limits
+                        .replace(crate::limits::Limits::new(sc.limits_fail_open));
                 }
                 self.plan = Some(Rc::new(plan));
                 self.shared.cache.replace(IdentityCache::default());
@@ -576,6 +624,7 @@ impl GatewayRoot {
     pub fn on_tick(&mut self) {
         self.flush_usage();
         self.refresh_stale();
+        self.renew_limits();
         self.maybe_finish();
     }
 
@@ -589,6 +638,7 @@ impl GatewayRoot {
             exchange: None,
             anthropic: false,
             messages: None,
+            limit_headers: Vec::new(),
         })
     }
 }
@@ -624,6 +674,8 @@ struct Pending {
     json: bool,
     /// The request waited for a sidecar callout (a route decided later must resume it).
     waited: bool,
+    /// Set while the key's budgets and rate limits are being learned (its first request on this VM).
+    limits_for: Option<Rc<Identity>>,
 }
 
 enum State {
@@ -666,6 +718,8 @@ pub struct GatewayHttp {
     anthropic: bool,
     /// Anthropic Messages request (`Some(count_tokens)`), else chat.
     messages: Option<bool>,
+    /// Budget and rate-limit headers for the response (`crate::limits`).
+    limit_headers: Vec<(&'static str, String)>,
 }
 
 /// A routed request's upstream exchange, observed as the response passes.
@@ -852,6 +906,7 @@ impl GatewayHttp {
             content_length,
             json: get("content-type").is_some_and(|c| c.contains("json")),
             waited: false,
+            limits_for: None,
         };
         match self.authenticate(pending)? {
             Next::Ready(identity, p) => self.proceed(identity, *p),
@@ -968,6 +1023,15 @@ impl GatewayHttp {
                     _ => None,
                 };
                 self.tags = usage::parse_tags(p.tags.as_deref())?;
+                if let Some(sidecar) = self.plan.sidecar.clone() {
+                    if p.limits_for.is_none()
+                        && self.shared.limits.borrow().needs_fetch(&identity.key_id)
+                        && !adopt_shared_limits(&self.shared, &identity)
+                    {
+                        return self.learn_limits(&sidecar, identity, p);
+                    }
+                    self.admit(&identity)?;
+                }
                 let limit = self.plan.max_body_bytes;
                 if p.content_length.is_some_and(|n| n > limit) {
                     return Err(GatewayError::BodyTooLarge { limit });
@@ -1249,15 +1313,135 @@ impl GatewayHttp {
         Ok(())
     }
 
+    /// The key's first request on this VM: ask the sidecar for its limits (one callout per key and VM;
+    /// later renewals go out on the tick), then continue in `on_resolved`.
+    fn learn_limits(
+        &mut self,
+        sidecar: &SidecarPlan,
+        identity: Rc<Identity>,
+        mut p: Pending,
+    ) -> Result<Flow, GatewayError> {
+        let now = now_ms();
+        if !self.shared.breaker.borrow_mut().allow(now) {
+            // The sidecar is failing: no callout (and no wait); the failure policy decides.
+            self.shared
+                .limits
+                .borrow_mut()
+                .on_first_answer(&identity.key_id, None, b"", now);
+            p.limits_for = Some(identity.clone());
+            return self.proceed(identity, p);
+        }
+        let holder = self.shared.id_prefix.borrow().clone();
+        let body = self.shared.limits.borrow_mut().first_sight(
+            &identity.key_id,
+            &identity.org_id,
+            &identity.config_id,
+            &holder,
+            now,
+        );
+        match call_sidecar(
+            sidecar,
+            crate::limits::ALLOWANCE_PATH,
+            &body,
+            sidecar.timeout_ms,
+        ) {
+            Ok(_) => {
+                p.limits_for = Some(identity);
+                self.state = State::Resolving(Box::new(p));
+                Ok(Flow::Pause)
+            }
+            Err(e) => {
+                log::warn!("llm-gateway: cannot ask for budget allowances: {e:?}");
+                self.shared.breaker.borrow_mut().failure(now);
+                self.shared
+                    .limits
+                    .borrow_mut()
+                    .on_first_answer(&identity.key_id, None, b"", now);
+                p.limits_for = Some(identity.clone());
+                self.proceed(identity, p)
+            }
+        }
+    }
+
+    /// Budgets and rate limits of the key (this VM's allowance; no callout).
+    fn admit(&mut self, identity: &Identity) -> Result<(), GatewayError> {
+        let admitted = self.shared.limits.borrow_mut().admit(
+            &identity.key_id,
+            &identity.org_id,
+            &identity.config_id,
+            now_ms(),
+        );
+        let mut m = self.shared.metrics.borrow_mut();
+        match admitted {
+            Ok(a) => {
+                if a.soft_over {
+                    m.add(metrics::BUDGET_SOFT_EXCEEDED, 1);
+                }
+                self.limit_headers = a.headers;
+                Ok(())
+            }
+            Err(e) => {
+                m.add(
+                    match e {
+                        GatewayError::BudgetExceeded { .. } => metrics::BUDGET_REFUSED,
+                        _ => metrics::RATE_LIMITED,
+                    },
+                    1,
+                );
+                Err(e)
+            }
+        }
+    }
+
     fn on_resolved(&mut self, status: Option<u32>, body: &[u8]) -> Result<Flow, GatewayError> {
         let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
             return Ok(Flow::Continue);
         };
+        if let Some(identity) = p.limits_for.clone() {
+            // Counts for the breaker like a resolve: a failing sidecar stops costing first requests.
+            match status {
+                Some(s) if s < 500 => self.shared.breaker.borrow_mut().success(),
+                _ => self.shared.breaker.borrow_mut().failure(now_ms()),
+            }
+            self.shared.limits.borrow_mut().on_first_answer(
+                &identity.key_id,
+                status,
+                body,
+                now_ms(),
+            );
+            share_limits(&self.shared);
+            return self.proceed(identity, *p);
+        }
         let Some(sidecar) = self.plan.sidecar.clone() else {
             return Err(GatewayError::InvalidApiKey);
         };
         let identity = store_answer(&self.shared, &sidecar, &p.hash, status, body)?;
         self.proceed(identity, *p)
+    }
+}
+
+/// A key's limits learned by another worker of this Envoy (shared data), adopted without a callout.
+fn adopt_shared_limits(shared: &Shared, identity: &Identity) -> bool {
+    let key = crate::limits::shared_key(&identity.key_id);
+    match host().shared_get(&key) {
+        Ok(Some(record)) => shared.limits.borrow_mut().adopt_shared(
+            &identity.key_id,
+            &identity.org_id,
+            &identity.config_id,
+            &record,
+            now_ms(),
+        ),
+        _ => false,
+    }
+}
+
+/// Shares the answers this VM learned with the other workers (at most one record per key per 10 s).
+fn share_limits(shared: &Shared) {
+    let records = shared.limits.borrow_mut().take_shared();
+    for (key, record) in records {
+        if let Err(e) = host().shared_set(&key, Some(&record)) {
+            log::warn!("llm-gateway: cannot share budget allowances: {e:?}");
+        }
     }
 }
 
@@ -1602,6 +1786,12 @@ impl GatewayHttp {
         if self.plan.sidecar.is_none() {
             return;
         }
+        self.shared.limits.borrow_mut().record(
+            &id.key_id,
+            cost.unwrap_or(0),
+            u.prompt_tokens.saturating_add(u.completion_tokens),
+            end,
+        );
         let record_id = {
             let mut n = self.shared.next_id.borrow_mut();
             *n += 1;
@@ -1741,6 +1931,11 @@ impl GatewayHttp {
                 set(":status", Some("503"));
             }
         }
+        if ex.attempt.is_none() {
+            for (name, value) in &self.limit_headers {
+                set(name, Some(value));
+            }
+        }
         if !chained {
             set(gateway::PROVIDER_RESPONSE_HEADER, Some(&r.provider));
             set(gateway::MODEL_RESPONSE_HEADER, Some(&r.model));
@@ -1859,6 +2054,73 @@ mod tests {
         assert_eq!(f.metric(&metrics::requests("local", "m1", 200)), Some(1));
         assert_eq!(f.metric(&metrics::tokens("local", "m1", "input")), Some(7));
         assert_eq!(f.metric(&metrics::tokens("local", "m1", "output")), Some(2));
+    }
+
+    /// Budgets and rate limits through the host: the key's first request waits for one allowance
+    /// callout, gets the x-ratelimit-* headers; past the limit the next request is a 429 with them.
+    #[test]
+    fn limits_are_learned_then_enforced_with_headers() {
+        let f: &'static Fake = Box::leak(Box::default());
+        install(f);
+        f.st().now_ms = 1_000;
+        f.st().config = serde_json::json!({
+            "sidecar": {"token": "t"},
+            "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                           "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        })
+        .to_string()
+        .into_bytes();
+        let mut root = GatewayRoot::default();
+        assert!(root.on_configure(0));
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        {
+            let st = f.st();
+            let (_, h, b) = st.calls.last().unwrap();
+            assert!(h.contains(&(":path".into(), crate::limits::ALLOWANCE_PATH.into())));
+            assert!(String::from_utf8_lossy(b).contains(r#""keyId":"k""#));
+        }
+        f.st().request_body = body.to_vec();
+        assert_eq!(http.on_http_request_body(body.len(), true), Flow::Pause);
+        let answer = serde_json::json!({"leaseSeconds": 30, "keys": [{"keyId": "k",
+            "requestsPerMinute": 1, "requestsShare": 1, "budgets": []}]})
+        .to_string();
+        f.st().call_response_headers = headers(&[(":status", b"200")]);
+        f.st().call_response_body = answer.clone().into_bytes();
+        http.on_http_call_response(1, 1, answer.len(), 0);
+        assert_eq!(f.st().resumed, 1);
+        assert!(f.st().local_replies.is_empty());
+        // Shared with the other workers, so that their first request of the key needs no callout.
+        assert!(f.st().shared.contains_key(&crate::limits::shared_key("k")));
+        f.st().response_headers = headers(&[(":status", b"200")]);
+        http.on_http_response_headers(1, false);
+        assert_eq!(
+            get(&f.st().response_headers, "x-ratelimit-limit-requests").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            get(&f.st().response_headers, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+        http.on_log();
+        // The second request of the minute: refused locally, no callout.
+        let calls = f.st().calls.len();
+        let mut http = root.create_http_context().unwrap();
+        f.st().request_headers = req_headers(&[]);
+        assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+        assert_eq!(f.st().calls.len(), calls);
+        let (code, v) = reply(f);
+        assert_eq!(code, 429);
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        let st = f.st();
+        let (_, h, _) = &st.local_replies[0];
+        assert!(h.iter().any(|(k, v)| k == "retry-after" && v == b"60"));
+        assert!(h.iter().any(|(k, _)| k == "x-ratelimit-reset-requests"));
+        drop(st);
+        assert_eq!(f.metric(metrics::RATE_LIMITED), Some(1));
     }
 
     #[test]

@@ -134,6 +134,12 @@ pub const USAGE_DROPPED: &str = "llmgw.usage.records_dropped";
 pub const USAGE_SENT: &str = "llmgw.usage.records_sent";
 /// Gauge: usage records waiting in the VMs for the sidecar (the preStop hook waits for zero).
 pub const USAGE_BUFFERED: &str = "llmgw.usage.records_buffered";
+/// Requests refused because a budget (or this instance's allowance of it) is used up.
+pub const BUDGET_REFUSED: &str = "llmgw.budget.refused";
+/// Requests admitted while a soft budget is past its cap (the alert).
+pub const BUDGET_SOFT_EXCEEDED: &str = "llmgw.budget.soft_exceeded";
+/// Requests refused by a per-minute rate limit (or for lack of a renewed allowance, policy closed).
+pub const RATE_LIMITED: &str = "llmgw.ratelimit.refused";
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 //! `POST /internal/v1/resolve` with an [`llm_gateway::config::Identity`] compiled by the filter's own
 //! compiler.
 
+mod budgets;
 mod caller;
 mod db;
 mod error;

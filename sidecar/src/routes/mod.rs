@@ -13,6 +13,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
 pub mod api_keys;
+pub mod budgets;
 pub mod configs;
 pub mod health;
 pub mod hosted_model_specs;
@@ -41,6 +42,7 @@ pub mod usage;
         (name = "hosted-model-specs", description = "hosted model catalog"),
         (name = "usage", description = "usage records and sums"),
         (name = "report", description = "savings report"),
+        (name = "budgets", description = "budgets and rate limits"),
         (name = "internal", description = "filter and operator endpoints (x-gateway-token)"),
         (name = "health", description = "liveness, readiness, this document")
     )
@@ -84,6 +86,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(health::router())
         .merge(public())
         .merge(internal::router())
+        .merge(budgets::internal_router())
 }
 
 fn public() -> OpenApiRouter<AppState> {
@@ -95,6 +98,7 @@ fn public() -> OpenApiRouter<AppState> {
         .merge(hosted_model_specs::router())
         .merge(usage::router())
         .merge(report::router())
+        .merge(budgets::router())
 }
 
 /// The OpenAPI document (what `GET /openapi.json` serves and `llm-gateway-sidecar openapi` prints).
@@ -187,7 +191,8 @@ pub fn router(state: AppState, listener: Listener) -> Router {
         Listener::Public => OpenApiRouter::new().merge(health::router()).merge(public()),
         Listener::Internal => OpenApiRouter::new()
             .merge(health::router())
-            .merge(internal::router()),
+            .merge(internal::router())
+            .merge(budgets::internal_router()),
     }
     .split_for_parts();
     let router = if listener == Listener::Public {

@@ -506,12 +506,63 @@ struct Page {
     savings: Vec<(String, String, Sums)>,
     catalog: String,
     range_links: String,
+    /// The caller's budgets with their current window's spend (`routes::budgets`).
+    budgets: Vec<serde_json::Value>,
 }
 
 fn card(class: &str, key: &str, metric: &str, value: &str, detail: &str) -> String {
     format!(
         r#"<div class="card {class}"><div class="k">{key}</div><div class="v" data-metric="{metric}">{value}</div><div class="d">{detail}</div></div>"#
     )
+}
+
+/// Budgets: spend of the current window against the cap (USD and/or tokens), reset time, state.
+fn render_budgets(h: &mut String, budgets: &[serde_json::Value]) {
+    if budgets.is_empty() {
+        return;
+    }
+    h.push_str(r#"<section class="panel" style="margin-top:18px" data-section="budgets"><h2>Budgets</h2><p class="hint">Spend of the current window (list-price cost as in the records) against each budget's cap.</p><table><thead><tr><th>Budget</th><th>Applies to</th><th class="n">Spent</th><th class="n">Cap</th><th>Resets</th><th>State</th></tr></thead><tbody>"#);
+    let text = |b: &serde_json::Value, k: &str| {
+        b.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string()
+    };
+    let nusd = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.as_f64()).map(|u| (u * 1e9).round() as i64)
+    };
+    for b in budgets {
+        let spent_usd = nusd(b.get("spent_usd")).unwrap_or(0);
+        let spent_tok = b.get("spent_tokens").and_then(|v| v.as_i64()).unwrap_or(0);
+        let mut spent = Vec::new();
+        let mut cap = Vec::new();
+        if let Some(m) = nusd(b.get("max_usd")) {
+            spent.push(fmt_usd(spent_usd));
+            cap.push(fmt_usd(m));
+        }
+        if let Some(m) = b.get("max_tokens").and_then(|v| v.as_i64()) {
+            spent.push(format!("{} tokens", fmt_int(spent_tok)));
+            cap.push(format!("{} tokens", fmt_int(m)));
+        }
+        let soft = b.get("soft").and_then(|v| v.as_bool()).unwrap_or(false);
+        let exceeded = b.get("exceeded").and_then(|v| v.as_bool()).unwrap_or(false);
+        let state = match (exceeded, soft) {
+            (true, true) => r#"<span class="neg">over (soft: alert only)</span>"#,
+            (true, false) => r#"<span class="neg">used up: requests refused</span>"#,
+            (false, _) => "within budget",
+        };
+        let scope = match text(b, "scope").as_str() {
+            "org" => "organization".to_string(),
+            other => format!("{other} {}", text(b, "scope_id")),
+        };
+        let _ = write!(
+            h,
+            r#"<tr><td>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td>{state}</td></tr>"#,
+            esc(&text(b, "name")),
+            esc(&scope),
+            esc(&spent.join(" · ")),
+            esc(&cap.join(" · ")),
+            esc(&text(b, "resets_at")),
+        );
+    }
+    h.push_str("</tbody></table></section>");
 }
 
 fn render(p: &Page) -> String {
@@ -632,6 +683,7 @@ fn render(p: &Page) -> String {
         }
         h.push_str("</tbody></table></section>");
     }
+    render_budgets(&mut h, &p.budgets);
     let _ = write!(
         h,
         r#"<footer>Prices: catalog {} (USD per 1M tokens, list prices) unless a provider registration overrides them; hosted models are priced at their hourly price divided by their token throughput. {} requests had no known price and count as $0; {} used estimated token counts. Generated {}.</footer></div></body></html>"#,
@@ -815,6 +867,10 @@ async fn build(st: &AppState, headers: &HeaderMap, uri: &Uri) -> ApiResult<Strin
             )
         },
         range_links,
+        budgets: match super::budgets::budgets_with_spend(&mut conn, &caller).await? {
+            serde_json::Value::Array(a) => a,
+            _ => Vec::new(),
+        },
     };
     Ok(render(&page))
 }

@@ -958,6 +958,7 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
         .collect();
     let mut t = Map::new();
     sums_json(&totals, &mut t);
+    let budgets = super::budgets::budgets_with_spend(&mut conn, &caller).await?;
     Ok(Json(json!({
         "from": rfc3339(q.filter.from),
         "to": if q.filter.to == i64::MAX { Value::Null } else { json!(rfc3339(q.filter.to)) },
@@ -966,6 +967,7 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
         "catalogVersion": st.catalogs().pricing.catalog.version,
         "rows": json_rows,
         "totals": Value::Object(t),
+        "budgets": budgets,
     }))
     .into_response())
 }
