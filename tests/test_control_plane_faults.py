@@ -106,6 +106,7 @@ def test_key_spray_is_bounded():
         assert s == 200, b
         spray(envoy, 2000)  # warm up allocator pools and the negative cache
         before = memory_allocated(envoy)
+        resolves_before = sc.resolves  # the warm-up's lookups are not part of the measured window
         t0 = time.time()
         counts = spray(envoy, SPRAY)
         took = time.time() - t0
@@ -115,10 +116,12 @@ def test_key_spray_is_bounded():
         # Both paths are exercised: lookups answered "unknown" (negative cache) and lookups refused.
         assert counts.get(401, 0) >= 50 and counts.get(429, 0) >= SPRAY // 2, counts
         # Lookups reached the sidecar at most at the configured rate (2 worker VMs), plus the bursts.
-        assert sc.resolves <= 2 * (burst + rate * (took + 5)) + 5, (sc.resolves, took)
+        resolves = sc.resolves - resolves_before
+        assert resolves <= 2 * (burst + rate * (took + 5)) + 5, (resolves, took)
         # Bounded: nothing is kept in Envoy's heap (shared data) per unknown key. Before the fix each
-        # key answered "unknown" left ~126 B of shared data for ever (~2.5 MB for this spray).
-        assert after - before < 64 * 1024, (before, after, counts)
+        # key answered "unknown" left ~126 B of shared data for ever (~2.5 MB for this spray); the
+        # allowance covers allocator noise on a loaded machine (up to ~75 KB seen).
+        assert after - before < 256 * 1024, (before, after, counts)
         # The valid key still works during and after the spray, on every worker.
         for _ in range(20):
             s, _, b = request("POST", envoy.url + "/openai/v1/chat/completions", chat, hdrs)
