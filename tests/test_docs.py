@@ -25,6 +25,10 @@ NOT_RUN = {
     ("docs/api.md", 'curl -s -X POST $S/v1/llm/report/link -H "X-API-Key: $KEY" -'):
         "fragment (needs $S, $KEY); the quick start block runs the same call",
     ("docs/benchmarks.md", "bench/run.sh                  # builds both .wasm files, run"): "minutes-long benchmark",
+    ("docs/benchmarks.md", "bench/callgrind.sh            # builds main before this work"):
+        "minutes-long benchmark (builds the base commit)",
+    ("docs/configuration.md", "# A 50 USD monthly budget for one key, a soft 500 USD alert "):
+        "fragment with placeholders ($SIDECAR, key ids); tests/test_budgets.py makes the same calls",
     ("docs/deploy.md", "./build.sh wasm"): "build step (tests/test_deploy_*.py cover deployment)",
     ("docs/deploy.md", "skopeo copy oci:target/oci:wasm docker://ghcr.io/YOUR_ORG/ll"): "pushes to a remote registry",
     ("docs/deploy.md", "docker build -f deploy/docker/sidecar.Dockerfile -t llm-gate"): "needs Docker",
