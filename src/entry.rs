@@ -98,15 +98,7 @@ pub fn classify_with(
         return Some(r);
     }
     let path = full_path.split(['?', '#']).next().unwrap_or_default();
-    let rest = path.strip_prefix(PREFIX)?;
-    if !(rest.is_empty() || rest.starts_with('/')) {
-        return None;
-    }
-    let rest = rest
-        .strip_prefix("/v1")
-        .filter(|r| r.is_empty() || r.starts_with('/'))
-        .unwrap_or(rest);
-    let rest = rest.trim_end_matches('/');
+    let rest = under(path, PREFIX)?;
     let (endpoint, allow) = match rest {
         "/chat/completions" => (Endpoint::ChatCompletions, "POST"),
         "/responses" => (Endpoint::Responses, "POST"),
