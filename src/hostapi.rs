@@ -181,8 +181,9 @@ impl Headers {
     }
 }
 
-/// An in-memory host for tests: records everything the filter does.
-#[cfg(test)]
+/// An in-memory host for tests (and the fuzz crate, through the `fake-host` feature): records
+/// everything the filter does.
+#[cfg(any(test, feature = "fake-host"))]
 pub mod fake {
     use super::*;
     use std::cell::RefCell;

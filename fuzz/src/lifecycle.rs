@@ -1,149 +1,16 @@
 //! The whole request lifecycle of the filter (`exchange`) over an in-memory host whose header maps,
 //! bodies and upstream answers come from the fuzzer: what the proxy-wasm host hands the filter is as
-//! hostile as what clients and providers send. Thin on purpose: it only implements the `Host` trait
-//! and calls the callbacks in Envoy's order; adapt it when the trait changes.
+//! hostile as what clients and providers send. Thin on purpose: the host is the filter's own test
+//! double (`hostapi::fake`, enabled by the `fake-host` feature); this only feeds it and calls the
+//! callbacks in Envoy's order.
 
 use llm_gateway::exchange::{self, Flow, GatewayRoot};
-use llm_gateway::hostapi::{Buffer, Host, Level, Map, MetricKind, Pairs, Status};
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-
-#[derive(Default)]
-struct State {
-    request_headers: Pairs,
-    response_headers: Pairs,
-    call_response_headers: Pairs,
-    request_body: Vec<u8>,
-    response_body: Vec<u8>,
-    call_response_body: Vec<u8>,
-    config: Vec<u8>,
-    shared: BTreeMap<String, Vec<u8>>,
-    metrics: usize,
-    replies: Vec<(u32, Vec<u8>)>,
-    calls: u32,
-    now_ms: u64,
-}
-
-#[derive(Default)]
-struct FuzzHost(RefCell<State>);
-
-impl FuzzHost {
-    fn map(s: &mut State, m: Map) -> &mut Pairs {
-        match m {
-            Map::RequestHeaders => &mut s.request_headers,
-            Map::ResponseHeaders => &mut s.response_headers,
-            Map::CallResponseHeaders => &mut s.call_response_headers,
-        }
-    }
-
-    fn buf(s: &mut State, b: Buffer) -> &mut Vec<u8> {
-        match b {
-            Buffer::RequestBody => &mut s.request_body,
-            Buffer::ResponseBody => &mut s.response_body,
-            Buffer::CallResponseBody => &mut s.call_response_body,
-            Buffer::PluginConfiguration => &mut s.config,
-        }
-    }
-}
-
-impl Host for FuzzHost {
-    fn headers(&self, map: Map) -> Result<Pairs, Status> {
-        Ok(Self::map(&mut self.0.borrow_mut(), map).clone())
-    }
-    fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Self::map(&mut self.0.borrow_mut(), map)
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.clone()))
-    }
-    fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
-        let mut s = self.0.borrow_mut();
-        let m = Self::map(&mut s, map);
-        m.retain(|(k, _)| k.as_slice() != name.as_bytes());
-        m.push((name.as_bytes().to_vec(), value.to_vec()));
-        Ok(())
-    }
-    fn remove_header(&self, map: Map, name: &str) -> Result<(), Status> {
-        Self::map(&mut self.0.borrow_mut(), map).retain(|(k, _)| k.as_slice() != name.as_bytes());
-        Ok(())
-    }
-    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
-        let mut s = self.0.borrow_mut();
-        let buf = Self::buf(&mut s, b);
-        let end = start.saturating_add(max).min(buf.len());
-        Ok(buf.get(start.min(end)..end).unwrap_or_default().to_vec())
-    }
-    fn set_buffer(&self, b: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
-        let mut s = self.0.borrow_mut();
-        let buf = Self::buf(&mut s, b);
-        let end = start.saturating_add(size).min(buf.len());
-        let start = start.min(end);
-        buf.splice(start..end, data.iter().copied());
-        Ok(())
-    }
-    fn send_response(
-        &self,
-        code: u32,
-        _headers: &[(&str, &[u8])],
-        body: &[u8],
-    ) -> Result<(), Status> {
-        self.0.borrow_mut().replies.push((code, body.to_vec()));
-        Ok(())
-    }
-    fn call(
-        &self,
-        _cluster: &str,
-        _headers: &[(&str, &str)],
-        _body: &[u8],
-        _timeout_ms: u64,
-    ) -> Result<u32, Status> {
-        let mut s = self.0.borrow_mut();
-        s.calls += 1;
-        Ok(s.calls)
-    }
-    fn resume_request(&self) -> Result<(), Status> {
-        Ok(())
-    }
-    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
-        Ok(self.0.borrow().shared.get(key).cloned())
-    }
-    fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
-        let mut s = self.0.borrow_mut();
-        match value {
-            Some(v) => s.shared.insert(key.to_string(), v.to_vec()),
-            None => s.shared.remove(key),
-        };
-        Ok(())
-    }
-    fn define_metric(&self, _kind: MetricKind, _name: &str) -> Result<u32, Status> {
-        let mut s = self.0.borrow_mut();
-        s.metrics += 1;
-        Ok(u32::try_from(s.metrics).unwrap_or(u32::MAX))
-    }
-    fn increment_metric(&self, _id: u32, _by: u64) {}
-    fn add_gauge(&self, _id: u32, _delta: i64) {}
-    fn record_metric(&self, _id: u32, _value: u64) {}
-    fn property(&self, _path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
-        Ok(None)
-    }
-    fn set_property(&self, _path: &[&str], _value: &[u8]) -> Result<(), Status> {
-        Ok(())
-    }
-    fn now_ms(&self) -> u64 {
-        self.0.borrow().now_ms
-    }
-    fn set_tick_ms(&self, _ms: u32) -> Result<(), Status> {
-        Ok(())
-    }
-    fn done(&self) -> Result<(), Status> {
-        Ok(())
-    }
-    fn log(&self, _level: Level, _msg: &str) {}
-}
+use llm_gateway::hostapi::fake::{Fake, State};
+use llm_gateway::hostapi::Pairs;
 
 thread_local! {
-    static HOST: &'static FuzzHost = {
-        let h: &'static FuzzHost = Box::leak(Box::default());
+    static HOST: &'static Fake = {
+        let h: &'static Fake = Box::leak(Box::default());
         exchange::install(h);
         h
     };
@@ -184,7 +51,7 @@ fn pair(k: &str, v: &[u8]) -> (Vec<u8>, Vec<u8>) {
 
 /// Every local reply the filter sends with an error status must be OpenAI-shaped JSON.
 fn check_replies(s: &State) {
-    for (code, body) in &s.replies {
+    for (code, _headers, body) in &s.local_replies {
         if *code >= 400 {
             let v: serde_json::Value = serde_json::from_slice(body)
                 .unwrap_or_else(|e| panic!("local reply {code} is not JSON ({e})"));
