@@ -1952,18 +1952,11 @@ impl GatewayHttp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::hash_key as sha;
     use crate::hostapi::fake::Fake;
-    use sha2::{Digest, Sha256};
 
     const KEY: &str = "sk-test-key";
     const CHAT: &str = "/openai/v1/chat/completions";
-
-    fn sha(k: &str) -> String {
-        Sha256::digest(k.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
 
     /// A VM with a static-key configuration, on a fresh fake host for this test thread.
     fn vm() -> (&'static Fake, GatewayRoot) {
