@@ -13,13 +13,13 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from harness import Envoy, FakeUpstream, free_port, request
-from test_sidecar import ADMIN, SIDECAR_BIN, TOKEN, TTL, hosted_responder, new_key
+import test_sidecar
+from test_sidecar import ADMIN, TOKEN, hosted_responder, new_key
 
 CHAT = "/openai/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -30,53 +30,21 @@ VAULT_KEY = base64.b64encode(b"k" * 32).decode()
 VMS_PER_ENVOY = 2  # the harness runs Envoy with --concurrency 2: two holders per Envoy
 
 
-class Sidecar:
+class Sidecar(test_sidecar.Sidecar):
+    """The real sidecar with a fixed vault key (replicas on one database decrypt each other's provider
+    keys), optionally on PostgreSQL and with a short allowance lease; its data dir goes when it stops."""
+
     def __init__(self, database_url=None, lease=None):
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="llmgw-budgets-")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.database_url, self.lease, self.proc = database_url, lease, None
-
-    def start(self):
-        env = dict(os.environ, LLM_GATEWAY_ADMIN_KEY=ADMIN, LLM_GATEWAY_INTERNAL_TOKEN=TOKEN,
-                   LLM_GATEWAY_CACHE_TTL=str(TTL), LLM_GATEWAY_ALLOWED_DESTINATIONS="127.0.0.1",
-                   LLM_GATEWAY_VAULT_KEY=VAULT_KEY)
-        env.pop("DATABASE_URL", None)
-        if self.database_url:
-            env["DATABASE_URL"] = self.database_url
-        if self.lease:
-            env["LLM_GATEWAY_LIMITS_LEASE_SECONDS"] = str(self.lease)
-        self.log = open(os.path.join(self.dir, "sidecar.log"), "a")
-        self.proc = subprocess.Popen([SIDECAR_BIN, "--data-dir", self.dir, "--listen", f"127.0.0.1:{self.port}"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            assert self.proc.poll() is None, "sidecar exited"
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("sidecar not ready")
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        env = {"LLM_GATEWAY_VAULT_KEY": VAULT_KEY}
+        if database_url:
+            env["DATABASE_URL"] = database_url
+        if lease:
+            env["LLM_GATEWAY_LIMITS_LEASE_SECONDS"] = str(lease)
+        super().__init__(env=env)
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def api(self, method, path, body=None, key=ADMIN):
-        s, _, b = request(method, self.url + path, body, {"content-type": "application/json", "x-api-key": key})
-        return s, (json.loads(b) if b else None)
 
 
 def add_provider(sc, upstream):

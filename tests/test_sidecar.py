@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -33,11 +34,14 @@ def hosted_responder(rec):
 
 
 class Sidecar:
-    def __init__(self):
+    """The real sidecar on a free port and a fresh data dir; `env` adds to (or overrides) its environment."""
+
+    def __init__(self, env=None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="llmgw-sidecar-")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
+        self.extra_env = dict(env or {})
 
     def start(self):
         env = dict(os.environ, LLM_GATEWAY_ADMIN_KEY=ADMIN, LLM_GATEWAY_INTERNAL_TOKEN=TOKEN,
@@ -45,6 +49,7 @@ class Sidecar:
                    # The fake providers listen on loopback: the destination policy must allow it explicitly.
                    LLM_GATEWAY_ALLOWED_DESTINATIONS="127.0.0.1")
         env.pop("DATABASE_URL", None)
+        env.update(self.extra_env)
         self.log = open(os.path.join(self.dir, "sidecar.log"), "a")
         self.proc = subprocess.Popen([SIDECAR_BIN, "--data-dir", self.dir, "--listen", f"127.0.0.1:{self.port}"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -57,6 +62,11 @@ class Sidecar:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("sidecar not ready")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
