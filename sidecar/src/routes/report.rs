@@ -714,12 +714,7 @@ fn error_page(e: &ApiError) -> Response {
     path = "/v1/llm/report",
     tag = "report",
     params(
-        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
-        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
-        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
-        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
-        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
-        ("tag" = Option<String>, Query, description = "key=value"),
+        usage::FilterParams,
         ("token" = Option<String>, Query, description = "signed link token from POST /v1/llm/report/link")
     ),
     responses(

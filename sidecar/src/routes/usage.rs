@@ -499,6 +499,26 @@ pub struct Filter {
     pub tags: Vec<(String, String)>,
 }
 
+/// The usage filter's query parameters, as documented in the OpenAPI description of `/v1/llm/usage`,
+/// `/v1/llm/usage/records` and `/v1/llm/report` (read by [`parse_query`], not by this type).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct FilterParams {
+    /// start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD
+    from: Option<String>,
+    /// end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD
+    to: Option<String>,
+    provider: Option<String>,
+    model: Option<String>,
+    model_requested: Option<String>,
+    api_key_id: Option<String>,
+    cluster_id: Option<String>,
+    config_id: Option<String>,
+    /// key=value
+    tag: Option<String>,
+}
+
 pub struct UsageQuery {
     pub filter: Filter,
     pub group_by: Vec<Dim>,
@@ -857,12 +877,7 @@ fn csv_field(s: &str) -> String {
     path = "/v1/llm/usage",
     tag = "usage",
     params(
-        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
-        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
-        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
-        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
-        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
-        ("tag" = Option<String>, Query, description = "key=value"),
+        FilterParams,
         ("group_by" = Option<String>, Query, description = "up to 4 of provider, provider_type, model, model_requested, api_key, cluster, config, day, tag:<key>, comma-separated"),
         ("format" = Option<String>, Query, description = "json or csv")
     ),
@@ -978,12 +993,7 @@ pub async fn usage(State(st): State<AppState>, caller: Caller, uri: Uri) -> ApiR
     path = "/v1/llm/usage/records",
     tag = "usage",
     params(
-        ("from" = Option<String>, Query, description = "start (inclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
-        ("to" = Option<String>, Query, description = "end (exclusive): Unix ms, RFC 3339 or YYYY-MM-DD"),
-        ("provider" = Option<String>, Query), ("model" = Option<String>, Query),
-        ("modelRequested" = Option<String>, Query), ("apiKeyId" = Option<String>, Query),
-        ("clusterId" = Option<String>, Query), ("configId" = Option<String>, Query),
-        ("tag" = Option<String>, Query, description = "key=value"),
+        FilterParams,
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000)
     ),
     responses((status = 200, description = "OK", body = serde_json::Value), (status = "4XX", description = "error (see the code)", body = crate::error::ErrorBody), (status = "5XX", description = "server or database error", body = crate::error::ErrorBody)),
