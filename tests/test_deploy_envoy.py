@@ -130,6 +130,46 @@ def test_other_envoy_generated_errors_are_openai_shaped(gw, code, want_code, wan
     assert_openai_error(s, hd, b, code, want_code, want_type)
 
 
+def assert_anthropic_error(status, headers, raw, want_status, want_type):
+    assert status == want_status, raw
+    assert headers["content-type"] == "application/json", headers
+    doc = json.loads(raw)
+    assert set(doc) == {"type", "error"} and doc["type"] == "error", doc
+    assert set(doc["error"]) == {"type", "message"} and doc["error"]["type"] == want_type, doc
+    assert doc["error"]["message"], doc
+    return doc["error"]
+
+
+def messages(model="ok", content="x"):
+    return {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": content}]}
+
+
+ANTHROPIC = "/anthropic/v1/messages"
+
+
+@pytest.mark.parametrize("code,want_type", [
+    (500, "api_error"), (502, "api_error"), (503, "overloaded_error"), (429, "rate_limit_error")])
+def test_envoy_generated_errors_on_the_anthropic_ingress_are_anthropic_shaped(gw, code, want_type):
+    envoy, _ = gw
+    s, hd, b = request("POST", envoy.url + ANTHROPIC, messages(),
+                       {"x-api-key": KEY, "x-envoy-fault-abort-request": str(code)})
+    assert_anthropic_error(s, hd, b, code, want_type)
+
+
+def test_anthropic_ingress_upstream_failures_are_anthropic_shaped(gw):
+    envoy, _ = gw
+    s, hd, b = request("POST", envoy.url + ANTHROPIC, messages("gone"), {"x-api-key": KEY})
+    err = assert_anthropic_error(s, hd, b, 503, "overloaded_error")
+    assert "connect" in err["message"]
+    s, hd, b = request("POST", envoy.url + ANTHROPIC, messages("hang"), {"x-api-key": KEY})
+    assert_anthropic_error(s, hd, b, 504, "timeout_error")
+    s, hd, b = request("POST", envoy.url + ANTHROPIC, messages(content="x" * 100000), {"x-api-key": KEY})
+    assert_anthropic_error(s, hd, b, 413, "request_too_large")
+    # The OpenAI ingress keeps the OpenAI shape for the same failure.
+    s, hd, b = request("POST", envoy.url + CHAT, body("gone"), AUTH)
+    assert_openai_error(s, hd, b, 503, "upstream_unavailable", "server_error")
+
+
 def test_filter_errors_and_unknown_paths_pass_unchanged(gw):
     envoy, _ = gw
     s, hd, b = request("POST", envoy.url + CHAT, body())
