@@ -1,4 +1,7 @@
-//! Instruction-count microbenchmark of whole exchanges through the fake host (issue 10).
+//! Instruction-count microbenchmark of whole exchanges through the fake host (issue 10), written for
+//! the API before the effect adapter (`exchange::install` + the machine's callbacks called directly).
+//! `bench/callgrind.sh` drops it into base commits older than `src/adapter.rs`; the workload is the one
+//! of `src/bench_exchange.rs`. Not compiled in this tree.
 //!
 //! Run by `bench/callgrind.sh` under `valgrind --tool=callgrind --toggle-collect='*measured_*'`: only
 //! the `measured_*` functions are counted, so the figures are instructions per request of the

@@ -152,7 +152,9 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: Effect) -> Opt
 }
 
 /// Applies `out` in order; whatever comes back is handed to `back`, which may push more effects
-/// into `out` (applied after the current ones). `spare` keeps the buffers' capacity.
+/// into `out` (applied after the current ones). A refused request body ends its batch: the effects
+/// decided after it (its length, a resume) are dropped and the machine's answer (an error reply)
+/// takes their place. `spare` keeps the buffers' capacity.
 fn drain<H: Host + ?Sized>(
     host: &H,
     ids: &MetricIds,
@@ -164,7 +166,11 @@ fn drain<H: Host + ?Sized>(
         std::mem::swap(out, spare);
         for e in spare.drain(..) {
             if let Some(b) = apply(host, ids, e) {
+                let ends = matches!(b, Back::BodyNotSet { .. });
                 back(b, out);
+                if ends {
+                    break;
+                }
             }
         }
     }
@@ -238,11 +244,6 @@ impl<'h, H: Host> Root<'h, H> {
             out: Vec::new(),
             spare: Vec::new(),
         })
-    }
-
-    /// The machine, for tests that look at it directly.
-    pub fn machine(&mut self) -> &mut GatewayRoot {
-        &mut self.machine
     }
 }
 

@@ -224,6 +224,8 @@ pub mod fake {
         pub logs: Vec<(Level, String)>,
         /// Makes every fallible call fail with this status (host misbehaviour).
         pub fail_with: Option<Status>,
+        /// Makes `set_buffer` alone fail with this status.
+        pub fail_set_buffer: Option<Status>,
     }
 
     #[derive(Default)]
@@ -324,6 +326,9 @@ pub mod fake {
         ) -> Result<(), Status> {
             self.fail()?;
             let mut s = self.st();
+            if let Some(e) = s.fail_set_buffer {
+                return Err(e);
+            }
             let buf = buf_mut(&mut s, b);
             let end = start.saturating_add(size).min(buf.len());
             let start = start.min(end);

@@ -161,7 +161,7 @@ impl Exchange {
 /// What to do with the request after authentication.
 enum Next {
     Ready(Rc<Identity>, Box<Pending>),
-    /// A callout was dispatched; the request waits for `on_http_call_response`.
+    /// A callout was asked for; the request waits for its answer (`Event::CallResponse`).
     Waiting(Box<Pending>),
 }
 
@@ -197,7 +197,7 @@ impl GatewayHttp {
         headers: Pairs,
         end_of_stream: bool,
     ) -> Result<Flow, GatewayError> {
-        // One host call for all request headers; removals only for headers that are present.
+        // All request headers came in the event (one host read); removals only for headers present.
         // Read as bytes: a header byte >= 0x80 is decoded lossily (or refused), never a panic.
         let headers = Headers(headers);
         let get = |name: &str| headers.text(name);

@@ -500,6 +500,30 @@ fn a_failing_host_never_panics() {
     http.on_log();
 }
 
+/// The host refuses the rewritten body: a 500 local reply, and nothing decided after the body (its
+/// `content-length`) is applied.
+#[test]
+fn a_refused_body_is_a_500_and_ends_the_batch() {
+    let (f, root) = vm();
+    let mut http = root.create_http_context().unwrap();
+    f.st().request_headers = req_headers(&[("content-length", b"80")]);
+    assert_eq!(http.on_http_request_headers(5, false), Flow::Pause);
+    let body = br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    f.st().request_body = body.to_vec();
+    f.st().fail_set_buffer = Some(2);
+    assert_eq!(http.on_http_request_body(body.len(), true), Flow::Pause);
+    let (code, v) = reply(f);
+    assert_eq!(code, 500);
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(
+        get(&f.st().request_headers, "content-length").as_deref(),
+        Some("80")
+    );
+    assert_eq!(f.st().resumed, 0);
+    http.on_log();
+    assert_eq!(f.metric(&metrics::requests("local", "m1", 500)), None);
+}
+
 /// A VM with an OpenAI-compatible provider (`m1`) and an ANTHROPIC one (`c1`).
 fn vm_anthropic() -> (&'static Fake, Vm) {
     let f: &'static Fake = Box::leak(Box::default());
@@ -805,4 +829,435 @@ fn arbitrary_bytes_everywhere() {
             assert!(*code >= 400 && v["error"]["code"].is_string(), "{v}");
         }
     }
+}
+
+// ---- Pure tests: events in, effects out, no host at all (only a read-only view of bytes). ----
+
+/// What the machine may read, as plain data; it has no way to change anything.
+#[derive(Default)]
+struct View {
+    now_ms: u64,
+    config: Vec<u8>,
+    request_body: Vec<u8>,
+    response_headers: hostapi::Pairs,
+    response_body: Vec<u8>,
+}
+
+impl Read for View {
+    fn headers(&self, map: Map) -> Result<hostapi::Pairs, hostapi::Status> {
+        match map {
+            Map::ResponseHeaders => Ok(self.response_headers.clone()),
+            _ => Ok(Vec::new()),
+        }
+    }
+    fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, hostapi::Status> {
+        Ok(self
+            .headers(map)?
+            .into_iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v))
+    }
+    fn buffer(
+        &self,
+        b: hostapi::Buffer,
+        start: usize,
+        max: usize,
+    ) -> Result<Vec<u8>, hostapi::Status> {
+        let buf = match b {
+            hostapi::Buffer::RequestBody => &self.request_body,
+            hostapi::Buffer::ResponseBody => &self.response_body,
+            hostapi::Buffer::PluginConfiguration => &self.config,
+            hostapi::Buffer::CallResponseBody => return Ok(Vec::new()),
+        };
+        let end = start.saturating_add(max).min(buf.len());
+        Ok(buf.get(start.min(end)..end).unwrap_or_default().to_vec())
+    }
+    fn shared_get(&self, _key: &str) -> Result<Option<Vec<u8>>, hostapi::Status> {
+        Ok(None)
+    }
+    fn property(&self, _path: &[&str]) -> Result<Option<Vec<u8>>, hostapi::Status> {
+        Ok(None)
+    }
+    fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+}
+
+/// A configured root machine over `view` (whose `config` is `config`).
+fn machine(view: &mut View, config: serde_json::Value) -> GatewayRoot {
+    view.now_ms = 1_000;
+    view.config = config.to_string().into_bytes();
+    let mut root = GatewayRoot::default();
+    let mut out = Vec::new();
+    assert!(root.handle(view, RootEvent::Configure, &mut out));
+    root
+}
+
+fn static_config() -> serde_json::Value {
+    serde_json::json!({
+        "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                       "url": "http://127.0.0.1:9/v1", "apiKey": "sk-up-cred", "models": ["m1"]}],
+        "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+    })
+}
+
+fn request_headers(http: &mut GatewayHttp, view: &View, h: hostapi::Pairs) -> (Flow, Vec<Effect>) {
+    let mut out = Vec::new();
+    let flow = http.handle(
+        view,
+        Event::RequestHeaders {
+            headers: h,
+            end_of_stream: false,
+        },
+        &mut out,
+    );
+    (flow, out)
+}
+
+fn event(http: &mut GatewayHttp, view: &View, e: Event) -> (Flow, Vec<Effect>) {
+    let mut out = Vec::new();
+    let flow = http.handle(view, e, &mut out);
+    (flow, out)
+}
+
+/// The request headers the machine set (name → value) and removed, in order.
+fn header_effects(out: &[Effect]) -> (Vec<(String, String)>, Vec<String>) {
+    let mut set = Vec::new();
+    let mut removed = Vec::new();
+    for e in out {
+        match e {
+            Effect::SetHeader {
+                map: Map::RequestHeaders,
+                name,
+                value,
+            } => set.push((name.to_string(), hostapi::text(value).into_owned())),
+            Effect::RemoveHeader {
+                map: Map::RequestHeaders,
+                name,
+            } => removed.push(name.to_string()),
+            _ => {}
+        }
+    }
+    (set, removed)
+}
+
+#[test]
+fn pure_unauthenticated_request_is_one_401_reply_and_a_pause() {
+    let mut view = View::default();
+    let root = machine(&mut view, static_config());
+    let mut http = root.create_http_context().unwrap();
+    let (flow, out) = request_headers(
+        &mut http,
+        &view,
+        headers(&[(":method", b"POST"), (":path", CHAT.as_bytes())]),
+    );
+    assert_eq!(flow, Flow::Pause);
+    let [Effect::Reply {
+        status,
+        headers,
+        body,
+    }] = out.as_slice()
+    else {
+        panic!("one local reply expected: {out:?}");
+    };
+    assert_eq!(*status, 401);
+    assert!(headers.contains(&("content-type", "application/json".to_string())));
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error");
+    assert!(v["error"]["message"].is_string());
+    // Answered: later callbacks of the request do nothing.
+    let (flow, out) = event(
+        &mut http,
+        &view,
+        Event::RequestBody {
+            size: 0,
+            end_of_stream: true,
+        },
+    );
+    assert_eq!((flow, out.len()), (Flow::Continue, 0));
+}
+
+#[test]
+fn pure_authenticated_chat_sets_the_upstream_headers_and_never_forwards_the_key() {
+    let mut view = View::default();
+    let root = machine(&mut view, static_config());
+    let mut http = root.create_http_context().unwrap();
+    let (flow, out) = request_headers(&mut http, &view, req_headers(&[]));
+    assert_eq!(flow, Flow::Pause, "waits for the body");
+    let (_, removed) = header_effects(&out);
+    assert!(removed.contains(&"authorization".to_string()), "{out:?}");
+    view.request_body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+    let (flow, out) = event(
+        &mut http,
+        &view,
+        Event::RequestBody {
+            size: view.request_body.len(),
+            end_of_stream: true,
+        },
+    );
+    assert_eq!(flow, Flow::Continue);
+    let (set, _) = header_effects(&out);
+    let value = |n: &str| set.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(value(":authority"), Some("127.0.0.1:9"));
+    assert_eq!(value(":path"), Some("/v1/chat/completions"));
+    assert_eq!(value(gateway::CLUSTER_HEADER), Some("llm_gateway_dfp_http"));
+    assert_eq!(value("authorization"), Some("Bearer sk-up-cred"));
+    // The gateway key goes nowhere: no header, body or reply carries it.
+    let all = format!("{out:?}");
+    assert!(!all.contains(KEY), "{all}");
+    assert!(!out.iter().any(|e| matches!(e, Effect::Reply { .. })));
+}
+
+#[test]
+fn pure_sidecar_lookup_is_a_call_and_a_failed_dispatch_is_a_503() {
+    let mut view = View::default();
+    let root = machine(
+        &mut view,
+        serde_json::json!({"sidecar": {"token": "t0k"}, "providers": []}),
+    );
+    let mut http = root.create_http_context().unwrap();
+    let (flow, out) = request_headers(&mut http, &view, req_headers(&[]));
+    assert_eq!(flow, Flow::Pause);
+    let calls: Vec<_> = out
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Call {
+                purpose,
+                headers,
+                body,
+                ..
+            } => Some((purpose, headers, body)),
+            _ => None,
+        })
+        .collect();
+    let [(purpose, h, body)] = calls.as_slice() else {
+        panic!("one callout expected: {out:?}");
+    };
+    assert_eq!(**purpose, Purpose::Resolve);
+    assert!(h.contains(&(":path", resolve::RESOLVE_PATH.to_string())));
+    assert!(h.contains(&(resolve::TOKEN_HEADER, "t0k".to_string())));
+    assert!(String::from_utf8_lossy(body).contains(&sha(KEY)));
+    // The host could not dispatch it: the machine answers 503 itself.
+    let (flow, out) = event(
+        &mut http,
+        &view,
+        Event::Dispatched {
+            purpose: Purpose::Resolve,
+            result: Err(1),
+        },
+    );
+    assert_eq!(flow, Flow::Pause);
+    let [Effect::Reply { status, body, .. }] = out.as_slice() else {
+        panic!("one local reply expected: {out:?}");
+    };
+    assert_eq!(*status, 503);
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["error"]["code"], "control_plane_unavailable");
+}
+
+#[test]
+fn pure_a_refused_body_is_a_500() {
+    let mut view = View::default();
+    let root = machine(&mut view, static_config());
+    let mut http = root.create_http_context().unwrap();
+    request_headers(&mut http, &view, req_headers(&[]));
+    let (flow, out) = event(&mut http, &view, Event::BodyNotSet { status: 2 });
+    assert_eq!(flow, Flow::Pause);
+    assert!(
+        matches!(out.as_slice(), [Effect::Reply { status: 500, .. }]),
+        "{out:?}"
+    );
+}
+
+/// One whole chat request through the machine; the effects of its log event.
+fn chat_log_effects(root: &GatewayRoot, view: &mut View) -> Vec<Effect> {
+    let mut http = root.create_http_context().unwrap();
+    request_headers(&mut http, view, req_headers(&[]));
+    view.request_body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+    let size = view.request_body.len();
+    let (flow, _) = event(
+        &mut http,
+        view,
+        Event::RequestBody {
+            size,
+            end_of_stream: true,
+        },
+    );
+    assert_eq!(flow, Flow::Continue);
+    view.response_headers = headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+    event(
+        &mut http,
+        view,
+        Event::ResponseHeaders {
+            end_of_stream: false,
+        },
+    );
+    view.response_body = br#"{"id":"x","model":"m1","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#.to_vec();
+    let size = view.response_body.len();
+    view.now_ms += 40;
+    event(
+        &mut http,
+        view,
+        Event::ResponseBody {
+            size,
+            end_of_stream: true,
+        },
+    );
+    event(&mut http, view, Event::Log).1
+}
+
+#[test]
+fn pure_usage_at_log_is_metric_effects_defined_once() {
+    let mut view = View::default();
+    let root = machine(&mut view, static_config());
+    let out = chat_log_effects(&root, &mut view);
+    let local = |name: &str| {
+        out.iter()
+            .find_map(|e| match e {
+                Effect::DefineMetric { local, name: n, .. } if n == name => Some(*local),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name} not defined: {out:?}"))
+    };
+    let (requests, tokens_in, tokens_out, duration) = (
+        local(&metrics::requests("local", "m1", 200)),
+        local(&metrics::tokens("local", "m1", "input")),
+        local(&metrics::tokens("local", "m1", "output")),
+        local(&metrics::duration("local", "m1")),
+    );
+    let expect = [
+        Effect::Increment {
+            local: requests,
+            by: 1,
+        },
+        Effect::Increment {
+            local: tokens_in,
+            by: 7,
+        },
+        Effect::Increment {
+            local: tokens_out,
+            by: 2,
+        },
+        Effect::Record {
+            local: duration,
+            value: 40,
+        },
+    ];
+    for e in &expect {
+        assert!(out.contains(e), "{e:?} missing from {out:?}");
+    }
+    assert!(out
+        .iter()
+        .any(|e| matches!(e, Effect::SetProperty { value, .. } if value == b"local")));
+    // The next request reuses the numbers: no metric is defined (no name formatted) again.
+    let again = chat_log_effects(&root, &mut view);
+    assert!(
+        !again
+            .iter()
+            .any(|e| matches!(e, Effect::DefineMetric { .. })),
+        "{again:?}"
+    );
+    for e in &expect[..3] {
+        assert!(again.contains(e), "{e:?} missing from {again:?}");
+    }
+}
+
+#[test]
+fn pure_root_usage_batch_is_a_call_and_a_refused_dispatch_requeues_it() {
+    let mut view = View::default();
+    let mut root = machine(
+        &mut view,
+        serde_json::json!({
+            "sidecar": {"token": "t"},
+            "providers": [{"name": "local", "supportedProvider": "OPENAI_COMPATIBLE",
+                           "url": "http://127.0.0.1:9/v1", "isHosted": true, "models": ["m1"]}],
+            "keys": [{"id": "k", "sha256": sha(KEY), "config": "default"}],
+        }),
+    );
+    // A key's first request asks for its limits; the host cannot dispatch the callout: the request
+    // goes on under the failure policy.
+    let mut http = root.create_http_context().unwrap();
+    let (_, out) = request_headers(&mut http, &view, req_headers(&[]));
+    assert!(out
+        .iter()
+        .any(|e| matches!(e, Effect::Call { purpose, .. } if *purpose == Purpose::FirstLimits)));
+    let (flow, out) = event(
+        &mut http,
+        &view,
+        Event::Dispatched {
+            purpose: Purpose::FirstLimits,
+            result: Err(1),
+        },
+    );
+    assert_eq!(flow, Flow::Pause, "{out:?}");
+    view.request_body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+    let size = view.request_body.len();
+    let (flow, out) = event(
+        &mut http,
+        &view,
+        Event::RequestBody {
+            size,
+            end_of_stream: true,
+        },
+    );
+    assert_eq!(flow, Flow::Continue, "{out:?}");
+    view.response_headers = headers(&[(":status", b"200")]);
+    event(
+        &mut http,
+        &view,
+        Event::ResponseHeaders {
+            end_of_stream: true,
+        },
+    );
+    // The record is buffered: this VM's part of the gauge goes up by one.
+    let out = event(&mut http, &view, Event::Log).1;
+    let gauge = out
+        .iter()
+        .find_map(|e| match e {
+            Effect::DefineMetric { local, name, .. } if name == metrics::USAGE_BUFFERED => {
+                Some(*local)
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(out.contains(&Effect::GaugeAdd {
+        local: gauge,
+        delta: 1
+    }));
+    // The tick sends the batch; the host refuses the callout: the record goes back to the queue (none
+    // dropped, the gauge unchanged) and the next tick sends it again.
+    let usage_calls = |out: &[Effect]| {
+        out.iter()
+            .filter(|e| matches!(e, Effect::Call { purpose, .. } if *purpose == Purpose::Usage))
+            .count()
+    };
+    let mut out = Vec::new();
+    root.handle(&view, RootEvent::Tick, &mut out);
+    assert_eq!(usage_calls(&out), 1, "{out:?}");
+    let mut out = Vec::new();
+    root.handle(
+        &view,
+        RootEvent::Dispatched {
+            purpose: Purpose::Usage,
+            result: Err(1),
+        },
+        &mut out,
+    );
+    let dropped = out
+        .iter()
+        .find_map(|e| match e {
+            Effect::DefineMetric { local, name, .. } if name == metrics::USAGE_DROPPED => {
+                Some(*local)
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(out.contains(&Effect::Increment {
+        local: dropped,
+        by: 0
+    }));
+    assert!(!out.iter().any(|e| matches!(e, Effect::GaugeAdd { .. })));
+    let mut out = Vec::new();
+    root.handle(&view, RootEvent::Tick, &mut out);
+    assert_eq!(usage_calls(&out), 1, "{out:?}");
 }
