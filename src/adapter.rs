@@ -36,6 +36,27 @@ impl MetricIds {
     }
 }
 
+/// The outbox and its spare, shared by every context of the VM (callbacks never nest, so one pair
+/// serves all; their capacity is kept from request to request).
+#[derive(Default)]
+pub struct Outbox {
+    out: Vec<Effect>,
+    spare: Vec<Effect>,
+}
+
+/// Runs `f` with the VM's outbox (fresh buffers in the impossible case that it is in use).
+fn with_outbox<R>(shared: &RefCell<Outbox>, f: impl FnOnce(&mut Outbox) -> R) -> R {
+    match shared.try_borrow_mut() {
+        Ok(mut o) => {
+            let r = f(&mut o);
+            o.out.clear();
+            o.spare.clear();
+            r
+        }
+        Err(_) => f(&mut Outbox::default()),
+    }
+}
+
 /// What the machine must hear about an applied effect.
 #[derive(Debug)]
 pub enum Back {
@@ -50,15 +71,15 @@ pub enum Back {
 
 /// Applies one effect to the host. A callout's dispatch result, and a request body the host refused,
 /// come back for the machine; other failures are logged.
-pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: Effect) -> Option<Back> {
+pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: &Effect) -> Option<Back> {
     match effect {
         Effect::SetHeader { map, name, value } => {
-            if let Err(e) = host.set_header(map, &name, &value) {
+            if let Err(e) = host.set_header(*map, name, value) {
                 log::warn!("llm-gateway: cannot set header {name}: {e:?}");
             }
         }
         Effect::RemoveHeader { map, name } => {
-            if let Err(e) = host.remove_header(map, &name) {
+            if let Err(e) = host.remove_header(*map, name) {
                 log::warn!("llm-gateway: cannot set header {name}: {e:?}");
             }
         }
@@ -68,8 +89,8 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: Effect) -> Opt
             size,
             data,
         } => {
-            if let Err(status) = host.set_buffer(buffer, start, size, &data) {
-                if buffer == Buffer::RequestBody {
+            if let Err(status) = host.set_buffer(*buffer, *start, *size, data) {
+                if *buffer == Buffer::RequestBody {
                     return Some(Back::BodyNotSet { status });
                 }
                 log::warn!("llm-gateway: cannot set the response body: {status:?}");
@@ -82,7 +103,7 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: Effect) -> Opt
         } => {
             let pairs: Vec<(&str, &[u8])> =
                 headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-            if let Err(e) = host.send_response(status, &pairs, &body) {
+            if let Err(e) = host.send_response(*status, &pairs, body) {
                 log::error!("llm-gateway: cannot send local reply: {e:?}");
             }
         }
@@ -92,17 +113,19 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: Effect) -> Opt
             }
         }
         Effect::SharedSet { key, value } => {
-            if let Err(e) = host.shared_set(&key, Some(&value)) {
+            if let Err(e) = host.shared_set(key, Some(value)) {
                 log::warn!("llm-gateway: cannot set shared data {key}: {e:?}");
             }
         }
-        Effect::SetProperty { name, value } => {
-            if let Err(e) = host.set_property(&[name], &value) {
-                log::debug!("llm-gateway: cannot set filter state {name}: {e:?}");
+        Effect::SetProperties(values) => {
+            for (name, value) in values {
+                if let Err(e) = host.set_property(&[name], value.as_bytes()) {
+                    log::debug!("llm-gateway: cannot set filter state {name}: {e:?}");
+                }
             }
         }
         Effect::SetTick { ms } => {
-            if let Err(e) = host.set_tick_ms(ms) {
+            if let Err(e) = host.set_tick_ms(*ms) {
                 log::warn!("llm-gateway: cannot start the usage timer: {e:?}");
             }
         }
@@ -111,40 +134,38 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: Effect) -> Opt
                 log::warn!("llm-gateway: cannot signal done: {e:?}");
             }
         }
-        Effect::Call {
-            purpose,
-            cluster,
-            headers,
-            body,
-            timeout_ms,
-        } => {
-            let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let result = host.call(&cluster, &pairs, &body, timeout_ms);
-            return Some(Back::Dispatched { purpose, result });
+        Effect::Call(call) => {
+            let pairs: Vec<(&str, &str)> =
+                call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let result = host.call(&call.cluster, &pairs, &call.body, call.timeout_ms);
+            return Some(Back::Dispatched {
+                purpose: call.purpose.clone(),
+                result,
+            });
         }
         Effect::DefineMetric { local, kind, name } => {
-            let id = match host.define_metric(kind, &name) {
+            let id = match host.define_metric(*kind, name) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     log::warn!("llm-gateway: cannot define metric {name}: {e:?}");
                     None
                 }
             };
-            ids.set(local, id);
+            ids.set(*local, id);
         }
         Effect::Increment { local, by } => {
-            if let Some(id) = ids.get(local) {
-                host.increment_metric(id, by);
+            if let Some(id) = ids.get(*local) {
+                host.increment_metric(id, *by);
             }
         }
         Effect::GaugeAdd { local, delta } => {
-            if let Some(id) = ids.get(local) {
-                host.add_gauge(id, delta);
+            if let Some(id) = ids.get(*local) {
+                host.add_gauge(id, *delta);
             }
         }
         Effect::Record { local, value } => {
-            if let Some(id) = ids.get(local) {
-                host.record_metric(id, value);
+            if let Some(id) = ids.get(*local) {
+                host.record_metric(id, *value);
             }
         }
     }
@@ -164,7 +185,7 @@ fn drain<H: Host + ?Sized>(
 ) {
     while !out.is_empty() {
         std::mem::swap(out, spare);
-        for e in spare.drain(..) {
+        for e in spare.iter() {
             if let Some(b) = apply(host, ids, e) {
                 let ends = matches!(b, Back::BodyNotSet { .. });
                 back(b, out);
@@ -173,6 +194,7 @@ fn drain<H: Host + ?Sized>(
                 }
             }
         }
+        spare.clear();
     }
 }
 
@@ -181,8 +203,7 @@ pub struct Root<'h, H: Host> {
     machine: GatewayRoot,
     host: &'h H,
     ids: Rc<MetricIds>,
-    out: Vec<Effect>,
-    spare: Vec<Effect>,
+    outbox: Rc<RefCell<Outbox>>,
 }
 
 impl<'h, H: Host> Root<'h, H> {
@@ -191,24 +212,26 @@ impl<'h, H: Host> Root<'h, H> {
             machine: GatewayRoot::default(),
             host,
             ids: Rc::default(),
-            out: Vec::new(),
-            spare: Vec::new(),
+            outbox: Rc::default(),
         }
     }
 
     fn run(&mut self, event: RootEvent) -> bool {
-        let host = self.host;
-        let answer = self.machine.handle(host, event, &mut self.out);
-        let machine = &mut self.machine;
-        drain(host, &self.ids, &mut self.out, &mut self.spare, |b, out| {
-            let event = match b {
-                Back::Dispatched { purpose, result } => RootEvent::Dispatched { purpose, result },
-                // The root never replaces a request body.
-                Back::BodyNotSet { .. } => return,
-            };
-            machine.handle(host, event, out);
-        });
-        answer
+        let (host, ids, machine) = (self.host, &self.ids, &mut self.machine);
+        with_outbox(&self.outbox, |o| {
+            let answer = machine.handle(host, event, &mut o.out);
+            drain(host, ids, &mut o.out, &mut o.spare, |b, out| {
+                let event = match b {
+                    Back::Dispatched { purpose, result } => {
+                        RootEvent::Dispatched { purpose, result }
+                    }
+                    // The root never replaces a request body.
+                    Back::BodyNotSet { .. } => return,
+                };
+                machine.handle(host, event, out);
+            });
+            answer
+        })
     }
 
     pub fn on_configure(&mut self, _size: usize) -> bool {
@@ -241,8 +264,7 @@ impl<'h, H: Host> Root<'h, H> {
             machine: self.machine.create_http_context()?,
             host: self.host,
             ids: self.ids.clone(),
-            out: Vec::new(),
-            spare: Vec::new(),
+            outbox: self.outbox.clone(),
         })
     }
 }
@@ -252,24 +274,24 @@ pub struct Http<'h, H: Host> {
     machine: GatewayHttp,
     host: &'h H,
     ids: Rc<MetricIds>,
-    out: Vec<Effect>,
-    spare: Vec<Effect>,
+    outbox: Rc<RefCell<Outbox>>,
 }
 
 impl<H: Host> Http<'_, H> {
     /// Runs one event; a callout's dispatch result or a refused body decides the flow instead.
     fn run(&mut self, event: Event) -> Flow {
-        let host = self.host;
-        let mut flow = self.machine.handle(host, event, &mut self.out);
-        let machine = &mut self.machine;
-        drain(host, &self.ids, &mut self.out, &mut self.spare, |b, out| {
-            let event = match b {
-                Back::Dispatched { purpose, result } => Event::Dispatched { purpose, result },
-                Back::BodyNotSet { status } => Event::BodyNotSet { status },
-            };
-            flow = machine.handle(host, event, out);
-        });
-        flow
+        let (host, ids, machine) = (self.host, &self.ids, &mut self.machine);
+        with_outbox(&self.outbox, |o| {
+            let mut flow = machine.handle(host, event, &mut o.out);
+            drain(host, ids, &mut o.out, &mut o.spare, |b, out| {
+                let event = match b {
+                    Back::Dispatched { purpose, result } => Event::Dispatched { purpose, result },
+                    Back::BodyNotSet { status } => Event::BodyNotSet { status },
+                };
+                flow = machine.handle(host, event, out);
+            });
+            flow
+        })
     }
 
     pub fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Flow {

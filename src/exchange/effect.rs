@@ -13,12 +13,12 @@ use std::borrow::Cow;
 pub enum Effect {
     SetHeader {
         map: Map,
-        name: Cow<'static, str>,
+        name: &'static str,
         value: Cow<'static, [u8]>,
     },
     RemoveHeader {
         map: Map,
-        name: Cow<'static, str>,
+        name: &'static str,
     },
     /// Replaces `size` bytes of `buffer` from `start` with `data`.
     SetBuffer {
@@ -39,24 +39,17 @@ pub enum Effect {
         key: String,
         value: Vec<u8>,
     },
-    /// Filter state (a property of one segment).
-    SetProperty {
-        name: &'static str,
-        value: Vec<u8>,
-    },
+    /// Sets properties of one segment each, in order (the access log's filter state: one effect for
+    /// the whole summary).
+    SetProperties(Vec<(&'static str, String)>),
     SetTick {
         ms: u32,
     },
     /// The VM finished what it had to do after `on_done` returned false.
     Done,
-    /// An HTTP callout; the dispatch result comes back as a `Dispatched` event with `purpose`.
-    Call {
-        purpose: Purpose,
-        cluster: String,
-        headers: Vec<(&'static str, String)>,
-        body: Vec<u8>,
-        timeout_ms: u64,
-    },
+    /// An HTTP callout; the dispatch result comes back as a `Dispatched` event with its `purpose`.
+    /// (Boxed: callouts are rare, and every effect is as large as the largest.)
+    Call(Box<Call>),
     /// Defines the metric `name` under the machine's own number `local` (once per number).
     DefineMetric {
         local: u32,
@@ -75,6 +68,16 @@ pub enum Effect {
         local: u32,
         value: u64,
     },
+}
+
+/// An HTTP callout (to the sidecar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub purpose: Purpose,
+    pub cluster: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
 }
 
 /// What a callout is for.
@@ -168,21 +171,18 @@ impl Cx<'_> {
     pub fn set_header(
         &mut self,
         map: Map,
-        name: impl Into<Cow<'static, str>>,
+        name: &'static str,
         value: impl Into<Cow<'static, [u8]>>,
     ) {
         self.out.push(Effect::SetHeader {
             map,
-            name: name.into(),
+            name,
             value: value.into(),
         });
     }
 
-    pub fn remove_header(&mut self, map: Map, name: impl Into<Cow<'static, str>>) {
-        self.out.push(Effect::RemoveHeader {
-            map,
-            name: name.into(),
-        });
+    pub fn remove_header(&mut self, map: Map, name: &'static str) {
+        self.out.push(Effect::RemoveHeader { map, name });
     }
 
     /// A request header: set to `value`, or removed.

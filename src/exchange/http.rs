@@ -264,7 +264,7 @@ impl GatewayHttp {
         let content_length = get("content-length").and_then(|v| v.trim().parse::<usize>().ok());
         for h in gateway::STRIPPED_REQUEST_HEADERS {
             if get(h).is_some() {
-                cx.remove_header(Map::RequestHeaders, *h);
+                cx.remove_header(Map::RequestHeaders, h);
             }
         }
         let hash = self.key_digest(key.as_deref())?;
@@ -869,12 +869,9 @@ fn fallback_chain(host: &dyn Read, identity: &Identity, routed: &Routed) -> Vec<
 
 /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.llm_gateway.provider:PLAIN)%`, ...).
 fn set_filter_state(cx: &mut Cx, summary: &crate::access_log::Summary) {
-    for (name, value) in crate::access_log::filter_state(summary) {
-        cx.push(Effect::SetProperty {
-            name,
-            value: value.into_bytes(),
-        });
-    }
+    cx.push(Effect::SetProperties(crate::access_log::filter_state(
+        summary,
+    )));
 }
 
 fn read_body(host: &dyn Read, size: usize) -> Result<Vec<u8>, GatewayError> {

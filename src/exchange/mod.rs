@@ -21,7 +21,7 @@ mod root;
 #[cfg(test)]
 mod tests;
 
-pub use effect::{Cx, Effect, Event, Purpose, RootEvent};
+pub use effect::{Call, Cx, Effect, Event, Purpose, RootEvent};
 pub use http::GatewayHttp;
 pub use root::GatewayRoot;
 
@@ -345,7 +345,7 @@ fn call_sidecar(
     body: Vec<u8>,
     timeout_ms: u64,
 ) -> Effect {
-    Effect::Call {
+    Effect::Call(Box::new(Call {
         purpose,
         cluster: sidecar.cluster.clone(),
         headers: vec![
@@ -357,7 +357,7 @@ fn call_sidecar(
         ],
         body,
         timeout_ms,
-    }
+    }))
 }
 
 /// `:status` of a callout's answer (`None`: no answer — timeout, reset, no healthy sidecar).
