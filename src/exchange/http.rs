@@ -762,11 +762,11 @@ impl GatewayHttp {
             Ok(_) => return Flow::Continue,
             Err(e) => e,
         };
-        let now = cx.now_ms();
-        self.shared.breaker.borrow_mut().failure(now);
         let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
             return Flow::Continue;
         };
+        let now = cx.now_ms();
+        self.shared.breaker.borrow_mut().failure(now);
         match (purpose, p.limits_for.clone()) {
             (Purpose::FirstLimits, Some(identity)) => {
                 log::warn!("llm-gateway: cannot ask for budget allowances: {e:?}");
