@@ -44,6 +44,13 @@ pub struct Outbox {
     spare: Vec<Effect>,
 }
 
+/// What the adapter keeps for the whole VM: metric ids and the outbox.
+#[derive(Default)]
+pub struct Vm {
+    ids: MetricIds,
+    outbox: RefCell<Outbox>,
+}
+
 /// Runs `f` with the VM's outbox (fresh buffers in the impossible case that it is in use).
 fn with_outbox<R>(shared: &RefCell<Outbox>, f: impl FnOnce(&mut Outbox) -> R) -> R {
     match shared.try_borrow_mut() {
@@ -173,9 +180,9 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: &Effect) -> Op
 }
 
 /// Applies `out` in order; whatever comes back is handed to `back`, which may push more effects
-/// into `out` (applied after the current ones). A refused request body ends its batch: the effects
+/// (into `spare`, applied after the current ones). A refused request body ends its batch: the effects
 /// decided after it (its length, a resume) are dropped and the machine's answer (an error reply)
-/// takes their place. `spare` keeps the buffers' capacity.
+/// takes their place. Both buffers are left empty, their capacity kept.
 fn drain<H: Host + ?Sized>(
     host: &H,
     ids: &MetricIds,
@@ -183,18 +190,21 @@ fn drain<H: Host + ?Sized>(
     spare: &mut Vec<Effect>,
     mut back: impl FnMut(Back, &mut Vec<Effect>),
 ) {
-    while !out.is_empty() {
-        std::mem::swap(out, spare);
-        for e in spare.iter() {
+    loop {
+        for e in out.iter() {
             if let Some(b) = apply(host, ids, e) {
                 let ends = matches!(b, Back::BodyNotSet { .. });
-                back(b, out);
+                back(b, spare);
                 if ends {
                     break;
                 }
             }
         }
-        spare.clear();
+        out.clear();
+        if spare.is_empty() {
+            return;
+        }
+        std::mem::swap(out, spare);
     }
 }
 
@@ -202,8 +212,7 @@ fn drain<H: Host + ?Sized>(
 pub struct Root<'h, H: Host> {
     machine: GatewayRoot,
     host: &'h H,
-    ids: Rc<MetricIds>,
-    outbox: Rc<RefCell<Outbox>>,
+    vm: Rc<Vm>,
 }
 
 impl<'h, H: Host> Root<'h, H> {
@@ -211,14 +220,13 @@ impl<'h, H: Host> Root<'h, H> {
         Root {
             machine: GatewayRoot::default(),
             host,
-            ids: Rc::default(),
-            outbox: Rc::default(),
+            vm: Rc::default(),
         }
     }
 
     fn run(&mut self, event: RootEvent) -> bool {
-        let (host, ids, machine) = (self.host, &self.ids, &mut self.machine);
-        with_outbox(&self.outbox, |o| {
+        let (host, ids, machine) = (self.host, &self.vm.ids, &mut self.machine);
+        with_outbox(&self.vm.outbox, |o| {
             let answer = machine.handle(host, event, &mut o.out);
             drain(host, ids, &mut o.out, &mut o.spare, |b, out| {
                 let event = match b {
@@ -263,8 +271,7 @@ impl<'h, H: Host> Root<'h, H> {
         Some(Http {
             machine: self.machine.create_http_context()?,
             host: self.host,
-            ids: self.ids.clone(),
-            outbox: self.outbox.clone(),
+            vm: self.vm.clone(),
         })
     }
 }
@@ -273,15 +280,14 @@ impl<'h, H: Host> Root<'h, H> {
 pub struct Http<'h, H: Host> {
     machine: GatewayHttp,
     host: &'h H,
-    ids: Rc<MetricIds>,
-    outbox: Rc<RefCell<Outbox>>,
+    vm: Rc<Vm>,
 }
 
 impl<H: Host> Http<'_, H> {
     /// Runs one event; a callout's dispatch result or a refused body decides the flow instead.
     fn run(&mut self, event: Event) -> Flow {
-        let (host, ids, machine) = (self.host, &self.ids, &mut self.machine);
-        with_outbox(&self.outbox, |o| {
+        let (host, ids, machine) = (self.host, &self.vm.ids, &mut self.machine);
+        with_outbox(&self.vm.outbox, |o| {
             let mut flow = machine.handle(host, event, &mut o.out);
             drain(host, ids, &mut o.out, &mut o.spare, |b, out| {
                 let event = match b {
