@@ -21,7 +21,8 @@ mod root;
 #[cfg(test)]
 mod tests;
 
-pub use effect::{Call, Cx, Effect, Event, Purpose, RootEvent};
+use effect::Cx;
+pub use effect::{Call, Effect, Event, Purpose, RootEvent};
 pub use http::GatewayHttp;
 pub use root::GatewayRoot;
 
