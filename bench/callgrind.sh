@@ -8,8 +8,10 @@
 # The exchange runs through the fake host (`src/bench_exchange.rs`, ignored tests): chat JSON with body
 # rewrite and usage, an OpenAI SSE stream whose usage chunk is stripped, and a native Anthropic request
 # and response (translation). Only the `measured_*` functions are counted (--toggle-collect); each runs
-# 200 whole requests after a warm-up (release profile, symbols kept). BASE is exported with `git archive` to a temporary directory, the
-# same bench file is dropped into it, and it is built in target/callgrind-base.
+# 200 whole requests after a warm-up (release profile, symbols kept). BASE is exported with `git archive`
+# to a temporary directory, the same workload is dropped into it (src/bench_exchange.rs, or
+# bench/bench_exchange_v1.rs for a base from before the effect adapter, whose API it uses), and it is
+# built in target/callgrind-base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -45,7 +47,13 @@ declare -A BIN
 if [ "$BASE" != none ]; then
   mkdir -p "$TMP/base"
   git archive "$BASE" | tar -x -C "$TMP/base"
-  cp src/bench_exchange.rs "$TMP/base/src/"
+  # The workload over the base's API: the effect adapter (src/adapter.rs) or, before it, the machine
+  # called directly over an installed host (bench/bench_exchange_v1.rs, the same requests).
+  if [ -f "$TMP/base/src/adapter.rs" ]; then
+    cp src/bench_exchange.rs "$TMP/base/src/"
+  else
+    cp bench/bench_exchange_v1.rs "$TMP/base/src/bench_exchange.rs"
+  fi
   grep -q 'mod bench_exchange' "$TMP/base/src/lib.rs" ||
     printf '\n#[cfg(test)]\nmod bench_exchange;\n' >>"$TMP/base/src/lib.rs"
   echo "building $BASE ..." >&2

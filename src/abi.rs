@@ -142,7 +142,7 @@ fn buffer_id(b: Buffer) -> u32 {
 #[derive(Clone, Copy, Default)]
 pub struct Wasm;
 
-impl hostapi::Host for Wasm {
+impl hostapi::Read for Wasm {
     fn headers(&self, map: Map) -> Result<Pairs, Status> {
         let (mut data, mut size) = (null_mut(), 0usize);
         // SAFETY: out-pointers to locals; the returned buffer is taken over by `owned`.
@@ -168,6 +168,60 @@ impl hostapi::Host for Wasm {
         }
     }
 
+    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: out-pointers to locals.
+        let s = unsafe { proxy_get_buffer_bytes(buffer_id(b), start, max, &mut data, &mut size) };
+        let bytes = owned(data, size);
+        match s {
+            OK => Ok(bytes),
+            NOT_FOUND => Ok(Vec::new()),
+            e => Err(e),
+        }
+    }
+
+    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+        let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
+        // SAFETY: `key` outlives the call; out-pointers to locals.
+        let s = unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        };
+        let bytes = owned(data, size);
+        match s {
+            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
+            // shared record that marks a revoked key, or an empty header.
+            OK => Ok(Some(bytes)),
+            NOT_FOUND => Ok(None),
+            e => Err(e),
+        }
+    }
+
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+        let p = hostapi::encode_path(path);
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `p` outlives the call; out-pointers to locals.
+        let s = unsafe { proxy_get_property(p.as_ptr(), p.len(), &mut data, &mut size) };
+        let bytes = owned(data, size);
+        match s {
+            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
+            // shared record that marks a revoked key, or an empty header.
+            OK => Ok(Some(bytes)),
+            NOT_FOUND => Ok(None),
+            e => Err(e),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        let mut ns = 0u64;
+        // SAFETY: out-pointer to a local.
+        match unsafe { proxy_get_current_time_nanoseconds(&mut ns) } {
+            OK => ns / 1_000_000,
+            _ => 0,
+        }
+    }
+}
+
+impl hostapi::Host for Wasm {
     fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
         // SAFETY: both slices outlive the call.
         status(unsafe {
@@ -184,18 +238,6 @@ impl hostapi::Host for Wasm {
     fn remove_header(&self, map: Map, name: &str) -> Result<(), Status> {
         // SAFETY: `name` outlives the call.
         status(unsafe { proxy_remove_header_map_value(map_id(map), name.as_ptr(), name.len()) })
-    }
-
-    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
-        let (mut data, mut size) = (null_mut(), 0usize);
-        // SAFETY: out-pointers to locals.
-        let s = unsafe { proxy_get_buffer_bytes(buffer_id(b), start, max, &mut data, &mut size) };
-        let bytes = owned(data, size);
-        match s {
-            OK => Ok(bytes),
-            NOT_FOUND => Ok(Vec::new()),
-            e => Err(e),
-        }
     }
 
     fn set_buffer(&self, b: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
@@ -249,22 +291,6 @@ impl hostapi::Host for Wasm {
         status(unsafe { proxy_continue_stream(0) })
     }
 
-    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
-        let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
-        // SAFETY: `key` outlives the call; out-pointers to locals.
-        let s = unsafe {
-            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
-        };
-        let bytes = owned(data, size);
-        match s {
-            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
-            // shared record that marks a revoked key, or an empty header.
-            OK => Ok(Some(bytes)),
-            NOT_FOUND => Ok(None),
-            e => Err(e),
-        }
-    }
-
     fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
         let (ptr, len) = value.map_or((null(), 0), |v| (v.as_ptr(), v.len()));
         // SAFETY: `key` and `value` outlive the call.
@@ -298,34 +324,10 @@ impl hostapi::Host for Wasm {
         let _ = unsafe { proxy_record_metric(id, value) };
     }
 
-    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
-        let p = hostapi::encode_path(path);
-        let (mut data, mut size) = (null_mut(), 0usize);
-        // SAFETY: `p` outlives the call; out-pointers to locals.
-        let s = unsafe { proxy_get_property(p.as_ptr(), p.len(), &mut data, &mut size) };
-        let bytes = owned(data, size);
-        match s {
-            // Ok with no data is a present, empty value (absent is NotFound): e.g. the emptied
-            // shared record that marks a revoked key, or an empty header.
-            OK => Ok(Some(bytes)),
-            NOT_FOUND => Ok(None),
-            e => Err(e),
-        }
-    }
-
     fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status> {
         let p = hostapi::encode_path(path);
         // SAFETY: both slices outlive the call.
         status(unsafe { proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) })
-    }
-
-    fn now_ms(&self) -> u64 {
-        let mut ns = 0u64;
-        // SAFETY: out-pointer to a local.
-        match unsafe { proxy_get_current_time_nanoseconds(&mut ns) } {
-            OK => ns / 1_000_000,
-            _ => 0,
-        }
     }
 
     fn set_tick_ms(&self, ms: u32) -> Result<(), Status> {

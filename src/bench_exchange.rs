@@ -3,11 +3,15 @@
 //! Run by `bench/callgrind.sh` under `valgrind --tool=callgrind --toggle-collect='*measured_*'`: only
 //! the `measured_*` functions are counted, so the figures are instructions per request of the
 //! filter's own code (plus the in-memory fake host), repeatable whatever the load of the machine.
-//! The same file is dropped into older commits by the script to compare before and after, so it only
-//! uses APIs that exist there. The tests are `#[ignore]`d: `cargo test` does not run them.
+//! The script drops this file into bases that have the effect adapter (`src/adapter.rs`) and
+//! `bench/bench_exchange_v1.rs` (the same workload over the API before it: `exchange::install` and the
+//! machine called directly) into older ones. The tests are `#[ignore]`d: `cargo test` does not run them.
 
-use crate::exchange::{install, GatewayHttp, GatewayRoot};
+use crate::adapter::{Http, Root};
 use crate::hostapi::fake::Fake;
+
+type GatewayRoot = Root<'static, Fake>;
+type GatewayHttp = Http<'static, Fake>;
 use crate::hostapi::Pairs;
 
 const KEY: &str = "sk-bench-key";
@@ -24,7 +28,6 @@ fn sha(k: &str) -> String {
 
 fn vm() -> (&'static Fake, GatewayRoot) {
     let f: &'static Fake = Box::leak(Box::default());
-    install(f);
     f.st().now_ms = 1_000;
     f.st().config = serde_json::json!({
         "maxBodyBytes": 1048576,
@@ -38,7 +41,7 @@ fn vm() -> (&'static Fake, GatewayRoot) {
     })
     .to_string()
     .into_bytes();
-    let mut root = GatewayRoot::default();
+    let mut root = Root::new(f);
     assert!(root.on_configure(0));
     (f, root)
 }

@@ -1,9 +1,10 @@
-//! The proxy-wasm adapter: the only code that knows Envoy's callbacks. It installs the real host
-//! ([`Wasm`], the filter's own ABI layer) and forwards every callback to [`crate::exchange`], where
-//! all decisions live; it makes no decision itself.
+//! The proxy-wasm adapter: the only code that knows Envoy's callbacks. Each callback goes to
+//! [`crate::adapter`] over the real host ([`Wasm`], the filter's own ABI layer), which turns it into an
+//! event for the exchange machine and applies the effects the machine returns; no decision here.
 
 use crate::abi::Wasm;
-use crate::exchange::{self, Flow, GatewayHttp, GatewayRoot};
+use crate::adapter;
+use crate::exchange::Flow;
 use crate::hostapi::{Host, Level};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -38,9 +39,8 @@ proxy_wasm::main! {{
     log::set_max_level(log::LevelFilter::Info);
     // A panic (there should be none: clippy denies the usual sources) is logged before the VM aborts.
     std::panic::set_hook(Box::new(|info| HOST.log(Level::Error, &format!("llm-gateway panicked: {info}"))));
-    exchange::install(&HOST);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root(GatewayRoot::default()))
+        Box::new(Root(adapter::Root::new(&HOST)))
     });
 }}
 
@@ -51,7 +51,7 @@ fn action(f: Flow) -> Action {
     }
 }
 
-struct Root(GatewayRoot);
+struct Root(adapter::Root<'static, Wasm>);
 
 impl Context for Root {
     fn on_done(&mut self) -> bool {
@@ -82,7 +82,7 @@ impl RootContext for Root {
     }
 }
 
-struct Http(GatewayHttp);
+struct Http(adapter::Http<'static, Wasm>);
 
 impl Context for Http {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, trailers: usize) {

@@ -1,6 +1,9 @@
-//! The one interface between the gateway and its host: headers (as bytes), body buffers, callouts,
-//! shared data, metrics, properties, time and log. `abi::Wasm` implements it over the proxy-wasm ABI;
-//! [`fake::Fake`] implements it in memory so the whole request lifecycle runs in `cargo test`.
+//! The one interface between the gateway and its host, in two halves: [`Read`] (headers as bytes, body
+//! buffers, shared data, properties, time) is all the exchange's decision code may use; [`Host`] adds
+//! everything that changes something (headers, buffers, local replies, callouts, shared data, metrics,
+//! properties, the tick, log) and is called only by [`crate::adapter`], which applies the exchange's
+//! effects. `abi::Wasm` implements both over the proxy-wasm ABI; [`fake::Fake`] implements them in
+//! memory so the whole request lifecycle runs in `cargo test`.
 //!
 //! Every call returns the host's status instead of panicking; header values are bytes (decode them
 //! with [`text`] when a string is needed, lossily: a byte >= 0x80 can never crash the filter).
@@ -43,12 +46,22 @@ pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 /// A host status other than Ok.
 pub type Status = u32;
 
-pub trait Host {
+/// What the exchange may read from its host: nothing here changes the request, the response or the
+/// VM. The exchange's decision code sees only this trait (see [`crate::exchange`]); every change it
+/// wants is an [`crate::exchange::Effect`] that [`crate::adapter`] applies through [`Host`].
+pub trait Read {
     fn headers(&self, map: Map) -> Result<Pairs, Status>;
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status>;
+    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status>;
+    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status>;
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status>;
+    fn now_ms(&self) -> u64;
+}
+
+/// The side of the host that changes things: only [`crate::adapter`] (and the logger) call it.
+pub trait Host: Read {
     fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status>;
     fn remove_header(&self, map: Map, name: &str) -> Result<(), Status>;
-    fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status>;
     fn set_buffer(&self, b: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status>;
     fn send_response(
         &self,
@@ -65,16 +78,13 @@ pub trait Host {
         timeout_ms: u64,
     ) -> Result<u32, Status>;
     fn resume_request(&self) -> Result<(), Status>;
-    fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status>;
     fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status>;
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, Status>;
     fn increment_metric(&self, id: u32, by: u64);
     /// Adds `delta` (possibly negative) to a gauge.
     fn add_gauge(&self, id: u32, delta: i64);
     fn record_metric(&self, id: u32, value: u64);
-    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status>;
     fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status>;
-    fn now_ms(&self) -> u64;
     fn set_tick_ms(&self, ms: u32) -> Result<(), Status>;
     /// The VM finished what it had to do after `on_done` returned false.
     fn done(&self) -> Result<(), Status>;
@@ -214,6 +224,8 @@ pub mod fake {
         pub logs: Vec<(Level, String)>,
         /// Makes every fallible call fail with this status (host misbehaviour).
         pub fail_with: Option<Status>,
+        /// Makes `set_buffer` alone fail with this status.
+        pub fail_set_buffer: Option<Status>,
     }
 
     #[derive(Default)]
@@ -259,7 +271,7 @@ pub mod fake {
         }
     }
 
-    impl Host for Fake {
+    impl Read for Fake {
         fn headers(&self, map: Map) -> Result<Pairs, Status> {
             self.fail()?;
             Ok(map_mut(&mut self.st(), map).clone())
@@ -271,6 +283,27 @@ pub mod fake {
                 .find(|(k, _)| k.as_slice() == name.as_bytes())
                 .map(|(_, v)| v.clone()))
         }
+        fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
+            self.fail()?;
+            let mut s = self.st();
+            let buf = buf_mut(&mut s, b);
+            let end = start.saturating_add(max).min(buf.len());
+            Ok(buf.get(start..end).unwrap_or_default().to_vec())
+        }
+        fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+            self.fail()?;
+            Ok(self.st().shared.get(key).cloned())
+        }
+        fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+            self.fail()?;
+            Ok(self.st().properties.get(&path.join(".")).cloned())
+        }
+        fn now_ms(&self) -> u64 {
+            self.0.borrow().now_ms
+        }
+    }
+
+    impl Host for Fake {
         fn set_header(&self, map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
             self.fail()?;
             let mut s = self.st();
@@ -284,13 +317,6 @@ pub mod fake {
             map_mut(&mut self.st(), map).retain(|(k, _)| k.as_slice() != name.as_bytes());
             Ok(())
         }
-        fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
-            self.fail()?;
-            let mut s = self.st();
-            let buf = buf_mut(&mut s, b);
-            let end = start.saturating_add(max).min(buf.len());
-            Ok(buf.get(start..end).unwrap_or_default().to_vec())
-        }
         fn set_buffer(
             &self,
             b: Buffer,
@@ -300,6 +326,9 @@ pub mod fake {
         ) -> Result<(), Status> {
             self.fail()?;
             let mut s = self.st();
+            if let Some(e) = s.fail_set_buffer {
+                return Err(e);
+            }
             let buf = buf_mut(&mut s, b);
             let end = start.saturating_add(size).min(buf.len());
             let start = start.min(end);
@@ -341,10 +370,6 @@ pub mod fake {
             self.st().resumed += 1;
             Ok(())
         }
-        fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
-            self.fail()?;
-            Ok(self.st().shared.get(key).cloned())
-        }
         fn shared_set(&self, key: &str, value: Option<&[u8]>) -> Result<(), Status> {
             self.fail()?;
             let mut s = self.st();
@@ -374,17 +399,10 @@ pub mod fake {
         fn record_metric(&self, id: u32, value: u64) {
             self.st().metric_values.insert(id, value);
         }
-        fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
-            self.fail()?;
-            Ok(self.st().properties.get(&path.join(".")).cloned())
-        }
         fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), Status> {
             self.fail()?;
             self.st().properties.insert(path.join("."), value.to_vec());
             Ok(())
-        }
-        fn now_ms(&self) -> u64 {
-            self.0.borrow().now_ms
         }
         fn set_tick_ms(&self, _ms: u32) -> Result<(), Status> {
             self.fail()

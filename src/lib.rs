@@ -3,9 +3,11 @@
 //! The modules follow a request: [`entry`] (which endpoint) → [`auth`] (who is calling) →
 //! [`select`] (which provider and model) → [`providers`] (how the upstream request must look) →
 //! [`gateway`] (the composition). [`config`] compiles the configuration once into a read-only plan.
-//! Only `host` talks to Envoy; everything else is plain Rust tested on the host.
+//! [`exchange`] is the per-request state machine (events in, effects out); [`adapter`] applies its
+//! effects to a host; only `host` talks to Envoy; everything else is plain Rust tested on the host.
 
 pub mod access_log;
+pub mod adapter;
 pub mod api;
 pub mod auth;
 pub mod body;

@@ -1,19 +1,16 @@
 //! The whole request lifecycle of the filter (`exchange`) over an in-memory host whose header maps,
 //! bodies and upstream answers come from the fuzzer: what the proxy-wasm host hands the filter is as
 //! hostile as what clients and providers send. Thin on purpose: the host is the filter's own test
-//! double (`hostapi::fake`, enabled by the `fake-host` feature); this only feeds it and calls the
-//! callbacks in Envoy's order.
+//! double (`hostapi::fake`, enabled by the `fake-host` feature) under the filter's own effect adapter
+//! (`adapter::Root`); this only feeds it and calls the callbacks in Envoy's order.
 
-use llm_gateway::exchange::{self, Flow, GatewayRoot};
+use llm_gateway::adapter::Root;
+use llm_gateway::exchange::Flow;
 use llm_gateway::hostapi::fake::{Fake, State};
 use llm_gateway::hostapi::Pairs;
 
 thread_local! {
-    static HOST: &'static Fake = {
-        let h: &'static Fake = Box::leak(Box::default());
-        exchange::install(h);
-        h
-    };
+    static HOST: &'static Fake = Box::leak(Box::default());
 }
 
 pub const KEY: &str = "sk-fuzz-key";
@@ -77,7 +74,7 @@ pub fn lifecycle(data: &[u8]) {
             ..State::default()
         };
     }
-    let mut root = GatewayRoot::default();
+    let mut root = Root::new(host);
     if !root.on_configure(0) {
         panic!("the fuzz configuration must compile");
     }
