@@ -111,7 +111,27 @@ pub fn decode(header: &str) -> Result<AttemptPlan, GatewayError> {
     let json = base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(header.trim())
         .map_err(|_| bad("encoding"))?;
-    serde_json::from_slice(&json).map_err(|_| bad("json"))
+    let v: serde_json::Value = serde_json::from_slice(&json).map_err(|_| bad("json"))?;
+    AttemptPlan::read(&v).map_err(|_| bad("json"))
+}
+
+impl AttemptPlan {
+    /// Reads a plan by hand (see `crate::read`), as the derive would.
+    pub fn read(v: &serde_json::Value) -> crate::read::Res<AttemptPlan> {
+        let o = crate::read::Obj::new(v, "", None)?;
+        let attempt = |v: &serde_json::Value, at: &str| -> crate::read::Res<Attempt> {
+            let o = crate::read::Obj::new(v, at, None)?;
+            Ok(Attempt {
+                provider: ResolvedProvider::read(o.req(&["provider"])?, &o.at("provider"))?,
+                model: Model::read(o.req(&["model"])?, &o.at("model"))?,
+            })
+        };
+        Ok(AttemptPlan {
+            attempts: crate::read::list(o.req(&["attempts"])?, "attempts", attempt)?,
+            org: o.string_or(&["org"], "")?,
+            primary: o.string_or(&["primary"], "")?,
+        })
+    }
 }
 
 /// Whether an attempt's status makes Envoy try the next provider.
@@ -234,6 +254,10 @@ mod tests {
         };
         let back = decode(&encode(&plan)).unwrap();
         assert_eq!(back, plan);
+        let mut v = serde_json::to_value(&plan).unwrap();
+        crate::read::assert_agrees(&v, |v, _| AttemptPlan::read(v));
+        v["attempts"][0]["provider"]["models"] = serde_json::Value::Null;
+        crate::read::assert_agrees(&v, |v, _| AttemptPlan::read(v));
         assert_eq!(back.attempts[1].provider.api_key.as_deref(), Some("ka"));
         assert!(decode("!!!").is_err());
         assert!(decode("e30").is_err()); // "{}"

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pbstruct;
 pub mod plan;
 pub mod providers;
+pub mod read;
 pub mod report;
 pub mod resolve;
 pub mod select;

@@ -44,6 +44,20 @@ impl BaseUrl {
         })
     }
 
+    /// Reads the serialized form (`tls`, `authority`, `path`), as the sidecar sends it.
+    pub fn read(v: &serde_json::Value, at: &str) -> crate::read::Res<BaseUrl> {
+        let o = crate::read::Obj::new(v, at, None)?;
+        let tls = match o.req(&["tls"])? {
+            serde_json::Value::Bool(b) => *b,
+            other => return Err(crate::read::invalid(&o.at("tls"), other, "a boolean")),
+        };
+        Ok(BaseUrl {
+            tls,
+            authority: o.string(&["authority"])?,
+            path: o.string(&["path"])?,
+        })
+    }
+
     /// `base path + suffix`, where `suffix` starts with `/`.
     pub fn join(&self, suffix: &str) -> String {
         let mut s = String::with_capacity(self.path.len() + suffix.len());

@@ -1,0 +1,324 @@
+//! Reads configuration-shaped JSON by hand, from a parsed [`serde_json::Value`].
+//!
+//! The configuration and control-plane types derive `Deserialize` for the sidecar, which shares them.
+//! In the filter each derived deserializer costs kilobytes of wasm (one `serde_json` instantiation per
+//! type and collection), so the filter reads these documents (its configuration, the sidecar's
+//! answers, the attempt plan) through the readers next to each type, all built on the few
+//! non-generic helpers here. Unit tests compare every reader with the derived deserializer.
+//!
+//! The rules are serde's: a field may come under its name or one of its aliases (two of them at
+//! once are refused), `null` reads as absent only for optional fields, numbers must fit the integer
+//! type, and types that refuse unknown fields (`Obj::new` with a field list) name the field. One
+//! difference: serde also takes a struct written as an array of its fields in order; these readers
+//! take objects only. Messages name the place in the document (`providers[1].models[0]: ...`).
+
+use serde_json::{Map, Value};
+
+pub type Res<T> = Result<T, String>;
+
+/// One JSON object being read; `at` is its place in the document (`""` at the top), for messages.
+pub struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    at: String,
+}
+
+/// `at: ` (nothing at the top of the document).
+fn prefix(at: &str) -> String {
+    if at.is_empty() {
+        String::new()
+    } else {
+        format!("{at}: ")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// `at: invalid type: <kind>, expected <want>`.
+pub fn invalid(at: &str, v: &Value, want: &str) -> String {
+    format!("{}invalid type: {}, expected {want}", prefix(at), kind(v))
+}
+
+/// A string value.
+pub fn string(v: &Value, at: &str) -> Res<String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        _ => Err(invalid(at, v, "a string")),
+    }
+}
+
+/// An array value: its items with their places (`at[i]`).
+pub fn items<'a>(v: &'a Value, at: &str) -> Res<Vec<(&'a Value, String)>> {
+    match v {
+        Value::Array(a) => Ok(a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x, format!("{at}[{i}]")))
+            .collect()),
+        _ => Err(invalid(at, v, "an array")),
+    }
+}
+
+/// Reads every item of an array with `read`.
+pub fn list<T>(v: &Value, at: &str, read: fn(&Value, &str) -> Res<T>) -> Res<Vec<T>> {
+    items(v, at)?
+        .into_iter()
+        .map(|(x, at)| read(x, &at))
+        .collect()
+}
+
+impl<'a> Obj<'a> {
+    /// `v` as an object. With `fields` (every accepted name and alias), any other field is refused.
+    pub fn new(v: &'a Value, at: &str, fields: Option<&[&str]>) -> Res<Obj<'a>> {
+        let Value::Object(map) = v else {
+            return Err(invalid(at, v, "an object"));
+        };
+        if let Some(fields) = fields {
+            if let Some(k) = map.keys().find(|k| !fields.contains(&k.as_str())) {
+                return Err(format!(
+                    "{}unknown field `{k}`, expected one of `{}`",
+                    prefix(at),
+                    fields.join("`, `")
+                ));
+            }
+        }
+        Ok(Obj {
+            map,
+            at: at.to_string(),
+        })
+    }
+
+    /// The place of field `name`, for messages and nested readers.
+    pub fn at(&self, name: &str) -> String {
+        if self.at.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.at)
+        }
+    }
+
+    /// The field under its name or an alias (`names[0]` is the name); `None` when absent. `null` is
+    /// returned as is (only optional fields take it for absent).
+    pub fn get(&self, names: &[&str]) -> Res<Option<&'a Value>> {
+        let mut found = names.iter().filter_map(|n| self.map.get(*n));
+        let first = found.next();
+        if first.is_some() && found.next().is_some() {
+            let name = names.first().copied().unwrap_or_default();
+            return Err(format!("{}duplicate field `{name}`", prefix(&self.at)));
+        }
+        Ok(first)
+    }
+
+    /// Like [`Obj::get`], with `null` read as absent (an optional field).
+    pub fn opt(&self, names: &[&str]) -> Res<Option<&'a Value>> {
+        Ok(self.get(names)?.filter(|v| !v.is_null()))
+    }
+
+    /// A required field.
+    pub fn req(&self, names: &[&str]) -> Res<&'a Value> {
+        self.get(names)?.ok_or_else(|| {
+            let name = names.first().copied().unwrap_or_default();
+            format!("{}missing field `{name}`", prefix(&self.at))
+        })
+    }
+
+    fn name_at(&self, names: &[&str]) -> String {
+        self.at(names.first().copied().unwrap_or_default())
+    }
+
+    pub fn string(&self, names: &[&str]) -> Res<String> {
+        string(self.req(names)?, &self.name_at(names))
+    }
+
+    pub fn opt_string(&self, names: &[&str]) -> Res<Option<String>> {
+        self.opt(names)?
+            .map(|v| string(v, &self.name_at(names)))
+            .transpose()
+    }
+
+    pub fn string_or(&self, names: &[&str], default: &str) -> Res<String> {
+        match self.get(names)? {
+            None => Ok(default.to_string()),
+            Some(v) => string(v, &self.name_at(names)),
+        }
+    }
+
+    pub fn opt_bool(&self, names: &[&str]) -> Res<Option<bool>> {
+        match self.opt(names)? {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(invalid(&self.name_at(names), v, "a boolean")),
+        }
+    }
+
+    pub fn bool_or(&self, names: &[&str], default: bool) -> Res<bool> {
+        match self.get(names)? {
+            Some(Value::Null) => Err(invalid(&self.name_at(names), &Value::Null, "a boolean")),
+            _ => Ok(self.opt_bool(names)?.unwrap_or(default)),
+        }
+    }
+
+    /// A non-negative integer no larger than `max`.
+    fn int(&self, v: &Value, names: &[&str], max: u64) -> Res<u64> {
+        match v.as_u64() {
+            Some(n) if n <= max => Ok(n),
+            _ if v.is_number() => Err(format!(
+                "{}invalid value: {v}, expected an integer from 0 to {max}",
+                prefix(&self.name_at(names))
+            )),
+            _ => Err(invalid(&self.name_at(names), v, "an integer")),
+        }
+    }
+
+    pub fn opt_uint(&self, names: &[&str], max: u64) -> Res<Option<u64>> {
+        self.opt(names)?
+            .map(|v| self.int(v, names, max))
+            .transpose()
+    }
+
+    pub fn uint_or(&self, names: &[&str], max: u64, default: u64) -> Res<u64> {
+        match self.get(names)? {
+            None => Ok(default),
+            Some(v) => self.int(v, names, max),
+        }
+    }
+
+    pub fn opt_f64(&self, names: &[&str]) -> Res<Option<f64>> {
+        match self.opt(names)? {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| invalid(&self.name_at(names), v, "a number")),
+        }
+    }
+
+    /// A list of strings; absent: empty.
+    pub fn strings(&self, names: &[&str]) -> Res<Vec<String>> {
+        match self.get(names)? {
+            None => Ok(Vec::new()),
+            Some(v) => list(v, &self.name_at(names), string),
+        }
+    }
+
+    pub fn opt_strings(&self, names: &[&str]) -> Res<Option<Vec<String>>> {
+        self.opt(names)?
+            .map(|v| list(v, &self.name_at(names), string))
+            .transpose()
+    }
+
+    /// A list read item by item with `read`; absent: empty.
+    pub fn list<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>) -> Res<Vec<T>> {
+        match self.get(names)? {
+            None => Ok(Vec::new()),
+            Some(v) => list(v, &self.name_at(names), read),
+        }
+    }
+
+    /// A nested value read with `read`; absent (or `null`): `None`.
+    pub fn opt_with<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>) -> Res<Option<T>> {
+        self.opt(names)?
+            .map(|v| read(v, &self.name_at(names)))
+            .transpose()
+    }
+
+    /// A nested value read with `read`; absent: `T::default()` (`null` is refused, as serde does for
+    /// a non-optional field with a default).
+    pub fn with_or_default<T: Default>(
+        &self,
+        names: &[&str],
+        read: fn(&Value, &str) -> Res<T>,
+    ) -> Res<T> {
+        match self.get(names)? {
+            None => Ok(T::default()),
+            Some(v) => read(v, &self.name_at(names)),
+        }
+    }
+
+    /// An object of named entries, each read with `read`; absent: empty.
+    pub fn entries<T>(
+        &self,
+        names: &[&str],
+        read: fn(&Value, &str) -> Res<T>,
+    ) -> Res<std::collections::BTreeMap<String, T>> {
+        let Some(v) = self.get(names)? else {
+            return Ok(Default::default());
+        };
+        let at = self.name_at(names);
+        let Value::Object(m) = v else {
+            return Err(invalid(&at, v, "an object"));
+        };
+        m.iter()
+            .map(|(k, x)| Ok((k.clone(), read(x, &format!("{at}.{k}"))?)))
+            .collect()
+    }
+}
+
+/// Test helper: `read` and the derived deserializer of `T` agree on `json` (both accept it and give
+/// the same value, compared serialized, or both refuse it).
+#[cfg(test)]
+pub fn assert_agrees<T>(json: &Value, read: fn(&Value, &str) -> Res<T>)
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let derived = serde_json::from_value::<T>(json.clone()).map_err(|e| e.to_string());
+    let hand = read(json, "");
+    match (derived, hand) {
+        (Ok(d), Ok(h)) => assert_eq!(
+            serde_json::to_value(h).unwrap(),
+            serde_json::to_value(d).unwrap(),
+            "{json}"
+        ),
+        (Err(_), Err(_)) => {}
+        (d, h) => panic!("derive: {:?}, reader: {:?}, on {json}", d.err(), h.err()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_aliases_nulls_and_places() {
+        let v = json!({"a": "x", "alias": 1, "n": null, "list": [1, "y"]});
+        let o = Obj::new(&v, "top", None).unwrap();
+        assert_eq!(o.string(&["a"]).unwrap(), "x");
+        assert_eq!(o.opt_uint(&["b", "alias"], 10).unwrap(), Some(1));
+        assert_eq!(o.opt_string(&["n"]).unwrap(), None);
+        assert_eq!(
+            o.string_or(&["n"], "d").unwrap_err(),
+            "top.n: invalid type: null, expected a string"
+        );
+        assert_eq!(o.string_or(&["absent"], "d").unwrap(), "d");
+        assert_eq!(o.string(&["zz"]).unwrap_err(), "top: missing field `zz`");
+        assert_eq!(
+            o.strings(&["list"]).unwrap_err(),
+            "top.list[0]: invalid type: number, expected a string"
+        );
+        assert_eq!(
+            o.get(&["a", "alias"]).unwrap_err(),
+            "top: duplicate field `a`"
+        );
+        assert!(o
+            .opt_uint(&["alias"], 0)
+            .unwrap_err()
+            .contains("from 0 to 0"));
+        assert!(Obj::new(&v, "", Some(&["a", "alias", "n"]))
+            .err()
+            .unwrap()
+            .starts_with("unknown field `list`, expected one of `a`, `alias`, `n`"));
+        assert_eq!(
+            Obj::new(&json!([]), "", None).err().unwrap(),
+            "invalid type: array, expected an object"
+        );
+    }
+}
