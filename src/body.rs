@@ -2,8 +2,6 @@
 //! byte for byte leaving every other field exactly as the client sent it.
 
 use crate::error::GatewayError;
-use serde::Deserialize;
-use std::borrow::Cow;
 
 /// What the gateway reads from a chat-completions body.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -37,66 +35,14 @@ impl StreamOptions {
     }
 }
 
-#[derive(Deserialize)]
-struct Peek<'a> {
-    #[serde(default, borrow)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default, borrow)]
-    stream_options: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptionsPeek {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
-/// Parses the body once (the whole document is validated, unknown fields are skipped, not built).
-pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(GatewayError::InvalidBody {
-            reason: "the body is empty; send a JSON object".into(),
-        });
-    }
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return Err(GatewayError::InvalidBody {
-            reason: "the body must be a JSON object".into(),
-        });
-    }
-    let peek: Peek = serde_json::from_slice(body).map_err(|e| GatewayError::InvalidBody {
-        reason: format!("not valid JSON for a chat completion ({e})"),
-    })?;
-    let model = peek.model.map(|m| m.into_owned()).filter(|m| !m.is_empty());
-    let stream_options = match peek.stream_options {
-        None => StreamOptions::Absent,
-        Some(raw) => match serde_json::from_slice::<StreamOptionsPeek>(raw.get().as_bytes()) {
-            Ok(o) => StreamOptions::Object {
-                include_usage: o.include_usage,
-            },
-            Err(_) => StreamOptions::Other,
-        },
-    };
-    Ok(ChatRequest {
-        model,
-        stream: peek.stream.unwrap_or(false),
-        stream_options,
-    })
-}
-
-/// The whole request as a JSON object: what native translation reads.
-pub type Doc = serde_json::Map<String, serde_json::Value>;
-
-/// Like [`inspect`], for requests that may be translated to a native API: the body is parsed once
-/// into a [`Doc`], and the routing fields are read from it (translation then reuses the same `Doc`,
-/// no second parse). The same requests are refused, with the same errors.
-pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
-    use serde_json::Value;
-    let invalid = |what: &str| GatewayError::InvalidBody {
+fn invalid(what: &str) -> GatewayError {
+    GatewayError::InvalidBody {
         reason: format!("not valid JSON for a chat completion ({what})"),
-    };
+    }
+}
+
+/// Refuses an empty body and one that is not a JSON object (by its first byte).
+fn object_shaped(body: &[u8]) -> Result<(), GatewayError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(GatewayError::InvalidBody {
             reason: "the body is empty; send a JSON object".into(),
@@ -107,6 +53,40 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
             reason: "the body must be a JSON object".into(),
         });
     }
+    Ok(())
+}
+
+/// Parses the body once (the whole document is validated, nothing is built), then only the values
+/// of `model`, `stream` and `stream_options`, found by a byte scan of the top level; reads them as
+/// [`inspect_doc`] does (the same requests are refused, with the same errors). No derived
+/// deserializer: see `crate::read` for why.
+pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    object_shaped(body)?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| invalid(&e.to_string()))?;
+    let spans = top_level_spans(body, ROUTING_FIELDS)
+        .map_err(|k| invalid(&format!("duplicate field `{k}`")))?;
+    let mut doc = Doc::new();
+    for (key, span) in ROUTING_FIELDS.into_iter().zip(spans) {
+        let Some((start, end)) = span else { continue };
+        let raw = body.get(start..end).unwrap_or_default();
+        let value = crate::translate::parse_json(raw).map_err(|e| invalid(&e.to_string()))?;
+        doc.insert(key.to_string(), value);
+    }
+    routing_fields(&doc)
+}
+
+/// The top-level fields [`inspect`] reads.
+const ROUTING_FIELDS: [&str; 3] = ["model", "stream", "stream_options"];
+
+/// The whole request as a JSON object: what native translation reads.
+pub type Doc = serde_json::Map<String, serde_json::Value>;
+
+/// Like [`inspect`], for requests that may be translated to a native API: the body is parsed once
+/// into a [`Doc`], and the routing fields are read from it (translation then reuses the same `Doc`,
+/// no second parse). The same requests are refused, with the same errors.
+pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
+    use serde_json::Value;
+    object_shaped(body)?;
     let doc = match crate::translate::parse_json(body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
@@ -116,6 +96,12 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
         }
         Err(e) => return Err(invalid(&e.to_string())),
     };
+    Ok((routing_fields(&doc)?, doc))
+}
+
+/// `model`, `stream` and `stream_options` of a request.
+fn routing_fields(doc: &Doc) -> Result<ChatRequest, GatewayError> {
+    use serde_json::Value;
     let model = match doc.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
@@ -139,14 +125,11 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
         },
         Some(_) => StreamOptions::Other,
     };
-    Ok((
-        ChatRequest {
-            model,
-            stream,
-            stream_options,
-        },
-        doc,
-    ))
+    Ok(ChatRequest {
+        model,
+        stream,
+        stream_options,
+    })
 }
 
 /// The top-level `model` by a byte scan, before any parse: `Some` only for a plain string (no
@@ -255,14 +238,58 @@ fn find_top_level(body: &[u8], key: &str) -> Option<(usize, usize)> {
     }
 }
 
+/// Byte spans of the values of top-level `keys` in a JSON object already known to be valid; a key
+/// present twice is returned as the error.
+fn top_level_spans<const N: usize>(
+    body: &[u8],
+    keys: [&'static str; N],
+) -> Result<[Option<(usize, usize)>; N], &'static str> {
+    let mut out = [None; N];
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return Ok(out);
+    }
+    i += 1;
+    loop {
+        i = skip_ws(body, i);
+        match body.get(i) {
+            Some(b',') => {
+                i += 1;
+                continue;
+            }
+            Some(b'"') => {}
+            _ => return Ok(out),
+        }
+        let Some(key_end) = skip_string(body, i) else {
+            return Ok(out);
+        };
+        let raw_key = body.get(i..key_end).unwrap_or_default();
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return Ok(out);
+        }
+        let value_start = skip_ws(body, i + 1);
+        let Some(value_end) = skip_value(body, value_start) else {
+            return Ok(out);
+        };
+        for (slot, key) in out.iter_mut().zip(keys) {
+            if key_matches(raw_key, key) {
+                if slot.is_some() {
+                    return Err(key);
+                }
+                *slot = Some((value_start, value_end));
+            }
+        }
+        i = value_end;
+    }
+}
+
 fn key_matches(raw: &[u8], key: &str) -> bool {
     let inner = raw.get(1..raw.len().saturating_sub(1)).unwrap_or_default();
     if !inner.contains(&b'\\') {
         return inner == key.as_bytes();
     }
-    serde_json::from_slice::<String>(raw)
-        .map(|k| k == key)
-        .unwrap_or(false)
+    matches!(crate::translate::parse_json(raw), Ok(serde_json::Value::String(k)) if k == key)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -338,7 +365,9 @@ mod tests {
 
     #[test]
     fn inspect_doc_reads_what_inspect_reads() {
-        let bodies: [&[u8]; 9] = [
+        let bodies: [&[u8]; 11] = [
+            br#"{"mod\u0065l":7}"#,
+            br#"{"model":"m"} x"#,
             br#"{"model":"m","messages":[]}"#,
             br#"{"model":"","stream":true,"stream_options":{"include_usage":true}}"#,
             br#"{"stream":null,"stream_options":{"include_usage":"yes"}}"#,
@@ -352,7 +381,9 @@ mod tests {
         for b in bodies {
             match (inspect(b), inspect_doc(b)) {
                 (Ok(a), Ok((d, _))) => assert_eq!(a, d),
-                (Err(a), Err(d)) => assert_eq!(a.status(), d.status()),
+                (Err(a), Err(d)) => {
+                    assert_eq!((a.status(), a.message()), (d.status(), d.message()))
+                }
                 (a, d) => panic!("{a:?} vs {d:?}"),
             }
         }

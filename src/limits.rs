@@ -639,7 +639,7 @@ fn budget_header(budgets: &[BudgetState]) -> Option<String> {
     })?;
     let mut parts = Vec::new();
     if let Some(u) = b.remaining_usd() {
-        parts.push(format!("usd={:.6}", u as f64 / 1e9));
+        parts.push(format!("usd={}", usd_text(u)));
     }
     if let Some(t) = b.remaining_tokens() {
         parts.push(format!("tokens={t}"));
@@ -656,10 +656,27 @@ fn budget_header(budgets: &[BudgetState]) -> Option<String> {
     Some(parts.join("; "))
 }
 
+/// Nano-USD as USD with six decimals, rounded (integer arithmetic: float formatting is large in wasm).
+fn usd_text(nano: u64) -> String {
+    let micro = nano / 1000 + u64::from(nano % 1000 >= 500);
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usd_text_has_six_rounded_decimals() {
+        assert_eq!(usd_text(0), "0.000000");
+        assert_eq!(usd_text(499), "0.000000");
+        assert_eq!(usd_text(500), "0.000001");
+        assert_eq!(usd_text(1000), "0.000001");
+        assert_eq!(usd_text(1_234_567_890), "1.234568");
+        assert_eq!(usd_text(12_000_000_000), "12.000000");
+        assert_eq!(usd_text(u64::MAX), "18446744073.709552");
+    }
 
     fn answer(budgets: serde_json::Value, rpm: Option<u64>, tpm: Option<u64>) -> Vec<u8> {
         json!({"leaseSeconds": 30, "keys": [{
