@@ -193,22 +193,23 @@ pub fn prompt_text(api: Option<Api>, body: &[u8]) -> Option<String> {
     if api == Api::Chat {
         return crate::usage::prompt_text(body);
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).ok()?;
-    let raw = |key: &str| {
-        let (start, end) = crate::body::top_level_span(body, key)?;
+    let spans = crate::json::validate_top(body, ["prompt", "instructions", "input"]).ok()?;
+    let raw = |k: usize| {
+        let (start, end) = spans.get(k).copied().flatten()?;
         std::str::from_utf8(body.get(start..end)?)
             .ok()
             .filter(|t| *t != "null")
     };
+    let (prompt, instructions, input) = (raw(0), raw(1), raw(2));
     let text = match api {
-        Api::Completions => raw("prompt")?.to_string(),
-        Api::Responses => match (raw("instructions"), raw("input")) {
+        Api::Completions => prompt?.to_string(),
+        Api::Responses => match (instructions, input) {
             (Some(i), Some(x)) => format!("{{\"instructions\":{i},\"input\":{x}}}"),
             (None, Some(x)) => x.to_string(),
             (Some(i), None) => i.to_string(),
             (None, None) => return None,
         },
-        _ => raw("input")?.to_string(),
+        _ => input?.to_string(),
     };
     Some(crate::usage::clip(&text, crate::usage::MAX_STORED_TEXT))
 }

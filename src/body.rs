@@ -56,23 +56,22 @@ fn object_shaped(body: &[u8]) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Parses the body once (the whole document is validated, nothing is built), then only the values
-/// of `model`, `stream` and `stream_options`, found by a byte scan of the top level; reads them as
+/// Validates the body in one pass that builds nothing and notes where the top-level `model`,
+/// `stream` and `stream_options` are, then parses only those values; reads them as
 /// [`inspect_doc`] does (the same requests are refused, with the same errors). No derived
 /// deserializer: see `crate::read` for why.
 pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     object_shaped(body)?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| invalid(&e.to_string()))?;
-    let spans = top_level_spans(body, ROUTING_FIELDS)
-        .map_err(|k| invalid(&format!("duplicate field `{k}`")))?;
-    let mut doc = Doc::new();
-    for (key, span) in ROUTING_FIELDS.into_iter().zip(spans) {
-        let Some((start, end)) = span else { continue };
-        let raw = body.get(start..end).unwrap_or_default();
-        let value = crate::translate::parse_json(raw).map_err(|e| invalid(&e.to_string()))?;
-        doc.insert(key.to_string(), value);
-    }
-    routing_fields(&doc)
+    let [model, stream, stream_options] = crate::json::validate_top(body, ROUTING_FIELDS)
+        .map_err(|e| invalid(&e.to_string()))?
+        .map(|span| {
+            span.map(|(start, end)| {
+                crate::translate::parse_json(body.get(start..end).unwrap_or_default())
+                    .map_err(|e| invalid(&e.to_string()))
+            })
+            .transpose()
+        });
+    routing_fields(model?.as_ref(), stream?.as_ref(), stream_options?.as_ref())
 }
 
 /// The top-level fields [`inspect`] reads.
@@ -96,23 +95,32 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
         }
         Err(e) => return Err(invalid(&e.to_string())),
     };
-    Ok((routing_fields(&doc)?, doc))
+    let request = routing_fields(
+        doc.get("model"),
+        doc.get("stream"),
+        doc.get("stream_options"),
+    )?;
+    Ok((request, doc))
 }
 
-/// `model`, `stream` and `stream_options` of a request.
-fn routing_fields(doc: &Doc) -> Result<ChatRequest, GatewayError> {
+/// A request's `model`, `stream` and `stream_options`.
+fn routing_fields(
+    model: Option<&serde_json::Value>,
+    stream: Option<&serde_json::Value>,
+    stream_options: Option<&serde_json::Value>,
+) -> Result<ChatRequest, GatewayError> {
     use serde_json::Value;
-    let model = match doc.get("model") {
+    let model = match model {
         None | Some(Value::Null) => None,
         Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
         Some(_) => return Err(invalid("invalid type for `model`, expected a string")),
     };
-    let stream = match doc.get("stream") {
+    let stream = match stream {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("invalid type for `stream`, expected a boolean")),
     };
-    let stream_options = match doc.get("stream_options") {
+    let stream_options = match stream_options {
         None | Some(Value::Null) => StreamOptions::Absent,
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => StreamOptions::Object {
@@ -233,52 +241,6 @@ fn find_top_level(body: &[u8], key: &str) -> Option<(usize, usize)> {
         let value_end = skip_value(body, value_start)?;
         if key_matches(raw_key, key) {
             return Some((value_start, value_end));
-        }
-        i = value_end;
-    }
-}
-
-/// Byte spans of the values of top-level `keys` in a JSON object already known to be valid; a key
-/// present twice is returned as the error.
-fn top_level_spans<const N: usize>(
-    body: &[u8],
-    keys: [&'static str; N],
-) -> Result<[Option<(usize, usize)>; N], &'static str> {
-    let mut out = [None; N];
-    let mut i = skip_ws(body, 0);
-    if body.get(i) != Some(&b'{') {
-        return Ok(out);
-    }
-    i += 1;
-    loop {
-        i = skip_ws(body, i);
-        match body.get(i) {
-            Some(b',') => {
-                i += 1;
-                continue;
-            }
-            Some(b'"') => {}
-            _ => return Ok(out),
-        }
-        let Some(key_end) = skip_string(body, i) else {
-            return Ok(out);
-        };
-        let raw_key = body.get(i..key_end).unwrap_or_default();
-        i = skip_ws(body, key_end);
-        if body.get(i) != Some(&b':') {
-            return Ok(out);
-        }
-        let value_start = skip_ws(body, i + 1);
-        let Some(value_end) = skip_value(body, value_start) else {
-            return Ok(out);
-        };
-        for (slot, key) in out.iter_mut().zip(keys) {
-            if key_matches(raw_key, key) {
-                if slot.is_some() {
-                    return Err(key);
-                }
-                *slot = Some((value_start, value_end));
-            }
         }
         i = value_end;
     }

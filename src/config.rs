@@ -534,7 +534,7 @@ pub fn parse(bytes: &[u8]) -> Result<RawConfig, String> {
     let invalid = |e: String| format!("gateway configuration is not valid: {e}");
     let value = match first {
         None => return Ok(RawConfig::default()),
-        Some(b'{') => serde_json::from_slice::<Value>(bytes).map_err(|e| invalid(e.to_string()))?,
+        Some(b'{') => crate::json::parse(bytes).map_err(|e| invalid(e.to_string()))?,
         Some(_) => crate::pbstruct::struct_to_json(bytes).map_err(invalid)?,
     };
     RawConfig::read(&value, "").map_err(invalid)

@@ -111,7 +111,7 @@ pub fn decode(header: &str) -> Result<AttemptPlan, GatewayError> {
     let json = base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(header.trim())
         .map_err(|_| bad("encoding"))?;
-    let v: serde_json::Value = serde_json::from_slice(&json).map_err(|_| bad("json"))?;
+    let v = crate::json::parse(&json).map_err(|_| bad("json"))?;
     AttemptPlan::read(&v).map_err(|_| bad("json"))
 }
 

@@ -17,6 +17,7 @@ pub mod exchange;
 pub mod fallback;
 pub mod gateway;
 pub mod hostapi;
+pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod pbstruct;

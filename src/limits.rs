@@ -119,7 +119,7 @@ impl KeyAnswer {
 
 impl SharedAnswer {
     fn parse(body: &[u8]) -> Res<SharedAnswer> {
-        let v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
         let o = Obj::new(&v, "", None)?;
         Ok(SharedAnswer {
             at: o.uint_or(&["at"], u64::MAX, 0)?,
@@ -131,7 +131,7 @@ impl SharedAnswer {
 
 impl Answer {
     fn parse(body: &[u8]) -> Res<Answer> {
-        let v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
         let o = Obj::new(&v, "", None)?;
         Ok(Answer {
             lease_seconds: o.uint_or(&["leaseSeconds"], u64::MAX, 0)?,

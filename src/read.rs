@@ -1,4 +1,4 @@
-//! Reads configuration-shaped JSON by hand, from a parsed [`serde_json::Value`].
+//! Reads configuration-shaped JSON by hand, from a [`serde_json::Value`] (parsed by `crate::json`).
 //!
 //! The configuration and control-plane types derive `Deserialize` for the sidecar, which shares them.
 //! In the filter each derived deserializer costs kilobytes of wasm (one `serde_json` instantiation per

@@ -468,7 +468,7 @@ struct ResolveAnswer {
 
 impl ResolveAnswer {
     fn parse(body: &[u8]) -> crate::read::Res<ResolveAnswer> {
-        let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
         let o = crate::read::Obj::new(&v, "", None)?;
         Ok(ResolveAnswer {
             identity: Identity::read(o.req(&["identity"])?, "identity")?,

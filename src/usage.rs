@@ -151,8 +151,7 @@ fn usage_from_tail(body: &[u8]) -> Option<ResponseFacts> {
         return None;
     }
     let at = rfind(body, USAGE)?;
-    let mut de = serde_json::Deserializer::from_slice(body.get(at + USAGE.len()..)?);
-    let usage = usage_of(&<Value as serde::Deserialize>::deserialize(&mut de).ok()?)?;
+    let usage = usage_of(&crate::json::parse_prefix(body.get(at + USAGE.len()..)?).ok()?)?;
     const MODEL: &[u8] = b"\"model\":";
     let model = find(body, MODEL, 0).and_then(|m| {
         let mut v = m + MODEL.len();
