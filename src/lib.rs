@@ -39,3 +39,5 @@ mod bench_exchange;
 mod abi;
 #[cfg(target_arch = "wasm32")]
 mod host;
+#[cfg(target_arch = "wasm32")]
+mod sdk_unused;
