@@ -567,20 +567,20 @@ impl RawConfig {
                 "openaiPassthrough",
             ]),
         )?;
-        Ok(RawConfig {
-            max_body_bytes: o.opt_uint(&["maxBodyBytes"], USIZE_MAX)?.map(as_usize),
-            fallback_key: o.opt_string(&["fallbackKey", "apiKeyFallback"])?,
-            fallback_key_env: o.opt_string(&["fallbackKeyEnv", "apiKeyFallbackEnv"])?,
-            org_id: o.opt_string(&["orgId"])?,
-            settings: o.with_or_default(&["settings"], Settings::read)?,
-            upstream_clusters: o.opt_with(&["upstreamClusters"], UpstreamClusters::read)?,
-            providers: o.list(&["providers"], ProviderSpec::read)?,
-            configs: o.list(&["configs"], ConfigSpec::read)?,
-            keys: o.list(&["keys"], KeySpec::read)?,
-            sidecar: o.opt_with(&["sidecar"], SidecarSpec::read)?,
-            prices: o.entries(&["prices"], Price::read)?,
-            attempt_slot: o.opt_uint(&["attemptSlot"], USIZE_MAX)?.map(as_usize),
-            openai_passthrough: o.bool_or(&["openaiPassthrough"], false)?,
+        o.finish(RawConfig {
+            max_body_bytes: o.opt_uint(&["maxBodyBytes"], USIZE_MAX).map(as_usize),
+            fallback_key: o.opt_string(&["fallbackKey", "apiKeyFallback"]),
+            fallback_key_env: o.opt_string(&["fallbackKeyEnv", "apiKeyFallbackEnv"]),
+            org_id: o.opt_string(&["orgId"]),
+            settings: o.with_or_default(&["settings"], Settings::read),
+            upstream_clusters: o.opt_with(&["upstreamClusters"], UpstreamClusters::read),
+            providers: o.list(&["providers"], ProviderSpec::read),
+            configs: o.list(&["configs"], ConfigSpec::read),
+            keys: o.list(&["keys"], KeySpec::read),
+            sidecar: o.opt_with(&["sidecar"], SidecarSpec::read),
+            prices: o.entries(&["prices"], Price::read),
+            attempt_slot: o.opt_uint(&["attemptSlot"], USIZE_MAX).map(as_usize),
+            openai_passthrough: o.bool_or(&["openaiPassthrough"], false),
         })
     }
 }
@@ -601,13 +601,15 @@ impl Price {
     pub fn read(v: &Value, at: &str) -> Res<Price> {
         let o = Obj::new(v, at, Some(&["input", "output", "cached"]))?;
         let num = |name: &str| {
-            o.opt_f64(&[name])?
-                .ok_or_else(|| format!("{at}: missing field `{name}`"))
+            o.opt_f64(&[name]).unwrap_or_else(|| {
+                o.fail(format!("{at}: missing field `{name}`"));
+                0.0
+            })
         };
-        Ok(Price {
-            input: num("input")?,
-            output: num("output")?,
-            cached: o.opt_f64(&["cached"])?,
+        o.finish(Price {
+            input: num("input"),
+            output: num("output"),
+            cached: o.opt_f64(&["cached"]),
         })
     }
 }
@@ -634,41 +636,41 @@ impl SidecarSpec {
                 "limitsFailureMode",
             ]),
         )?;
-        let u32_or = |name: &str, d: u32| -> Res<u32> {
-            let n = o.uint_or(&[name], u32::MAX.into(), d.into())?;
-            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        let u32_or = |name: &str, d: u32| -> u32 {
+            let n = o.uint_or(&[name], u32::MAX.into(), d.into());
+            u32::try_from(n).unwrap_or(u32::MAX)
         };
-        Ok(SidecarSpec {
-            cluster: o.string_or(&["cluster"], &default_sidecar_cluster())?,
-            authority: o.string_or(&["authority"], &default_sidecar_authority())?,
-            token: o.opt_string(&["token"])?,
-            token_env: o.opt_string(&["tokenEnv"])?,
-            timeout_ms: o.uint_or(&["timeoutMs"], u64::MAX, default_timeout_ms())?,
-            stale_seconds: o.uint_or(&["staleSeconds"], u64::MAX, default_stale_seconds())?,
+        o.finish(SidecarSpec {
+            cluster: o.string_or(&["cluster"], &default_sidecar_cluster()),
+            authority: o.string_or(&["authority"], &default_sidecar_authority()),
+            token: o.opt_string(&["token"]),
+            token_env: o.opt_string(&["tokenEnv"]),
+            timeout_ms: o.uint_or(&["timeoutMs"], u64::MAX, default_timeout_ms()),
+            stale_seconds: o.uint_or(&["staleSeconds"], u64::MAX, default_stale_seconds()),
             negative_ttl_seconds: o.uint_or(
                 &["negativeTtlSeconds"],
                 u64::MAX,
                 default_negative_ttl(),
-            )?,
+            ),
             unknown_key_lookups_per_second: u32_or(
                 "unknownKeyLookupsPerSecond",
                 default_lookup_rate(),
-            )?,
-            unknown_key_lookup_burst: u32_or("unknownKeyLookupBurst", default_lookup_burst())?,
-            breaker_failures: u32_or("breakerFailures", default_breaker_failures())?,
+            ),
+            unknown_key_lookup_burst: u32_or("unknownKeyLookupBurst", default_lookup_burst()),
+            breaker_failures: u32_or("breakerFailures", default_breaker_failures()),
             breaker_cooldown_seconds: o.uint_or(
                 &["breakerCooldownSeconds"],
                 u64::MAX,
                 default_breaker_cooldown(),
-            )?,
+            ),
             usage_buffer_bytes: as_usize(o.uint_or(
                 &["usageBufferBytes"],
                 USIZE_MAX,
                 default_usage_buffer_bytes() as u64,
-            )?),
-            allowed_destinations: o.string_or(&["allowedDestinations"], "")?,
+            )),
+            allowed_destinations: o.string_or(&["allowedDestinations"], ""),
             limits_failure_mode: o
-                .string_or(&["limitsFailureMode"], &default_limits_failure_mode())?,
+                .string_or(&["limitsFailureMode"], &default_limits_failure_mode()),
         })
     }
 }
@@ -676,9 +678,9 @@ impl SidecarSpec {
 impl UpstreamClusters {
     pub fn read(v: &Value, at: &str) -> Res<UpstreamClusters> {
         let o = Obj::new(v, at, Some(&["http", "https"]))?;
-        Ok(UpstreamClusters {
-            http: o.string(&["http"])?,
-            https: o.string(&["https"])?,
+        o.finish(UpstreamClusters {
+            http: o.string(&["http"]),
+            https: o.string(&["https"]),
         })
     }
 }
@@ -696,10 +698,10 @@ impl Settings {
                 "store_prompts",
             ]),
         )?;
-        Ok(Settings {
-            provider: o.opt_string(&["provider", "providerName"])?,
-            model: o.opt_string(&["model"])?,
-            store_prompts: o.opt_bool(&["storePrompts", "store_prompts"])?,
+        o.finish(Settings {
+            provider: o.opt_string(&["provider", "providerName"]),
+            model: o.opt_string(&["model"]),
+            store_prompts: o.opt_bool(&["storePrompts", "store_prompts"]),
         })
     }
 }
@@ -709,9 +711,9 @@ impl ModelSpec {
     pub fn read(v: &Value, at: &str) -> Res<ModelSpec> {
         let mapped = || -> Res<ModelSpec> {
             let o = Obj::new(v, at, None)?;
-            Ok(ModelSpec::Mapped {
-                name: o.string(&["name"])?,
-                upstream_name: o.string(&["upstreamName", "upstream_name"])?,
+            o.finish(ModelSpec::Mapped {
+                name: o.string(&["name"]),
+                upstream_name: o.string(&["upstreamName", "upstream_name"]),
             })
         };
         match v {
@@ -748,21 +750,21 @@ impl ProviderSpec {
                 "timeouts",
             ]),
         )?;
-        Ok(ProviderSpec {
-            name: o.string(&["name"])?,
-            supported_provider: o.string(&["supportedProvider", "type"])?,
-            url: o.opt_string(&["url", "api_base", "apiBase"])?,
-            api_version: o.opt_string(&["apiVersion"])?,
-            models: o.list(&["models"], ModelSpec::read)?,
-            is_hosted: o.bool_or(&["isHosted"], false)?,
-            api_key: o.opt_string(&["apiKey"])?,
-            api_key_env: o.opt_string(&["apiKeyEnv"])?,
-            cluster: o.opt_string(&["cluster"])?,
-            cluster_id: o.opt_string(&["clusterId"])?,
-            fallback: o.strings(&["fallback"])?,
-            api: o.opt_string(&["api"])?,
-            fallback_on429: o.bool_or(&["fallbackOn429"], false)?,
-            timeouts: o.opt_with(&["timeouts"], crate::plan::Timeouts::read)?,
+        o.finish(ProviderSpec {
+            name: o.string(&["name"]),
+            supported_provider: o.string(&["supportedProvider", "type"]),
+            url: o.opt_string(&["url", "api_base", "apiBase"]),
+            api_version: o.opt_string(&["apiVersion"]),
+            models: o.list(&["models"], ModelSpec::read),
+            is_hosted: o.bool_or(&["isHosted"], false),
+            api_key: o.opt_string(&["apiKey"]),
+            api_key_env: o.opt_string(&["apiKeyEnv"]),
+            cluster: o.opt_string(&["cluster"]),
+            cluster_id: o.opt_string(&["clusterId"]),
+            fallback: o.strings(&["fallback"]),
+            api: o.opt_string(&["api"]),
+            fallback_on429: o.bool_or(&["fallbackOn429"], false),
+            timeouts: o.opt_with(&["timeouts"], crate::plan::Timeouts::read),
         })
     }
 }
@@ -786,12 +788,12 @@ impl ConfigSpec {
                 "restrict_to",
             ]),
         )?;
-        Ok(ConfigSpec {
-            id: o.string(&["id", "config_id", "configId"])?,
-            name: o.opt_string(&["name"])?,
-            inherits: o.opt_string(&["inherits", "parent", "inherits_from"])?,
-            providers: o.list(&["providers"], ConfigProviderSpec::read)?,
-            only: o.opt_strings(&["only", "restrictTo", "restrict_to"])?,
+        o.finish(ConfigSpec {
+            id: o.string(&["id", "config_id", "configId"]),
+            name: o.opt_string(&["name"]),
+            inherits: o.opt_string(&["inherits", "parent", "inherits_from"]),
+            providers: o.list(&["providers"], ConfigProviderSpec::read),
+            only: o.opt_strings(&["only", "restrictTo", "restrict_to"]),
         })
     }
 }
@@ -803,11 +805,11 @@ impl ConfigProviderSpec {
             at,
             Some(&["name", "models", "apiKey", "api_key", "apiBase", "api_base"]),
         )?;
-        Ok(ConfigProviderSpec {
-            name: o.string(&["name"])?,
-            models: o.opt_strings(&["models"])?,
-            api_key: o.opt_string(&["apiKey", "api_key"])?,
-            api_base: o.opt_string(&["apiBase", "api_base"])?,
+        o.finish(ConfigProviderSpec {
+            name: o.string(&["name"]),
+            models: o.opt_strings(&["models"]),
+            api_key: o.opt_string(&["apiKey", "api_key"]),
+            api_base: o.opt_string(&["apiBase", "api_base"]),
         })
     }
 }
@@ -827,12 +829,12 @@ impl KeySpec {
                 "clusterId",
             ]),
         )?;
-        Ok(KeySpec {
-            id: o.string(&["id"])?,
-            sha256: o.string(&["sha256"])?,
-            config: o.string(&["config", "config_id", "configId"])?,
-            settings: o.with_or_default(&["settings"], Settings::read)?,
-            cluster_id: o.opt_string(&["clusterId"])?,
+        o.finish(KeySpec {
+            id: o.string(&["id"]),
+            sha256: o.string(&["sha256"]),
+            config: o.string(&["config", "config_id", "configId"]),
+            settings: o.with_or_default(&["settings"], Settings::read),
+            cluster_id: o.opt_string(&["clusterId"]),
         })
     }
 }
@@ -841,22 +843,22 @@ impl Identity {
     /// The sidecar's identity (unknown fields are ignored: a newer sidecar may add some).
     pub fn read(v: &Value, at: &str) -> Res<Identity> {
         let o = Obj::new(v, at, None)?;
-        Ok(Identity {
-            key_id: o.string(&["keyId"])?,
-            org_id: o.string(&["orgId"])?,
-            config_id: o.string(&["configId"])?,
-            cluster_id: o.opt_string(&["clusterId"])?,
-            key_settings: o.with_or_default(&["keySettings"], Settings::read)?,
-            org_settings: o.with_or_default(&["orgSettings"], Settings::read)?,
-            providers: list(
-                o.req(&["providers"])?,
-                &o.at("providers"),
-                ResolvedProvider::read,
-            )?,
-            fallback_providers: o.list(&["fallbackProviders"], ResolvedProvider::read)?,
-            out_of_scope_models: o.strings(&["outOfScopeModels"])?,
-            store_prompts: o.bool_or(&["storePrompts"], false)?,
-            prices: o.entries(&["prices"], Price::read)?,
+        o.finish(Identity {
+            key_id: o.string(&["keyId"]),
+            org_id: o.string(&["orgId"]),
+            config_id: o.string(&["configId"]),
+            cluster_id: o.opt_string(&["clusterId"]),
+            key_settings: o.with_or_default(&["keySettings"], Settings::read),
+            org_settings: o.with_or_default(&["orgSettings"], Settings::read),
+            providers: o.with(
+                &["providers"],
+                |v, at| list(v, at, ResolvedProvider::read),
+                Vec::new(),
+            ),
+            fallback_providers: o.list(&["fallbackProviders"], ResolvedProvider::read),
+            out_of_scope_models: o.strings(&["outOfScopeModels"]),
+            store_prompts: o.bool_or(&["storePrompts"], false),
+            prices: o.entries(&["prices"], Price::read),
             refused: None,
         })
     }

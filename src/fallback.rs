@@ -126,10 +126,10 @@ impl AttemptPlan {
                 model: Model::read(o.req(&["model"])?, &o.at("model"))?,
             })
         };
-        Ok(AttemptPlan {
+        o.finish(AttemptPlan {
             attempts: crate::read::list(o.req(&["attempts"])?, "attempts", attempt)?,
-            org: o.string_or(&["org"], "")?,
-            primary: o.string_or(&["primary"], "")?,
+            org: o.string_or(&["org"], ""),
+            primary: o.string_or(&["primary"], ""),
         })
     }
 }

@@ -84,20 +84,20 @@ impl Grant {
     fn read(v: &Value, at: &str) -> Res<Grant> {
         let o = Obj::new(v, at, None)?;
         let n = |name: &str| o.opt_uint(&[name], u64::MAX);
-        Ok(Grant {
-            id: o.string_or(&["id"], "")?,
-            name: o.string_or(&["name"], "")?,
-            scope: o.string_or(&["scope"], "")?,
-            soft: o.bool_or(&["soft"], false)?,
-            resets_at_ms: o.uint_or(&["resetsAtMs"], u64::MAX, 0)?,
-            resets_at: o.string_or(&["resetsAt"], "")?,
-            remaining_nano_usd: n("remainingNanoUsd")?,
-            remaining_tokens: n("remainingTokens")?,
-            grant_nano_usd: n("grantNanoUsd")?,
-            grant_tokens: n("grantTokens")?,
-            exhausted: o.bool_or(&["exhausted"], false)?,
-            max_nano_usd: n("maxNanoUsd")?,
-            max_tokens: n("maxTokens")?,
+        o.finish(Grant {
+            id: o.string_or(&["id"], ""),
+            name: o.string_or(&["name"], ""),
+            scope: o.string_or(&["scope"], ""),
+            soft: o.bool_or(&["soft"], false),
+            resets_at_ms: o.uint_or(&["resetsAtMs"], u64::MAX, 0),
+            resets_at: o.string_or(&["resetsAt"], ""),
+            remaining_nano_usd: n("remainingNanoUsd"),
+            remaining_tokens: n("remainingTokens"),
+            grant_nano_usd: n("grantNanoUsd"),
+            grant_tokens: n("grantTokens"),
+            exhausted: o.bool_or(&["exhausted"], false),
+            max_nano_usd: n("maxNanoUsd"),
+            max_tokens: n("maxTokens"),
         })
     }
 }
@@ -106,13 +106,13 @@ impl KeyAnswer {
     fn read(v: &Value, at: &str) -> Res<KeyAnswer> {
         let o = Obj::new(v, at, None)?;
         let n = |name: &str| o.opt_uint(&[name], u64::MAX);
-        Ok(KeyAnswer {
-            key_id: o.string_or(&["keyId"], "")?,
-            requests_per_minute: n("requestsPerMinute")?,
-            tokens_per_minute: n("tokensPerMinute")?,
-            requests_share: n("requestsShare")?,
-            tokens_share: n("tokensShare")?,
-            budgets: o.list(&["budgets"], Grant::read)?,
+        o.finish(KeyAnswer {
+            key_id: o.string_or(&["keyId"], ""),
+            requests_per_minute: n("requestsPerMinute"),
+            tokens_per_minute: n("tokensPerMinute"),
+            requests_share: n("requestsShare"),
+            tokens_share: n("tokensShare"),
+            budgets: o.list(&["budgets"], Grant::read),
         })
     }
 }
@@ -121,10 +121,10 @@ impl SharedAnswer {
     fn parse(body: &[u8]) -> Res<SharedAnswer> {
         let v = crate::json::parse(body).map_err(|e| e.to_string())?;
         let o = Obj::new(&v, "", None)?;
-        Ok(SharedAnswer {
-            at: o.uint_or(&["at"], u64::MAX, 0)?,
-            lease_ms: o.uint_or(&["leaseMs"], u64::MAX, 0)?,
-            key: o.with_or_default(&["key"], KeyAnswer::read)?,
+        o.finish(SharedAnswer {
+            at: o.uint_or(&["at"], u64::MAX, 0),
+            lease_ms: o.uint_or(&["leaseMs"], u64::MAX, 0),
+            key: o.with_or_default(&["key"], KeyAnswer::read),
         })
     }
 }
@@ -133,9 +133,9 @@ impl Answer {
     fn parse(body: &[u8]) -> Res<Answer> {
         let v = crate::json::parse(body).map_err(|e| e.to_string())?;
         let o = Obj::new(&v, "", None)?;
-        Ok(Answer {
-            lease_seconds: o.uint_or(&["leaseSeconds"], u64::MAX, 0)?,
-            keys: o.list(&["keys"], KeyAnswer::read)?,
+        o.finish(Answer {
+            lease_seconds: o.uint_or(&["leaseSeconds"], u64::MAX, 0),
+            keys: o.list(&["keys"], KeyAnswer::read),
         })
     }
 }

@@ -2,7 +2,7 @@
 //! resolves to. Plain types with accessors, imported by both `config` (which compiles them) and
 //! `providers` (which shapes requests with them), so neither imports the other.
 
-use crate::read::{Obj, Res};
+use crate::read::{list, Obj, Res};
 use crate::url::BaseUrl;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -165,9 +165,9 @@ impl ProviderKind {
 impl Model {
     pub fn read(v: &Value, at: &str) -> Res<Model> {
         let o = Obj::new(v, at, None)?;
-        Ok(Model {
-            name: o.string(&["name"])?,
-            upstream: o.string(&["upstream"])?,
+        o.finish(Model {
+            name: o.string(&["name"]),
+            upstream: o.string(&["upstream"]),
         })
     }
 }
@@ -175,20 +175,20 @@ impl Model {
 impl ResolvedProvider {
     pub fn read(v: &Value, at: &str) -> Res<ResolvedProvider> {
         let o = Obj::new(v, at, None)?;
-        Ok(ResolvedProvider {
-            name: o.string(&["name"])?,
-            kind: ProviderKind::read(o.req(&["kind"])?, &o.at("kind"))?,
-            base: BaseUrl::read(o.req(&["base"])?, &o.at("base"))?,
-            api_version: o.opt_string(&["apiVersion"])?,
-            models: crate::read::list(o.req(&["models"])?, &o.at("models"), Model::read)?,
-            is_hosted: o.bool_or(&["isHosted"], false)?,
-            api_key: o.opt_string(&["apiKey"])?,
-            envoy_cluster: o.string(&["envoyCluster"])?,
-            cluster_id: o.opt_string(&["clusterId"])?,
-            fallback: o.strings(&["fallback"])?,
-            native: o.bool_or(&["native"], false)?,
-            fallback_on429: o.bool_or(&["fallbackOn429"], false)?,
-            timeouts: o.opt_with(&["timeouts"], Timeouts::read)?,
+        o.finish(ResolvedProvider {
+            name: o.string(&["name"]),
+            kind: o.with(&["kind"], ProviderKind::read, ProviderKind::OpenAi),
+            base: o.with(&["base"], BaseUrl::read, BaseUrl::default()),
+            api_version: o.opt_string(&["apiVersion"]),
+            models: o.with(&["models"], |v, at| list(v, at, Model::read), Vec::new()),
+            is_hosted: o.bool_or(&["isHosted"], false),
+            api_key: o.opt_string(&["apiKey"]),
+            envoy_cluster: o.string(&["envoyCluster"]),
+            cluster_id: o.opt_string(&["clusterId"]),
+            fallback: o.strings(&["fallback"]),
+            native: o.bool_or(&["native"], false),
+            fallback_on429: o.bool_or(&["fallbackOn429"], false),
+            timeouts: o.opt_with(&["timeouts"], Timeouts::read),
         })
     }
 }
@@ -196,9 +196,9 @@ impl ResolvedProvider {
 impl Timeouts {
     pub fn read(v: &Value, at: &str) -> Res<Timeouts> {
         let o = Obj::new(v, at, Some(&["totalMs", "perTryMs"]))?;
-        Ok(Timeouts {
-            total_ms: o.opt_uint(&["totalMs"], u64::MAX)?,
-            per_try_ms: o.opt_uint(&["perTryMs"], u64::MAX)?,
+        o.finish(Timeouts {
+            total_ms: o.opt_uint(&["totalMs"], u64::MAX),
+            per_try_ms: o.opt_uint(&["perTryMs"], u64::MAX),
         })
     }
 }

@@ -17,9 +17,13 @@ use serde_json::{Map, Value};
 pub type Res<T> = Result<T, String>;
 
 /// One JSON object being read; `at` is its place in the document (`""` at the top), for messages.
+///
+/// The typed getters return plain values and keep the first error, which [`Obj::finish`] returns: a
+/// reader is one struct literal, with no early exit (and no partial drop) per field.
 pub struct Obj<'a> {
     map: &'a Map<String, Value>,
     at: String,
+    err: std::cell::Cell<Option<String>>,
 }
 
 /// `at: ` (nothing at the top of the document).
@@ -93,7 +97,30 @@ impl<'a> Obj<'a> {
         Ok(Obj {
             map,
             at: at.to_string(),
+            err: std::cell::Cell::new(None),
         })
+    }
+
+    /// Keeps `e` unless an error is already kept.
+    pub fn fail(&self, e: String) {
+        let first = self.err.take().unwrap_or(e);
+        self.err.set(Some(first));
+    }
+
+    /// The value, or (keeping the error) a placeholder that [`Obj::finish`] will not return.
+    fn keep<T: Default>(&self, r: Res<T>) -> T {
+        r.unwrap_or_else(|e| {
+            self.fail(e);
+            T::default()
+        })
+    }
+
+    /// `v`, unless a getter failed: then the first error.
+    pub fn finish<T>(&self, v: T) -> Res<T> {
+        match self.err.take() {
+            Some(e) => Err(e),
+            None => Ok(v),
+        }
     }
 
     /// The place of field `name`, for messages and nested readers.
@@ -134,24 +161,30 @@ impl<'a> Obj<'a> {
         self.at(names.first().copied().unwrap_or_default())
     }
 
-    pub fn string(&self, names: &[&str]) -> Res<String> {
-        string(self.req(names)?, &self.name_at(names))
+    pub fn string(&self, names: &[&str]) -> String {
+        let r = self
+            .req(names)
+            .and_then(|v| string(v, &self.name_at(names)));
+        self.keep(r)
     }
 
-    pub fn opt_string(&self, names: &[&str]) -> Res<Option<String>> {
-        self.opt(names)?
-            .map(|v| string(v, &self.name_at(names)))
-            .transpose()
+    pub fn opt_string(&self, names: &[&str]) -> Option<String> {
+        let r = self
+            .opt(names)
+            .and_then(|v| v.map(|v| string(v, &self.name_at(names))).transpose());
+        self.keep(r)
     }
 
-    pub fn string_or(&self, names: &[&str], default: &str) -> Res<String> {
-        match self.get(names)? {
-            None => Ok(default.to_string()),
-            Some(v) => string(v, &self.name_at(names)),
-        }
+    pub fn string_or(&self, names: &[&str], default: &str) -> String {
+        let r = match self.get(names) {
+            Ok(None) => Ok(default.to_string()),
+            Ok(Some(v)) => string(v, &self.name_at(names)),
+            Err(e) => Err(e),
+        };
+        self.keep(r)
     }
 
-    pub fn opt_bool(&self, names: &[&str]) -> Res<Option<bool>> {
+    fn try_opt_bool(&self, names: &[&str]) -> Res<Option<bool>> {
         match self.opt(names)? {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -159,11 +192,20 @@ impl<'a> Obj<'a> {
         }
     }
 
-    pub fn bool_or(&self, names: &[&str], default: bool) -> Res<bool> {
-        match self.get(names)? {
-            Some(Value::Null) => Err(invalid(&self.name_at(names), &Value::Null, "a boolean")),
-            _ => Ok(self.opt_bool(names)?.unwrap_or(default)),
-        }
+    pub fn opt_bool(&self, names: &[&str]) -> Option<bool> {
+        let r = self.try_opt_bool(names);
+        self.keep(r)
+    }
+
+    pub fn bool_or(&self, names: &[&str], default: bool) -> bool {
+        let r = match self.get(names) {
+            Ok(Some(Value::Null)) => Err(invalid(&self.name_at(names), &Value::Null, "a boolean")),
+            _ => self.try_opt_bool(names).map(|b| b.unwrap_or(default)),
+        };
+        r.unwrap_or_else(|e| {
+            self.fail(e);
+            default
+        })
     }
 
     /// A non-negative integer no larger than `max`.
@@ -178,56 +220,72 @@ impl<'a> Obj<'a> {
         }
     }
 
-    pub fn opt_uint(&self, names: &[&str], max: u64) -> Res<Option<u64>> {
-        self.opt(names)?
-            .map(|v| self.int(v, names, max))
-            .transpose()
+    pub fn opt_uint(&self, names: &[&str], max: u64) -> Option<u64> {
+        let r = self
+            .opt(names)
+            .and_then(|v| v.map(|v| self.int(v, names, max)).transpose());
+        self.keep(r)
     }
 
-    pub fn uint_or(&self, names: &[&str], max: u64, default: u64) -> Res<u64> {
-        match self.get(names)? {
-            None => Ok(default),
-            Some(v) => self.int(v, names, max),
-        }
+    pub fn uint_or(&self, names: &[&str], max: u64, default: u64) -> u64 {
+        let r = match self.get(names) {
+            Ok(None) => Ok(default),
+            Ok(Some(v)) => self.int(v, names, max),
+            Err(e) => Err(e),
+        };
+        self.keep(r)
     }
 
-    pub fn opt_f64(&self, names: &[&str]) -> Res<Option<f64>> {
-        match self.opt(names)? {
+    pub fn opt_f64(&self, names: &[&str]) -> Option<f64> {
+        let r = self.opt(names).and_then(|v| match v {
             None => Ok(None),
             Some(v) => v
                 .as_f64()
                 .map(Some)
                 .ok_or_else(|| invalid(&self.name_at(names), v, "a number")),
-        }
+        });
+        self.keep(r)
     }
 
     /// A list of strings; absent: empty.
-    pub fn strings(&self, names: &[&str]) -> Res<Vec<String>> {
-        match self.get(names)? {
-            None => Ok(Vec::new()),
-            Some(v) => list(v, &self.name_at(names), string),
-        }
+    pub fn strings(&self, names: &[&str]) -> Vec<String> {
+        self.list(names, string)
     }
 
-    pub fn opt_strings(&self, names: &[&str]) -> Res<Option<Vec<String>>> {
-        self.opt(names)?
-            .map(|v| list(v, &self.name_at(names), string))
-            .transpose()
+    pub fn opt_strings(&self, names: &[&str]) -> Option<Vec<String>> {
+        self.opt_with(names, |v, at| list(v, at, string))
     }
 
     /// A list read item by item with `read`; absent: empty.
-    pub fn list<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>) -> Res<Vec<T>> {
-        match self.get(names)? {
-            None => Ok(Vec::new()),
-            Some(v) => list(v, &self.name_at(names), read),
-        }
+    pub fn list<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>) -> Vec<T> {
+        let r = match self.get(names) {
+            Ok(None) => Ok(Vec::new()),
+            Ok(Some(v)) => list(v, &self.name_at(names), read),
+            Err(e) => Err(e),
+        };
+        self.keep(r)
     }
 
     /// A nested value read with `read`; absent (or `null`): `None`.
-    pub fn opt_with<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>) -> Res<Option<T>> {
-        self.opt(names)?
-            .map(|v| read(v, &self.name_at(names)))
-            .transpose()
+    pub fn opt_with<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>) -> Option<T> {
+        let r = self
+            .opt(names)
+            .and_then(|v| v.map(|v| read(v, &self.name_at(names))).transpose());
+        r.unwrap_or_else(|e| {
+            self.fail(e);
+            None
+        })
+    }
+
+    /// A required nested value read with `read` (`fallback` stands in for it after an error).
+    pub fn with<T>(&self, names: &[&str], read: fn(&Value, &str) -> Res<T>, fallback: T) -> T {
+        match self.req(names).and_then(|v| read(v, &self.name_at(names))) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(e);
+                fallback
+            }
+        }
     }
 
     /// A nested value read with `read`; absent: `T::default()` (`null` is refused, as serde does for
@@ -236,11 +294,13 @@ impl<'a> Obj<'a> {
         &self,
         names: &[&str],
         read: fn(&Value, &str) -> Res<T>,
-    ) -> Res<T> {
-        match self.get(names)? {
-            None => Ok(T::default()),
-            Some(v) => read(v, &self.name_at(names)),
-        }
+    ) -> T {
+        let r = match self.get(names) {
+            Ok(None) => Ok(T::default()),
+            Ok(Some(v)) => read(v, &self.name_at(names)),
+            Err(e) => Err(e),
+        };
+        self.keep(r)
     }
 
     /// An object of named entries, each read with `read`; absent: empty.
@@ -248,17 +308,18 @@ impl<'a> Obj<'a> {
         &self,
         names: &[&str],
         read: fn(&Value, &str) -> Res<T>,
-    ) -> Res<std::collections::BTreeMap<String, T>> {
-        let Some(v) = self.get(names)? else {
-            return Ok(Default::default());
-        };
+    ) -> std::collections::BTreeMap<String, T> {
         let at = self.name_at(names);
-        let Value::Object(m) = v else {
-            return Err(invalid(&at, v, "an object"));
+        let r = match self.get(names) {
+            Ok(None) => Ok(Default::default()),
+            Ok(Some(Value::Object(m))) => m
+                .iter()
+                .map(|(k, x)| Ok((k.clone(), read(x, &format!("{at}.{k}"))?)))
+                .collect(),
+            Ok(Some(v)) => Err(invalid(&at, v, "an object")),
+            Err(e) => Err(e),
         };
-        m.iter()
-            .map(|(k, x)| Ok((k.clone(), read(x, &format!("{at}.{k}"))?)))
-            .collect()
+        self.keep(r)
     }
 }
 
@@ -290,28 +351,38 @@ mod tests {
     #[test]
     fn names_aliases_nulls_and_places() {
         let v = json!({"a": "x", "alias": 1, "n": null, "list": [1, "y"]});
-        let o = Obj::new(&v, "top", None).unwrap();
-        assert_eq!(o.string(&["a"]).unwrap(), "x");
-        assert_eq!(o.opt_uint(&["b", "alias"], 10).unwrap(), Some(1));
-        assert_eq!(o.opt_string(&["n"]).unwrap(), None);
+        // Each getter on a fresh reader: the first error is the one `finish` returns.
+        let o = || Obj::new(&v, "top", None).unwrap();
+        let first_error = |o: Obj| o.finish(()).unwrap_err();
+        let r = o();
+        assert_eq!(r.string(&["a"]), "x");
+        assert_eq!(r.opt_uint(&["b", "alias"], 10), Some(1));
+        assert_eq!(r.opt_string(&["n"]), None);
+        assert_eq!(r.string_or(&["absent"], "d"), "d");
+        assert!(r.finish(()).is_ok());
+        let r = o();
+        r.string_or(&["n"], "d");
+        r.string(&["zz"]);
         assert_eq!(
-            o.string_or(&["n"], "d").unwrap_err(),
+            first_error(r),
             "top.n: invalid type: null, expected a string"
         );
-        assert_eq!(o.string_or(&["absent"], "d").unwrap(), "d");
-        assert_eq!(o.string(&["zz"]).unwrap_err(), "top: missing field `zz`");
+        let r = o();
+        r.string(&["zz"]);
+        assert_eq!(first_error(r), "top: missing field `zz`");
+        let r = o();
+        assert!(r.strings(&["list"]).is_empty());
         assert_eq!(
-            o.strings(&["list"]).unwrap_err(),
+            first_error(r),
             "top.list[0]: invalid type: number, expected a string"
         );
         assert_eq!(
-            o.get(&["a", "alias"]).unwrap_err(),
+            o().get(&["a", "alias"]).unwrap_err(),
             "top: duplicate field `a`"
         );
-        assert!(o
-            .opt_uint(&["alias"], 0)
-            .unwrap_err()
-            .contains("from 0 to 0"));
+        let r = o();
+        r.opt_uint(&["alias"], 0);
+        assert!(first_error(r).contains("from 0 to 0"));
         assert!(Obj::new(&v, "", Some(&["a", "alias", "n"]))
             .err()
             .unwrap()

@@ -470,11 +470,11 @@ impl ResolveAnswer {
     fn parse(body: &[u8]) -> crate::read::Res<ResolveAnswer> {
         let v = crate::json::parse(body).map_err(|e| e.to_string())?;
         let o = crate::read::Obj::new(&v, "", None)?;
-        Ok(ResolveAnswer {
+        o.finish(ResolveAnswer {
             identity: Identity::read(o.req(&["identity"])?, "identity")?,
-            ttl_seconds: o.uint_or(&["ttlSeconds"], u64::MAX, default_ttl())?,
-            store_prompts: o.bool_or(&["storePrompts"], false)?,
-            prices: o.entries(&["prices"], crate::config::Price::read)?,
+            ttl_seconds: o.uint_or(&["ttlSeconds"], u64::MAX, default_ttl()),
+            store_prompts: o.bool_or(&["storePrompts"], false),
+            prices: o.entries(&["prices"], crate::config::Price::read),
         })
     }
 

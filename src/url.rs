@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseUrl {
     /// `https` (TLS to the upstream) or plain `http`.
     pub tls: bool,
@@ -51,10 +51,10 @@ impl BaseUrl {
             serde_json::Value::Bool(b) => *b,
             other => return Err(crate::read::invalid(&o.at("tls"), other, "a boolean")),
         };
-        Ok(BaseUrl {
+        o.finish(BaseUrl {
             tls,
-            authority: o.string(&["authority"])?,
-            path: o.string(&["path"])?,
+            authority: o.string(&["authority"]),
+            path: o.string(&["path"]),
         })
     }
 
