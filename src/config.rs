@@ -9,7 +9,6 @@ use crate::url::BaseUrl;
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::rc::Rc;
 
 /// Default request body limit (bytes): generous enough for multi-image chat requests.
@@ -493,11 +492,79 @@ impl Plan {
 
 /// Hex SHA-256 of a gateway key.
 pub fn hash_key(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
+    let digest = sha256(key.as_bytes());
     let mut out = String::with_capacity(64);
     for b in digest.iter() {
         out.push(hex_digit(b >> 4));
         out.push(hex_digit(b & 0x0f));
+    }
+    out
+}
+
+const SHA256_K: [u32; 64] = [
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+];
+
+/// SHA-256 (FIPS 180-4), written out: the `sha2` crate's unrolled compression is ~4 KB of wasm for
+/// one short key per request. Unit tests check it against `sha2` (a dev-dependency).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    // The message, 0x80, zeros, and the bit length: a whole number of 64-byte blocks.
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64).wrapping_mul(8)).to_be_bytes());
+    for block in msg.chunks_exact(64) {
+        let mut w = [0u32; 64];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            if let (Some(slot), Ok(b)) = (w.get_mut(i), <[u8; 4]>::try_from(word)) {
+                *slot = u32::from_be_bytes(b);
+            }
+        }
+        for i in 16..64 {
+            let at = |k: usize| w.get(k).copied().unwrap_or_default();
+            let (a, b) = (at(i - 15), at(i - 2));
+            let s0 = a.rotate_right(7) ^ a.rotate_right(18) ^ (a >> 3);
+            let s1 = b.rotate_right(17) ^ b.rotate_right(19) ^ (b >> 10);
+            let v = at(i - 16)
+                .wrapping_add(s0)
+                .wrapping_add(at(i - 7))
+                .wrapping_add(s1);
+            if let Some(slot) = w.get_mut(i) {
+                *slot = v;
+            }
+        }
+        let mut s = h;
+        for (k, wi) in SHA256_K.iter().zip(w.iter()) {
+            let [a, b, c, d, e, f, g, hh] = s;
+            let t1 = hh
+                .wrapping_add(e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25))
+                .wrapping_add((e & f) ^ (!e & g))
+                .wrapping_add(*k)
+                .wrapping_add(*wi);
+            let t2 = (a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22))
+                .wrapping_add((a & b) ^ (a & c) ^ (b & c));
+            s = [t1.wrapping_add(t2), a, b, c, d.wrapping_add(t1), e, f, g];
+        }
+        for (x, y) in h.iter_mut().zip(s) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 32];
+    for (chunk, word) in out.chunks_exact_mut(4).zip(h) {
+        chunk.copy_from_slice(&word.to_be_bytes());
     }
     out
 }
@@ -1640,6 +1707,23 @@ mod tests {
         );
         assert!(err(r#"{"maxBodyBytes":-5}"#).contains("maxBodyBytes: invalid value: -5"));
         assert!(err("{").starts_with("gateway configuration is not valid: EOF"));
+    }
+
+    #[test]
+    fn sha256_matches_the_sha2_crate() {
+        use sha2::Digest;
+        let mut seed = 1u64;
+        for len in (0..300).chain([1000, 4096]) {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            assert_eq!(sha256(&data)[..], sha2::Sha256::digest(&data)[..], "{len}");
+        }
     }
 
     #[test]
