@@ -312,10 +312,19 @@ impl<'a> Obj<'a> {
         let at = self.name_at(names);
         let r = match self.get(names) {
             Ok(None) => Ok(Default::default()),
-            Ok(Some(Value::Object(m))) => m
-                .iter()
-                .map(|(k, x)| Ok((k.clone(), read(x, &format!("{at}.{k}"))?)))
-                .collect(),
+            Ok(Some(Value::Object(m))) => {
+                // Inserted one by one: collecting into a `BTreeMap` sorts (kilobytes of wasm).
+                let mut out = std::collections::BTreeMap::new();
+                for (k, x) in m {
+                    match read(x, &format!("{at}.{k}")) {
+                        Ok(v) => {
+                            out.insert(k.clone(), v);
+                        }
+                        Err(e) => self.fail(e),
+                    }
+                }
+                Ok(out)
+            }
             Ok(Some(v)) => Err(invalid(&at, v, "an object")),
             Err(e) => Err(e),
         };
