@@ -152,29 +152,47 @@ fn any_usage(v: &Value) -> Result<Option<Usage>, ()> {
     }))
 }
 
-/// A response object (Responses API, or any JSON body with a top-level `usage`): its `model` and
-/// usage.
-fn any_response(v: &Value) -> Result<(Option<String>, Option<Usage>), ()> {
-    let o = v.as_object().ok_or(())?;
-    let model = match o.get("model").filter(|v| !v.is_null()) {
+/// `model` and usage of a response object's `model` and `usage` values.
+fn model_and_usage(
+    model: Option<&Value>,
+    usage: Option<&Value>,
+) -> Result<(Option<String>, Option<Usage>), ()> {
+    let model = match model.filter(|v| !v.is_null()) {
         None => None,
         Some(m) => Some(m.as_str().ok_or(())?.to_string()),
     };
-    let usage = match o.get("usage").filter(|v| !v.is_null()) {
+    let usage = match usage.filter(|v| !v.is_null()) {
         None => None,
         Some(u) => any_usage(u)?,
     };
     Ok((model, usage))
 }
 
+/// A response object (Responses API, or any JSON body with a top-level `usage`): its `model` and
+/// usage.
+fn any_response(v: &Value) -> Result<(Option<String>, Option<Usage>), ()> {
+    let o = v.as_object().ok_or(())?;
+    model_and_usage(o.get("model"), o.get("usage"))
+}
+
+/// A whole response body's `model` and usage: the body is validated in one pass that builds nothing
+/// (embeddings answers are mostly long arrays of numbers) and only those two values are parsed.
+fn response_model_and_usage(body: &[u8]) -> Result<(Option<String>, Option<Usage>), ()> {
+    let spans = crate::json::validate_top(body, ["model", "usage"]).map_err(|_| ())?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(());
+    }
+    let [model, usage] = spans.map(|span| {
+        span.and_then(|(start, end)| crate::translate::parse_json(body.get(start..end)?).ok())
+    });
+    model_and_usage(model.as_ref(), usage.as_ref())
+}
+
 /// Usage and model from a whole (non-streamed) JSON response of `api`; `None` api: passthrough.
 pub fn response_facts(api: Option<Api>, body: &[u8]) -> ResponseFacts {
     match api {
         Some(Api::Chat | Api::Completions) => crate::usage::from_json_response(body),
-        _ => match crate::translate::parse_json(body)
-            .map_err(|_| ())
-            .and_then(|v| any_response(&v))
-        {
+        _ => match response_model_and_usage(body) {
             Ok((model, usage)) => ResponseFacts {
                 usage,
                 model,
@@ -402,6 +420,22 @@ mod tests {
         );
         assert_eq!(response_facts(None, br#"{"data":[]}"#).usage, None);
         assert_eq!(response_facts(None, b"\x00binary").usage, None);
+        // Unreadable documents tell nothing (as the derive did): wrong types, duplicates, non-objects.
+        for bad in [
+            &br#"{"model":5,"usage":{"prompt_tokens":1}}"#[..],
+            br#"{"usage":{"prompt_tokens":1,"input_tokens":2}}"#,
+            br#"{"usage":{"prompt_tokens":-1}}"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":1}}"#,
+            br#"[{"usage":{"prompt_tokens":1}}]"#,
+            br#"{"usage":{"prompt_tokens":1}"#,
+        ] {
+            assert_eq!(response_facts(None, bad), ResponseFacts::default());
+        }
+        let nested = br#"{"data":[{"usage":{"prompt_tokens":9}}],"usage":{"input_tokens":1}}"#;
+        assert_eq!(
+            response_facts(None, nested).usage.map(|u| u.prompt_tokens),
+            Some(1)
+        );
     }
 
     #[test]
