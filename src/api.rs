@@ -6,7 +6,7 @@
 use crate::error::GatewayError;
 use crate::plan::{ProviderKind, ResolvedProvider};
 use crate::usage::{ResponseFacts, Usage};
-use serde::Deserialize;
+use serde_json::{Map, Value};
 
 /// A routed OpenAI-style API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,59 +109,93 @@ pub fn passthrough_allowed(provider: &ResolvedProvider) -> bool {
         )
 }
 
-/// Every usage shape an OpenAI-style endpoint reports: chat/completions/embeddings
-/// (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`) and Responses,
-/// images and audio (`input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`).
-#[derive(Deserialize, Default)]
-struct AnyUsage {
-    #[serde(default, alias = "input_tokens")]
-    prompt_tokens: Option<u64>,
-    #[serde(default, alias = "output_tokens")]
-    completion_tokens: Option<u64>,
-    #[serde(default, alias = "input_tokens_details")]
-    prompt_tokens_details: Option<Details>,
-}
+// The documents below are read by hand from a `Value` (see `crate::read` for why the filter has no
+// derived deserializers): a field of the wrong type makes the whole document unreadable, as the
+// derives did; `null` is an absent field.
 
-#[derive(Deserialize, Default)]
-struct Details {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
-
-impl AnyUsage {
-    fn usage(&self) -> Option<Usage> {
-        if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
-            return None;
-        }
-        Some(Usage {
-            prompt_tokens: self.prompt_tokens.unwrap_or(0),
-            completion_tokens: self.completion_tokens.unwrap_or(0),
-            cached_tokens: self
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
-        })
+/// A field under its name or its alias (both at once: unreadable); `null` reads as absent.
+fn field<'a>(o: &'a Map<String, Value>, name: &str, alias: &str) -> Result<Option<&'a Value>, ()> {
+    match (o.get(name), o.get(alias)) {
+        (Some(_), Some(_)) => Err(()),
+        (a, b) => Ok(a.or(b).filter(|v| !v.is_null())),
     }
 }
 
-/// A response object (Responses API, or any JSON body with a top-level `usage`).
-#[derive(Deserialize, Default)]
-struct AnyResponse {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    usage: Option<AnyUsage>,
+fn count(v: Option<&Value>) -> Result<Option<u64>, ()> {
+    v.map(|n| n.as_u64().ok_or(())).transpose()
+}
+
+/// Every usage shape an OpenAI-style endpoint reports: chat/completions/embeddings
+/// (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`) and Responses,
+/// images and audio (`input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`).
+/// `Ok(None)`: no token count at all.
+fn any_usage(v: &Value) -> Result<Option<Usage>, ()> {
+    let o = v.as_object().ok_or(())?;
+    let prompt = count(field(o, "prompt_tokens", "input_tokens")?)?;
+    let completion = count(field(o, "completion_tokens", "output_tokens")?)?;
+    let cached = match field(o, "prompt_tokens_details", "input_tokens_details")? {
+        None => None,
+        Some(d) => count(
+            d.as_object()
+                .ok_or(())?
+                .get("cached_tokens")
+                .filter(|v| !v.is_null()),
+        )?,
+    };
+    if prompt.is_none() && completion.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Usage {
+        prompt_tokens: prompt.unwrap_or(0),
+        completion_tokens: completion.unwrap_or(0),
+        cached_tokens: cached.unwrap_or(0),
+    }))
+}
+
+/// `model` and usage of a response object's `model` and `usage` values.
+fn model_and_usage(
+    model: Option<&Value>,
+    usage: Option<&Value>,
+) -> Result<(Option<String>, Option<Usage>), ()> {
+    let model = match model.filter(|v| !v.is_null()) {
+        None => None,
+        Some(m) => Some(m.as_str().ok_or(())?.to_string()),
+    };
+    let usage = match usage.filter(|v| !v.is_null()) {
+        None => None,
+        Some(u) => any_usage(u)?,
+    };
+    Ok((model, usage))
+}
+
+/// A response object (Responses API, or any JSON body with a top-level `usage`): its `model` and
+/// usage.
+fn any_response(v: &Value) -> Result<(Option<String>, Option<Usage>), ()> {
+    let o = v.as_object().ok_or(())?;
+    model_and_usage(o.get("model"), o.get("usage"))
+}
+
+/// A whole response body's `model` and usage: the body is validated in one pass that builds nothing
+/// (embeddings answers are mostly long arrays of numbers) and only those two values are parsed.
+fn response_model_and_usage(body: &[u8]) -> Result<(Option<String>, Option<Usage>), ()> {
+    let spans = crate::json::validate_top(body, ["model", "usage"]).map_err(|_| ())?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(());
+    }
+    let [model, usage] = spans.map(|span| {
+        span.and_then(|(start, end)| crate::translate::parse_json(body.get(start..end)?).ok())
+    });
+    model_and_usage(model.as_ref(), usage.as_ref())
 }
 
 /// Usage and model from a whole (non-streamed) JSON response of `api`; `None` api: passthrough.
 pub fn response_facts(api: Option<Api>, body: &[u8]) -> ResponseFacts {
     match api {
         Some(Api::Chat | Api::Completions) => crate::usage::from_json_response(body),
-        _ => match serde_json::from_slice::<AnyResponse>(body) {
-            Ok(r) => ResponseFacts {
-                usage: r.usage.as_ref().and_then(AnyUsage::usage),
-                model: r.model,
+        _ => match response_model_and_usage(body) {
+            Ok((model, usage)) => ResponseFacts {
+                usage,
+                model,
                 completion_chars: 0,
             },
             Err(_) => ResponseFacts::default(),
@@ -169,55 +203,62 @@ pub fn response_facts(api: Option<Api>, body: &[u8]) -> ResponseFacts {
     }
 }
 
-#[derive(Deserialize)]
-struct PromptPeek<'a> {
-    #[serde(default, borrow)]
-    input: Option<&'a serde_json::value::RawValue>,
-    #[serde(default, borrow)]
-    instructions: Option<&'a serde_json::value::RawValue>,
-    #[serde(default, borrow)]
-    prompt: Option<&'a serde_json::value::RawValue>,
-}
-
 /// The request's prompt as JSON text, for prompt storage: chat `messages`, Responses `input` (with
-/// `instructions`), embeddings `input`, completions `prompt`; nothing for the passthrough.
+/// `instructions`), embeddings `input`, completions `prompt`; nothing for the passthrough. The
+/// fields' text as the client wrote it (byte spans of the validated body).
 pub fn prompt_text(api: Option<Api>, body: &[u8]) -> Option<String> {
     let api = api?;
     if api == Api::Chat {
         return crate::usage::prompt_text(body);
     }
-    let p: PromptPeek = serde_json::from_slice(body).ok()?;
+    let spans = crate::json::validate_top(body, ["prompt", "instructions", "input"]).ok()?;
+    let raw = |k: usize| {
+        let (start, end) = spans.get(k).copied().flatten()?;
+        std::str::from_utf8(body.get(start..end)?)
+            .ok()
+            .filter(|t| *t != "null")
+    };
+    let (prompt, instructions, input) = (raw(0), raw(1), raw(2));
     let text = match api {
-        Api::Completions => p.prompt?.get().to_string(),
-        Api::Responses => match (p.instructions, p.input) {
-            (Some(i), Some(x)) => format!("{{\"instructions\":{},\"input\":{}}}", i.get(), x.get()),
-            (None, Some(x)) => x.get().to_string(),
-            (Some(i), None) => i.get().to_string(),
+        Api::Completions => prompt?.to_string(),
+        Api::Responses => match (instructions, input) {
+            (Some(i), Some(x)) => format!("{{\"instructions\":{i},\"input\":{x}}}"),
+            (None, Some(x)) => x.to_string(),
+            (Some(i), None) => i.to_string(),
             (None, None) => return None,
         },
-        _ => p.input?.get().to_string(),
+        _ => input?.to_string(),
     };
     Some(crate::usage::clip(&text, crate::usage::MAX_STORED_TEXT))
 }
 
-#[derive(Deserialize)]
-struct OutputPeek {
-    #[serde(default)]
-    output: Vec<OutputItem>,
-}
-
-#[derive(Deserialize)]
-struct OutputItem {
-    #[serde(default)]
-    content: Vec<OutputPart>,
-}
-
-#[derive(Deserialize)]
-struct OutputPart {
-    #[serde(default, rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
+/// The text of a Responses API response: its `output_text` parts.
+fn output_text(v: &Value) -> Option<String> {
+    fn items<'a>(v: &'a Value, key: &str) -> Option<&'a [Value]> {
+        match v.as_object()?.get(key) {
+            None => Some(&[]),
+            Some(Value::Array(a)) => Some(a),
+            Some(_) => None,
+        }
+    }
+    let mut text = String::new();
+    for item in items(v, "output")? {
+        for part in items(item, "content")? {
+            let p = part.as_object()?;
+            let kind = match p.get("type") {
+                None => "",
+                Some(k) => k.as_str()?,
+            };
+            let t = match p.get("text").filter(|t| !t.is_null()) {
+                None => None,
+                Some(t) => Some(t.as_str()?),
+            };
+            if let (Some(t), "output_text") = (t, kind) {
+                text.push_str(t);
+            }
+        }
+    }
+    Some(text)
 }
 
 /// The answer's text of a whole response, for prompt storage (Responses: its `output_text` parts).
@@ -225,17 +266,7 @@ pub fn completion_text(api: Option<Api>, body: &[u8]) -> Option<String> {
     match api? {
         Api::Chat | Api::Completions => crate::usage::completion_text(body),
         Api::Embeddings => None,
-        Api::Responses => {
-            let r: OutputPeek = serde_json::from_slice(body).ok()?;
-            let text: String = r
-                .output
-                .iter()
-                .flat_map(|i| i.content.iter())
-                .filter(|p| p.kind == "output_text")
-                .filter_map(|p| p.text.as_deref())
-                .collect();
-            Some(text)
-        }
+        Api::Responses => output_text(&crate::translate::parse_json(body).ok()?),
     }
 }
 
@@ -250,33 +281,47 @@ pub struct ResponsesEvent {
     pub done: bool,
 }
 
-#[derive(Deserialize)]
-struct EventPeek {
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
-    #[serde(default)]
-    delta: Option<String>,
-    #[serde(default)]
-    response: Option<AnyResponse>,
+/// `type`, `delta` and `response` of a Responses stream event.
+type EventFields = (
+    Option<String>,
+    Option<String>,
+    Option<(Option<String>, Option<Usage>)>,
+);
+
+fn event_fields(v: &Value) -> Result<EventFields, ()> {
+    let o = v.as_object().ok_or(())?;
+    let text = |k: &str| -> Result<Option<String>, ()> {
+        match o.get(k).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(t) => Ok(Some(t.as_str().ok_or(())?.to_string())),
+        }
+    };
+    let response = match o.get("response").filter(|v| !v.is_null()) {
+        None => None,
+        Some(r) => Some(any_response(r)?),
+    };
+    Ok((text("type")?, text("delta")?, response))
 }
 
 /// Reads one Responses API stream event (`data:` JSON).
 pub fn responses_event(data: &str) -> ResponsesEvent {
-    let Ok(ev) = serde_json::from_str::<EventPeek>(data) else {
+    let Ok((kind, delta, response)) = crate::translate::parse_json(data.as_bytes())
+        .map_err(|_| ())
+        .and_then(|v| event_fields(&v))
+    else {
         return ResponsesEvent::default();
     };
-    let kind = ev.kind.as_deref().unwrap_or_default();
     let mut out = ResponsesEvent::default();
-    match kind {
-        "response.output_text.delta" => out.text = ev.delta,
+    match kind.as_deref().unwrap_or_default() {
+        "response.output_text.delta" => out.text = delta,
         "response.completed" | "response.incomplete" | "response.failed" => {
             out.done = true;
-            if let Some(r) = ev.response {
-                out.usage = r.usage.as_ref().and_then(AnyUsage::usage);
-                out.model = r.model;
+            if let Some((model, usage)) = response {
+                out.usage = usage;
+                out.model = model;
             }
         }
-        "response.created" => out.model = ev.response.and_then(|r| r.model),
+        "response.created" => out.model = response.and_then(|(model, _)| model),
         _ => {}
     }
     out
@@ -375,6 +420,22 @@ mod tests {
         );
         assert_eq!(response_facts(None, br#"{"data":[]}"#).usage, None);
         assert_eq!(response_facts(None, b"\x00binary").usage, None);
+        // Unreadable documents tell nothing (as the derive did): wrong types, duplicates, non-objects.
+        for bad in [
+            &br#"{"model":5,"usage":{"prompt_tokens":1}}"#[..],
+            br#"{"usage":{"prompt_tokens":1,"input_tokens":2}}"#,
+            br#"{"usage":{"prompt_tokens":-1}}"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":1}}"#,
+            br#"[{"usage":{"prompt_tokens":1}}]"#,
+            br#"{"usage":{"prompt_tokens":1}"#,
+        ] {
+            assert_eq!(response_facts(None, bad), ResponseFacts::default());
+        }
+        let nested = br#"{"data":[{"usage":{"prompt_tokens":9}}],"usage":{"input_tokens":1}}"#;
+        assert_eq!(
+            response_facts(None, nested).usage.map(|u| u.prompt_tokens),
+            Some(1)
+        );
     }
 
     #[test]

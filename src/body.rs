@@ -2,8 +2,6 @@
 //! byte for byte leaving every other field exactly as the client sent it.
 
 use crate::error::GatewayError;
-use serde::Deserialize;
-use std::borrow::Cow;
 
 /// What the gateway reads from a chat-completions body.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -37,66 +35,14 @@ impl StreamOptions {
     }
 }
 
-#[derive(Deserialize)]
-struct Peek<'a> {
-    #[serde(default, borrow)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default, borrow)]
-    stream_options: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptionsPeek {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
-/// Parses the body once (the whole document is validated, unknown fields are skipped, not built).
-pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(GatewayError::InvalidBody {
-            reason: "the body is empty; send a JSON object".into(),
-        });
-    }
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return Err(GatewayError::InvalidBody {
-            reason: "the body must be a JSON object".into(),
-        });
-    }
-    let peek: Peek = serde_json::from_slice(body).map_err(|e| GatewayError::InvalidBody {
-        reason: format!("not valid JSON for a chat completion ({e})"),
-    })?;
-    let model = peek.model.map(|m| m.into_owned()).filter(|m| !m.is_empty());
-    let stream_options = match peek.stream_options {
-        None => StreamOptions::Absent,
-        Some(raw) => match serde_json::from_slice::<StreamOptionsPeek>(raw.get().as_bytes()) {
-            Ok(o) => StreamOptions::Object {
-                include_usage: o.include_usage,
-            },
-            Err(_) => StreamOptions::Other,
-        },
-    };
-    Ok(ChatRequest {
-        model,
-        stream: peek.stream.unwrap_or(false),
-        stream_options,
-    })
-}
-
-/// The whole request as a JSON object: what native translation reads.
-pub type Doc = serde_json::Map<String, serde_json::Value>;
-
-/// Like [`inspect`], for requests that may be translated to a native API: the body is parsed once
-/// into a [`Doc`], and the routing fields are read from it (translation then reuses the same `Doc`,
-/// no second parse). The same requests are refused, with the same errors.
-pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
-    use serde_json::Value;
-    let invalid = |what: &str| GatewayError::InvalidBody {
+fn invalid(what: &str) -> GatewayError {
+    GatewayError::InvalidBody {
         reason: format!("not valid JSON for a chat completion ({what})"),
-    };
+    }
+}
+
+/// Refuses an empty body and one that is not a JSON object (by its first byte).
+fn object_shaped(body: &[u8]) -> Result<(), GatewayError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(GatewayError::InvalidBody {
             reason: "the body is empty; send a JSON object".into(),
@@ -107,6 +53,39 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
             reason: "the body must be a JSON object".into(),
         });
     }
+    Ok(())
+}
+
+/// Validates the body in one pass that builds nothing and notes where the top-level `model`,
+/// `stream` and `stream_options` are, then parses only those values; reads them as
+/// [`inspect_doc`] does (the same requests are refused, with the same errors). No derived
+/// deserializer: see `crate::read` for why.
+pub fn inspect(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    object_shaped(body)?;
+    let [model, stream, stream_options] = crate::json::validate_top(body, ROUTING_FIELDS)
+        .map_err(|e| invalid(&e.to_string()))?
+        .map(|span| {
+            span.map(|(start, end)| {
+                crate::translate::parse_json(body.get(start..end).unwrap_or_default())
+                    .map_err(|e| invalid(&e.to_string()))
+            })
+            .transpose()
+        });
+    routing_fields(model?.as_ref(), stream?.as_ref(), stream_options?.as_ref())
+}
+
+/// The top-level fields [`inspect`] reads.
+const ROUTING_FIELDS: [&str; 3] = ["model", "stream", "stream_options"];
+
+/// The whole request as a JSON object: what native translation reads.
+pub type Doc = serde_json::Map<String, serde_json::Value>;
+
+/// Like [`inspect`], for requests that may be translated to a native API: the body is parsed once
+/// into a [`Doc`], and the routing fields are read from it (translation then reuses the same `Doc`,
+/// no second parse). The same requests are refused, with the same errors.
+pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
+    use serde_json::Value;
+    object_shaped(body)?;
     let doc = match crate::translate::parse_json(body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
@@ -116,17 +95,32 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
         }
         Err(e) => return Err(invalid(&e.to_string())),
     };
-    let model = match doc.get("model") {
+    let request = routing_fields(
+        doc.get("model"),
+        doc.get("stream"),
+        doc.get("stream_options"),
+    )?;
+    Ok((request, doc))
+}
+
+/// A request's `model`, `stream` and `stream_options`.
+fn routing_fields(
+    model: Option<&serde_json::Value>,
+    stream: Option<&serde_json::Value>,
+    stream_options: Option<&serde_json::Value>,
+) -> Result<ChatRequest, GatewayError> {
+    use serde_json::Value;
+    let model = match model {
         None | Some(Value::Null) => None,
         Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
         Some(_) => return Err(invalid("invalid type for `model`, expected a string")),
     };
-    let stream = match doc.get("stream") {
+    let stream = match stream {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("invalid type for `stream`, expected a boolean")),
     };
-    let stream_options = match doc.get("stream_options") {
+    let stream_options = match stream_options {
         None | Some(Value::Null) => StreamOptions::Absent,
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => StreamOptions::Object {
@@ -139,14 +133,11 @@ pub fn inspect_doc(body: &[u8]) -> Result<(ChatRequest, Doc), GatewayError> {
         },
         Some(_) => StreamOptions::Other,
     };
-    Ok((
-        ChatRequest {
-            model,
-            stream,
-            stream_options,
-        },
-        doc,
-    ))
+    Ok(ChatRequest {
+        model,
+        stream,
+        stream_options,
+    })
 }
 
 /// The top-level `model` by a byte scan, before any parse: `Some` only for a plain string (no
@@ -260,9 +251,7 @@ fn key_matches(raw: &[u8], key: &str) -> bool {
     if !inner.contains(&b'\\') {
         return inner == key.as_bytes();
     }
-    serde_json::from_slice::<String>(raw)
-        .map(|k| k == key)
-        .unwrap_or(false)
+    matches!(crate::translate::parse_json(raw), Ok(serde_json::Value::String(k)) if k == key)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -338,7 +327,9 @@ mod tests {
 
     #[test]
     fn inspect_doc_reads_what_inspect_reads() {
-        let bodies: [&[u8]; 9] = [
+        let bodies: [&[u8]; 11] = [
+            br#"{"mod\u0065l":7}"#,
+            br#"{"model":"m"} x"#,
             br#"{"model":"m","messages":[]}"#,
             br#"{"model":"","stream":true,"stream_options":{"include_usage":true}}"#,
             br#"{"stream":null,"stream_options":{"include_usage":"yes"}}"#,
@@ -352,7 +343,9 @@ mod tests {
         for b in bodies {
             match (inspect(b), inspect_doc(b)) {
                 (Ok(a), Ok((d, _))) => assert_eq!(a, d),
-                (Err(a), Err(d)) => assert_eq!(a.status(), d.status()),
+                (Err(a), Err(d)) => {
+                    assert_eq!((a.status(), a.message()), (d.status(), d.message()))
+                }
                 (a, d) => panic!("{a:?} vs {d:?}"),
             }
         }

@@ -4,10 +4,11 @@
 //! The same provider/config model is used by the sidecar (issue 3): it stores registrations and configs
 //! and hands the filter an already flattened [`Identity`] per gateway key.
 
+use crate::read::{list, Obj, Res};
 use crate::url::BaseUrl;
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 use std::rc::Rc;
 
 /// Default request body limit (bytes): generous enough for multi-image chat requests.
@@ -491,11 +492,79 @@ impl Plan {
 
 /// Hex SHA-256 of a gateway key.
 pub fn hash_key(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
+    let digest = sha256(key.as_bytes());
     let mut out = String::with_capacity(64);
     for b in digest.iter() {
         out.push(hex_digit(b >> 4));
         out.push(hex_digit(b & 0x0f));
+    }
+    out
+}
+
+const SHA256_K: [u32; 64] = [
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+];
+
+/// SHA-256 (FIPS 180-4), written out: the `sha2` crate's unrolled compression is ~4 KB of wasm for
+/// one short key per request. Unit tests check it against `sha2` (a dev-dependency).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    // The message, 0x80, zeros, and the bit length: a whole number of 64-byte blocks.
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64).wrapping_mul(8)).to_be_bytes());
+    for block in msg.chunks_exact(64) {
+        let mut w = [0u32; 64];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            if let (Some(slot), Ok(b)) = (w.get_mut(i), <[u8; 4]>::try_from(word)) {
+                *slot = u32::from_be_bytes(b);
+            }
+        }
+        for i in 16..64 {
+            let at = |k: usize| w.get(k).copied().unwrap_or_default();
+            let (a, b) = (at(i - 15), at(i - 2));
+            let s0 = a.rotate_right(7) ^ a.rotate_right(18) ^ (a >> 3);
+            let s1 = b.rotate_right(17) ^ b.rotate_right(19) ^ (b >> 10);
+            let v = at(i - 16)
+                .wrapping_add(s0)
+                .wrapping_add(at(i - 7))
+                .wrapping_add(s1);
+            if let Some(slot) = w.get_mut(i) {
+                *slot = v;
+            }
+        }
+        let mut s = h;
+        for (k, wi) in SHA256_K.iter().zip(w.iter()) {
+            let [a, b, c, d, e, f, g, hh] = s;
+            let t1 = hh
+                .wrapping_add(e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25))
+                .wrapping_add((e & f) ^ (!e & g))
+                .wrapping_add(*k)
+                .wrapping_add(*wi);
+            let t2 = (a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22))
+                .wrapping_add((a & b) ^ (a & c) ^ (b & c));
+            s = [t1.wrapping_add(t2), a, b, c, d.wrapping_add(t1), e, f, g];
+        }
+        for (x, y) in h.iter_mut().zip(s) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 32];
+    for (chunk, word) in out.chunks_exact_mut(4).zip(h) {
+        chunk.copy_from_slice(&word.to_be_bytes());
     }
     out
 }
@@ -530,15 +599,335 @@ impl SecretSource for ProcessEnv {
 pub fn parse(bytes: &[u8]) -> Result<RawConfig, String> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     let invalid = |e: String| format!("gateway configuration is not valid: {e}");
-    match first {
-        None => Ok(RawConfig::default()),
-        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string())),
-        Some(_) => {
-            let value = crate::pbstruct::struct_to_json(bytes).map_err(invalid)?;
-            // Re-read as text so only one deserializer of the configuration is compiled in.
-            let text = serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))?;
-            serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))
+    let value = match first {
+        None => return Ok(RawConfig::default()),
+        Some(b'{') => crate::json::parse(bytes).map_err(|e| invalid(e.to_string()))?,
+        Some(_) => crate::pbstruct::struct_to_json(bytes).map_err(invalid)?,
+    };
+    RawConfig::read(&value, "").map_err(invalid)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Reading (by hand: see `crate::read`; the unit tests hold every reader to the derived deserializer).
+// ----------------------------------------------------------------------------------------------
+
+impl RawConfig {
+    pub fn read(v: &Value, at: &str) -> Res<RawConfig> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&[
+                "maxBodyBytes",
+                "fallbackKey",
+                "apiKeyFallback",
+                "fallbackKeyEnv",
+                "apiKeyFallbackEnv",
+                "orgId",
+                "settings",
+                "upstreamClusters",
+                "providers",
+                "configs",
+                "keys",
+                "sidecar",
+                "prices",
+                "attemptSlot",
+                "openaiPassthrough",
+            ]),
+        )?;
+        o.finish(RawConfig {
+            max_body_bytes: o.opt_uint(&["maxBodyBytes"], USIZE_MAX).map(as_usize),
+            fallback_key: o.opt_string(&["fallbackKey", "apiKeyFallback"]),
+            fallback_key_env: o.opt_string(&["fallbackKeyEnv", "apiKeyFallbackEnv"]),
+            org_id: o.opt_string(&["orgId"]),
+            settings: o.with_or_default(&["settings"], Settings::read),
+            upstream_clusters: o.opt_with(&["upstreamClusters"], UpstreamClusters::read),
+            providers: o.list(&["providers"], ProviderSpec::read),
+            configs: o.list(&["configs"], ConfigSpec::read),
+            keys: o.list(&["keys"], KeySpec::read),
+            sidecar: o.opt_with(&["sidecar"], SidecarSpec::read),
+            prices: o.entries(&["prices"], Price::read),
+            attempt_slot: o.opt_uint(&["attemptSlot"], USIZE_MAX).map(as_usize),
+            openai_passthrough: o.bool_or(&["openaiPassthrough"], false),
+        })
+    }
+}
+
+/// The largest `usize` (32 bits in the filter), for integer fields of that type.
+const USIZE_MAX: u64 = if usize::BITS < 64 {
+    u32::MAX as u64
+} else {
+    u64::MAX
+};
+
+/// An integer already checked against [`USIZE_MAX`].
+fn as_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+impl Price {
+    pub fn read(v: &Value, at: &str) -> Res<Price> {
+        let o = Obj::new(v, at, Some(&["input", "output", "cached"]))?;
+        let num = |name: &str| {
+            o.opt_f64(&[name]).unwrap_or_else(|| {
+                o.fail(format!("{at}: missing field `{name}`"));
+                0.0
+            })
+        };
+        o.finish(Price {
+            input: num("input"),
+            output: num("output"),
+            cached: o.opt_f64(&["cached"]),
+        })
+    }
+}
+
+impl SidecarSpec {
+    pub fn read(v: &Value, at: &str) -> Res<SidecarSpec> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&[
+                "cluster",
+                "authority",
+                "token",
+                "tokenEnv",
+                "timeoutMs",
+                "staleSeconds",
+                "negativeTtlSeconds",
+                "unknownKeyLookupsPerSecond",
+                "unknownKeyLookupBurst",
+                "breakerFailures",
+                "breakerCooldownSeconds",
+                "usageBufferBytes",
+                "allowedDestinations",
+                "limitsFailureMode",
+            ]),
+        )?;
+        let u32_or = |name: &str, d: u32| -> u32 {
+            let n = o.uint_or(&[name], u32::MAX.into(), d.into());
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        o.finish(SidecarSpec {
+            cluster: o.string_or(&["cluster"], &default_sidecar_cluster()),
+            authority: o.string_or(&["authority"], &default_sidecar_authority()),
+            token: o.opt_string(&["token"]),
+            token_env: o.opt_string(&["tokenEnv"]),
+            timeout_ms: o.uint_or(&["timeoutMs"], u64::MAX, default_timeout_ms()),
+            stale_seconds: o.uint_or(&["staleSeconds"], u64::MAX, default_stale_seconds()),
+            negative_ttl_seconds: o.uint_or(
+                &["negativeTtlSeconds"],
+                u64::MAX,
+                default_negative_ttl(),
+            ),
+            unknown_key_lookups_per_second: u32_or(
+                "unknownKeyLookupsPerSecond",
+                default_lookup_rate(),
+            ),
+            unknown_key_lookup_burst: u32_or("unknownKeyLookupBurst", default_lookup_burst()),
+            breaker_failures: u32_or("breakerFailures", default_breaker_failures()),
+            breaker_cooldown_seconds: o.uint_or(
+                &["breakerCooldownSeconds"],
+                u64::MAX,
+                default_breaker_cooldown(),
+            ),
+            usage_buffer_bytes: as_usize(o.uint_or(
+                &["usageBufferBytes"],
+                USIZE_MAX,
+                default_usage_buffer_bytes() as u64,
+            )),
+            allowed_destinations: o.string_or(&["allowedDestinations"], ""),
+            limits_failure_mode: o
+                .string_or(&["limitsFailureMode"], &default_limits_failure_mode()),
+        })
+    }
+}
+
+impl UpstreamClusters {
+    pub fn read(v: &Value, at: &str) -> Res<UpstreamClusters> {
+        let o = Obj::new(v, at, Some(&["http", "https"]))?;
+        o.finish(UpstreamClusters {
+            http: o.string(&["http"]),
+            https: o.string(&["https"]),
+        })
+    }
+}
+
+impl Settings {
+    pub fn read(v: &Value, at: &str) -> Res<Settings> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&[
+                "provider",
+                "providerName",
+                "model",
+                "storePrompts",
+                "store_prompts",
+            ]),
+        )?;
+        o.finish(Settings {
+            provider: o.opt_string(&["provider", "providerName"]),
+            model: o.opt_string(&["model"]),
+            store_prompts: o.opt_bool(&["storePrompts", "store_prompts"]),
+        })
+    }
+}
+
+impl ModelSpec {
+    /// A name, or `{"name", "upstreamName"}` (other fields ignored, as the untagged derive does).
+    pub fn read(v: &Value, at: &str) -> Res<ModelSpec> {
+        let mapped = || -> Res<ModelSpec> {
+            let o = Obj::new(v, at, None)?;
+            o.finish(ModelSpec::Mapped {
+                name: o.string(&["name"]),
+                upstream_name: o.string(&["upstreamName", "upstream_name"]),
+            })
+        };
+        match v {
+            Value::String(s) => Ok(ModelSpec::Name(s.clone())),
+            _ => mapped().map_err(|e| {
+                format!("{e} (a model is a name or {{\"name\": .., \"upstreamName\": ..}})")
+            }),
         }
+    }
+}
+
+impl ProviderSpec {
+    pub fn read(v: &Value, at: &str) -> Res<ProviderSpec> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&[
+                "name",
+                "supportedProvider",
+                "type",
+                "url",
+                "api_base",
+                "apiBase",
+                "apiVersion",
+                "models",
+                "isHosted",
+                "apiKey",
+                "apiKeyEnv",
+                "cluster",
+                "clusterId",
+                "fallback",
+                "api",
+                "fallbackOn429",
+                "timeouts",
+            ]),
+        )?;
+        o.finish(ProviderSpec {
+            name: o.string(&["name"]),
+            supported_provider: o.string(&["supportedProvider", "type"]),
+            url: o.opt_string(&["url", "api_base", "apiBase"]),
+            api_version: o.opt_string(&["apiVersion"]),
+            models: o.list(&["models"], ModelSpec::read),
+            is_hosted: o.bool_or(&["isHosted"], false),
+            api_key: o.opt_string(&["apiKey"]),
+            api_key_env: o.opt_string(&["apiKeyEnv"]),
+            cluster: o.opt_string(&["cluster"]),
+            cluster_id: o.opt_string(&["clusterId"]),
+            fallback: o.strings(&["fallback"]),
+            api: o.opt_string(&["api"]),
+            fallback_on429: o.bool_or(&["fallbackOn429"], false),
+            timeouts: o.opt_with(&["timeouts"], crate::plan::Timeouts::read),
+        })
+    }
+}
+
+impl ConfigSpec {
+    pub fn read(v: &Value, at: &str) -> Res<ConfigSpec> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&[
+                "id",
+                "config_id",
+                "configId",
+                "name",
+                "inherits",
+                "parent",
+                "inherits_from",
+                "providers",
+                "only",
+                "restrictTo",
+                "restrict_to",
+            ]),
+        )?;
+        o.finish(ConfigSpec {
+            id: o.string(&["id", "config_id", "configId"]),
+            name: o.opt_string(&["name"]),
+            inherits: o.opt_string(&["inherits", "parent", "inherits_from"]),
+            providers: o.list(&["providers"], ConfigProviderSpec::read),
+            only: o.opt_strings(&["only", "restrictTo", "restrict_to"]),
+        })
+    }
+}
+
+impl ConfigProviderSpec {
+    pub fn read(v: &Value, at: &str) -> Res<ConfigProviderSpec> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&["name", "models", "apiKey", "api_key", "apiBase", "api_base"]),
+        )?;
+        o.finish(ConfigProviderSpec {
+            name: o.string(&["name"]),
+            models: o.opt_strings(&["models"]),
+            api_key: o.opt_string(&["apiKey", "api_key"]),
+            api_base: o.opt_string(&["apiBase", "api_base"]),
+        })
+    }
+}
+
+impl KeySpec {
+    pub fn read(v: &Value, at: &str) -> Res<KeySpec> {
+        let o = Obj::new(
+            v,
+            at,
+            Some(&[
+                "id",
+                "sha256",
+                "config",
+                "config_id",
+                "configId",
+                "settings",
+                "clusterId",
+            ]),
+        )?;
+        o.finish(KeySpec {
+            id: o.string(&["id"]),
+            sha256: o.string(&["sha256"]),
+            config: o.string(&["config", "config_id", "configId"]),
+            settings: o.with_or_default(&["settings"], Settings::read),
+            cluster_id: o.opt_string(&["clusterId"]),
+        })
+    }
+}
+
+impl Identity {
+    /// The sidecar's identity (unknown fields are ignored: a newer sidecar may add some).
+    pub fn read(v: &Value, at: &str) -> Res<Identity> {
+        let o = Obj::new(v, at, None)?;
+        o.finish(Identity {
+            key_id: o.string(&["keyId"]),
+            org_id: o.string(&["orgId"]),
+            config_id: o.string(&["configId"]),
+            cluster_id: o.opt_string(&["clusterId"]),
+            key_settings: o.with_or_default(&["keySettings"], Settings::read),
+            org_settings: o.with_or_default(&["orgSettings"], Settings::read),
+            providers: o.with(
+                &["providers"],
+                |v, at| list(v, at, ResolvedProvider::read),
+                Vec::new(),
+            ),
+            fallback_providers: o.list(&["fallbackProviders"], ResolvedProvider::read),
+            out_of_scope_models: o.strings(&["outOfScopeModels"]),
+            store_prompts: o.bool_or(&["storePrompts"], false),
+            prices: o.entries(&["prices"], Price::read),
+            refused: None,
+        })
     }
 }
 
@@ -1189,6 +1578,152 @@ mod tests {
         assert_eq!(p.cost_nano_usd(1000, 500, 200), 435_000);
         assert!(plan.price(&id, "oa", "nope", "nope").is_none());
         assert!(cfg(r#"{"prices":{"m":{"input":1}}}"#).is_err());
+    }
+
+    /// Every field, under names and aliases, set: the readers and the derives agree.
+    #[test]
+    fn readers_agree_with_the_derives() {
+        use crate::read::assert_agrees;
+        use serde_json::json;
+        let full = json!({
+            "maxBodyBytes": 1000, "fallbackKey": "fk", "fallbackKeyEnv": "FK", "orgId": "o",
+            "settings": {"provider": "p", "model": "m", "storePrompts": true},
+            "upstreamClusters": {"http": "h", "https": "hs"},
+            "providers": [
+                {"name": "a", "supportedProvider": "OPENAI", "url": "https://x/v1", "apiVersion": "v",
+                 "models": ["m", {"name": "n", "upstreamName": "u", "extra": 1}], "isHosted": true,
+                 "apiKey": "k", "apiKeyEnv": "E", "cluster": "c", "clusterId": "ci",
+                 "fallback": ["b"], "api": "native", "fallbackOn429": true,
+                 "timeouts": {"totalMs": 5, "perTryMs": 6}},
+                {"name": "b", "type": "GROQ", "api_base": "http://y", "models": [{"name": "n", "upstream_name": "u"}]},
+                {"name": "c", "type": "GROQ", "apiBase": "http://y", "timeouts": null}
+            ],
+            "configs": [
+                {"id": "x", "name": "X", "inherits": "default", "only": ["a"],
+                 "providers": [{"name": "a", "models": ["m"], "apiKey": "k2", "apiBase": "http://z"}]},
+                {"config_id": "y", "parent": "x", "restrictTo": ["a"],
+                 "providers": [{"name": "a", "api_key": "k3", "api_base": "http://w"}]},
+                {"configId": "z", "inherits_from": "y", "restrict_to": null}
+            ],
+            "keys": [
+                {"id": "k", "sha256": "s", "config": "x", "settings": {"providerName": "a", "store_prompts": false}, "clusterId": "c"},
+                {"id": "k2", "sha256": "s", "config_id": "y"},
+                {"id": "k3", "sha256": "s", "configId": "z", "settings": {}}
+            ],
+            "sidecar": {"cluster": "c", "authority": "a", "token": "t", "tokenEnv": "T", "timeoutMs": 1,
+                        "staleSeconds": 2, "negativeTtlSeconds": 3, "unknownKeyLookupsPerSecond": 4,
+                        "unknownKeyLookupBurst": 5, "breakerFailures": 6, "breakerCooldownSeconds": 7,
+                        "usageBufferBytes": 8, "allowedDestinations": "*", "limitsFailureMode": "closed"},
+            "prices": {"m": {"input": 1, "output": 2.5, "cached": 0.5}, "n": {"input": 1, "output": 2}},
+            "attemptSlot": 2, "openaiPassthrough": true
+        });
+        assert_agrees(&full, RawConfig::read);
+        let ok_or_refused = [
+            json!({}),
+            json!({"apiKeyFallback": "a", "apiKeyFallbackEnv": "B", "sidecar": {}}),
+            json!({"fallbackKey": "a", "apiKeyFallback": "b"}),
+            json!({"fallbackKey": null, "orgId": null, "sidecar": null, "upstreamClusters": null}),
+            json!({"settings": null}),
+            json!({"providers": null}),
+            json!({"openaiPassthrough": null}),
+            json!({"maxBodyBytes": -1}),
+            json!({"maxBodyBytes": 1.5}),
+            json!({"maxBodyBytes": "1"}),
+            json!({"attemptSlot": 4294967296u64}),
+            json!({"sidecar": {"breakerFailures": 4294967296u64}}),
+            json!({"sidecar": {"timeoutMs": null}}),
+            json!({"sidecar": {"bogus": 1}}),
+            json!({"bogus": 1}),
+            json!({"settings": {"provider": 1}}),
+            json!({"settings": {"bogus": 1}}),
+            json!({"upstreamClusters": {"http": "h"}}),
+            json!({"providers": [{"name": "a"}]}),
+            json!({"providers": [{"supportedProvider": "X"}]}),
+            json!({"providers": [{"name": "a", "type": "X", "models": [1]}]}),
+            json!({"providers": [{"name": "a", "type": "X", "models": [{"name": "n"}]}]}),
+            json!({"providers": [{"name": "a", "type": "X", "timeouts": {"total": 1}}]}),
+            json!({"providers": [{"name": "a", "type": "X", "isHosted": "yes"}]}),
+            json!({"configs": [{"name": "a"}]}),
+            json!({"configs": [{"id": "a", "only": "b"}]}),
+            json!({"keys": [{"id": "a", "sha256": "s"}]}),
+            json!({"prices": {"m": {"input": 1}}}),
+            json!({"prices": {"m": {"input": 1, "output": "2"}}}),
+            json!({"prices": []}),
+        ];
+        for v in &ok_or_refused {
+            assert_agrees(v, RawConfig::read);
+        }
+        // The one difference: serde also takes a struct as an array of its fields in order; the
+        // readers take objects only.
+        assert!(RawConfig::read(&json!({"settings": []}), "").is_err());
+        let plan = cfg(&base()).unwrap();
+        let id = plan.identity_for_hash(&hash_key("two")).unwrap();
+        let mut id = (*id).clone();
+        id.fallback_providers = id.providers.clone();
+        id.out_of_scope_models = vec!["m".into()];
+        id.store_prompts = true;
+        id.cluster_id = Some("c".into());
+        id.providers[0].timeouts = Some(crate::plan::Timeouts {
+            total_ms: Some(1),
+            per_try_ms: None,
+        });
+        id.prices.insert(
+            "oa/m".into(),
+            Price {
+                input: 1.0,
+                output: 2.0,
+                cached: None,
+            },
+        );
+        let v = serde_json::to_value(&id).unwrap();
+        assert_eq!(Identity::read(&v, "").unwrap(), id);
+        assert_agrees(&v, Identity::read);
+        let mut bad = v.clone();
+        bad["providers"][0]["kind"] = json!("openai");
+        assert_agrees(&bad, Identity::read);
+        bad["providers"][0]["kind"] = json!("OPENAI");
+        bad["providers"][0]["base"]["tls"] = json!(null);
+        assert_agrees(&bad, Identity::read);
+    }
+
+    #[test]
+    fn configuration_errors_name_the_place() {
+        let err = |json: &str| cfg(json).unwrap_err();
+        assert_eq!(
+            err(r#"{"providers":[{"name":"a","type":"OPENAI","models":["m"],"bogus":1}]}"#),
+            "gateway configuration is not valid: providers[0]: unknown field `bogus`, expected one \
+             of `name`, `supportedProvider`, `type`, `url`, `api_base`, `apiBase`, `apiVersion`, \
+             `models`, `isHosted`, `apiKey`, `apiKeyEnv`, `cluster`, `clusterId`, `fallback`, \
+             `api`, `fallbackOn429`, `timeouts`"
+        );
+        assert_eq!(
+            err(r#"{"keys":[{"id":"k","sha256":"s","config":"default","settings":{"model":5}}]}"#),
+            "gateway configuration is not valid: keys[0].settings.model: invalid type: number, \
+             expected a string"
+        );
+        assert_eq!(
+            err(r#"{"configs":[{"name":"x"}]}"#),
+            "gateway configuration is not valid: configs[0]: missing field `id`"
+        );
+        assert!(err(r#"{"maxBodyBytes":-5}"#).contains("maxBodyBytes: invalid value: -5"));
+        assert!(err("{").starts_with("gateway configuration is not valid: EOF"));
+    }
+
+    #[test]
+    fn sha256_matches_the_sha2_crate() {
+        use sha2::Digest;
+        let mut seed = 1u64;
+        for len in (0..300).chain([1000, 4096]) {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            assert_eq!(sha256(&data)[..], sha2::Sha256::digest(&data)[..], "{len}");
+        }
     }
 
     #[test]

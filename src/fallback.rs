@@ -11,7 +11,6 @@
 
 use crate::config::{Identity, Model, ResolvedProvider};
 use crate::error::GatewayError;
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 /// Internal request header carrying the attempt plan from the main filter to the attempt filters.
@@ -101,17 +100,81 @@ pub fn chain(
 
 pub fn encode(plan: &AttemptPlan) -> String {
     let json = serde_json::to_vec(plan).unwrap_or_default();
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(json)
+    base64_encode(&json)
 }
 
 pub fn decode(header: &str) -> Result<AttemptPlan, GatewayError> {
     let bad = |what: &str| GatewayError::Internal {
         reason: format!("bad attempt plan ({what})"),
     };
-    let json = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(header.trim())
-        .map_err(|_| bad("encoding"))?;
-    serde_json::from_slice(&json).map_err(|_| bad("json"))
+    let json = base64_decode(header.trim().as_bytes()).ok_or_else(|| bad("encoding"))?;
+    let v = crate::json::parse(&json).map_err(|_| bad("json"))?;
+    AttemptPlan::read(&v).map_err(|_| bad("json"))
+}
+
+impl AttemptPlan {
+    /// Reads a plan by hand (see `crate::read`), as the derive would.
+    pub fn read(v: &serde_json::Value) -> crate::read::Res<AttemptPlan> {
+        let o = crate::read::Obj::new(v, "", None)?;
+        let attempt = |v: &serde_json::Value, at: &str| -> crate::read::Res<Attempt> {
+            let o = crate::read::Obj::new(v, at, None)?;
+            Ok(Attempt {
+                provider: ResolvedProvider::read(o.req(&["provider"])?, &o.at("provider"))?,
+                model: Model::read(o.req(&["model"])?, &o.at("model"))?,
+            })
+        };
+        o.finish(AttemptPlan {
+            attempts: crate::read::list(o.req(&["attempts"])?, "attempts", attempt)?,
+            org: o.string_or(&["org"], ""),
+            primary: o.string_or(&["primary"], ""),
+        })
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 without padding (a hand-written codec: the `base64` crate's engine is ~5 KB of
+/// wasm for this one header).
+fn base64_encode(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | u32::from(c) << (16 - 8 * i));
+        for k in 0..=chunk.len() {
+            let six = (n >> (18 - 6 * k)) & 63;
+            out.push(char::from(
+                BASE64.get(six as usize).copied().unwrap_or(b'A'),
+            ));
+        }
+    }
+    out
+}
+
+/// Decodes [`base64_encode`]'s output; `None` for anything else (other characters, padding, a
+/// length no encoding has, nonzero trailing bits).
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    if s.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() / 4 * 3 + 2);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            let v = BASE64.iter().position(|&a| a == c)? as u32;
+            n |= v << (18 - 6 * i);
+        }
+        let bytes = chunk.len() - 1;
+        // Bits past the last whole byte must be zero (canonical encoding).
+        if n & (0x00ff_ffff >> (8 * bytes)) != 0 {
+            return None;
+        }
+        for k in 0..bytes {
+            out.push((n >> (16 - 8 * k)) as u8);
+        }
+    }
+    Some(out)
 }
 
 /// Whether an attempt's status makes Envoy try the next provider.
@@ -224,6 +287,33 @@ mod tests {
     }
 
     #[test]
+    fn base64_is_the_standard_unpadded_one() {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD_NO_PAD;
+        let mut seed = 7u64;
+        for len in 0..200usize {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            let text = base64_encode(&bytes);
+            assert_eq!(text, engine.encode(&bytes));
+            assert_eq!(base64_decode(text.as_bytes()), Some(bytes));
+        }
+        for bad in ["A", "AB=", "AB==", "AB!C", "AAB", "ABC=", "QQ", "QR", "QUJ"] {
+            assert_eq!(
+                base64_decode(bad.as_bytes()),
+                engine.decode(bad).ok(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn plan_round_trip_keeps_keys() {
         let id = identity(CFG);
         let first = &id.providers[0];
@@ -234,6 +324,10 @@ mod tests {
         };
         let back = decode(&encode(&plan)).unwrap();
         assert_eq!(back, plan);
+        let mut v = serde_json::to_value(&plan).unwrap();
+        crate::read::assert_agrees(&v, |v, _| AttemptPlan::read(v));
+        v["attempts"][0]["provider"]["models"] = serde_json::Value::Null;
+        crate::read::assert_agrees(&v, |v, _| AttemptPlan::read(v));
         assert_eq!(back.attempts[1].provider.api_key.as_deref(), Some("ka"));
         assert!(decode("!!!").is_err());
         assert!(decode("e30").is_err()); // "{}"

@@ -54,6 +54,8 @@ fn action(f: Flow) -> Action {
 struct Root(adapter::Root<'static, Wasm>);
 
 impl Context for Root {
+    crate::sdk_unused::context_methods!();
+
     fn on_done(&mut self) -> bool {
         self.0.on_done()
     }
@@ -64,6 +66,8 @@ impl Context for Root {
 }
 
 impl RootContext for Root {
+    crate::sdk_unused::root_context_methods!();
+
     fn on_configure(&mut self, size: usize) -> bool {
         self.0.on_configure(size)
     }
@@ -85,12 +89,16 @@ impl RootContext for Root {
 struct Http(adapter::Http<'static, Wasm>);
 
 impl Context for Http {
+    crate::sdk_unused::context_methods!();
+
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, trailers: usize) {
         self.0.on_http_call_response(token, headers, body, trailers)
     }
 }
 
 impl HttpContext for Http {
+    crate::sdk_unused::http_context_methods!();
+
     fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
         action(self.0.on_http_request_headers(n, end_of_stream))
     }

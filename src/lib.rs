@@ -19,11 +19,13 @@ pub mod exchange;
 pub mod fallback;
 pub mod gateway;
 pub mod hostapi;
+pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod pbstruct;
 pub mod plan;
 pub mod providers;
+pub mod read;
 pub mod report;
 pub mod resolve;
 pub mod select;
@@ -39,3 +41,5 @@ mod bench_exchange;
 mod abi;
 #[cfg(target_arch = "wasm32")]
 mod host;
+#[cfg(target_arch = "wasm32")]
+mod sdk_unused;

@@ -6,9 +6,10 @@
 //! "Budgets and rate limits", for the bounds.
 
 use crate::error::GatewayError;
+use crate::read::{Obj, Res};
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The sidecar's allowance endpoint.
 pub const ALLOWANCE_PATH: &str = "/internal/v1/allowances";
@@ -69,11 +70,74 @@ pub fn shared_key(key_id: &str) -> String {
     format!("llmgw.limits.{key_id}")
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+/// The sidecar's answer to a renewal (`leaseSeconds`, `keys`).
+#[derive(Debug, Default)]
 struct Answer {
     lease_seconds: u64,
     keys: Vec<KeyAnswer>,
+}
+
+// Readers for the filter (see `crate::read`): every field defaults, unknown fields are ignored, as
+// in the derives.
+
+impl Grant {
+    fn read(v: &Value, at: &str) -> Res<Grant> {
+        let o = Obj::new(v, at, None)?;
+        let n = |name: &str| o.opt_uint(&[name], u64::MAX);
+        o.finish(Grant {
+            id: o.string_or(&["id"], ""),
+            name: o.string_or(&["name"], ""),
+            scope: o.string_or(&["scope"], ""),
+            soft: o.bool_or(&["soft"], false),
+            resets_at_ms: o.uint_or(&["resetsAtMs"], u64::MAX, 0),
+            resets_at: o.string_or(&["resetsAt"], ""),
+            remaining_nano_usd: n("remainingNanoUsd"),
+            remaining_tokens: n("remainingTokens"),
+            grant_nano_usd: n("grantNanoUsd"),
+            grant_tokens: n("grantTokens"),
+            exhausted: o.bool_or(&["exhausted"], false),
+            max_nano_usd: n("maxNanoUsd"),
+            max_tokens: n("maxTokens"),
+        })
+    }
+}
+
+impl KeyAnswer {
+    fn read(v: &Value, at: &str) -> Res<KeyAnswer> {
+        let o = Obj::new(v, at, None)?;
+        let n = |name: &str| o.opt_uint(&[name], u64::MAX);
+        o.finish(KeyAnswer {
+            key_id: o.string_or(&["keyId"], ""),
+            requests_per_minute: n("requestsPerMinute"),
+            tokens_per_minute: n("tokensPerMinute"),
+            requests_share: n("requestsShare"),
+            tokens_share: n("tokensShare"),
+            budgets: o.list(&["budgets"], Grant::read),
+        })
+    }
+}
+
+impl SharedAnswer {
+    fn parse(body: &[u8]) -> Res<SharedAnswer> {
+        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
+        let o = Obj::new(&v, "", None)?;
+        o.finish(SharedAnswer {
+            at: o.uint_or(&["at"], u64::MAX, 0),
+            lease_ms: o.uint_or(&["leaseMs"], u64::MAX, 0),
+            key: o.with_or_default(&["key"], KeyAnswer::read),
+        })
+    }
+}
+
+impl Answer {
+    fn parse(body: &[u8]) -> Res<Answer> {
+        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
+        let o = Obj::new(&v, "", None)?;
+        o.finish(Answer {
+            lease_seconds: o.uint_or(&["leaseSeconds"], u64::MAX, 0),
+            keys: o.list(&["keys"], KeyAnswer::read),
+        })
+    }
 }
 
 /// A per-minute limit: token bucket of `share` (this holder's part), refilled over a minute.
@@ -435,7 +499,7 @@ impl Limits {
     }
 
     fn apply(&mut self, body: &[u8], now: u64) -> bool {
-        let Ok(a) = serde_json::from_slice::<Answer>(body) else {
+        let Ok(a) = Answer::parse(body) else {
             return false;
         };
         let lease = a.lease_seconds.clamp(1, 3600).saturating_mul(1000);
@@ -478,7 +542,7 @@ impl Limits {
         record: &[u8],
         now: u64,
     ) -> bool {
-        let Ok(r) = serde_json::from_slice::<SharedAnswer>(record) else {
+        let Ok(r) = SharedAnswer::parse(record) else {
             return false;
         };
         let until = r.at.saturating_add(r.lease_ms.min(3_600_000));
@@ -575,7 +639,7 @@ fn budget_header(budgets: &[BudgetState]) -> Option<String> {
     })?;
     let mut parts = Vec::new();
     if let Some(u) = b.remaining_usd() {
-        parts.push(format!("usd={:.6}", u as f64 / 1e9));
+        parts.push(format!("usd={}", usd_text(u)));
     }
     if let Some(t) = b.remaining_tokens() {
         parts.push(format!("tokens={t}"));
@@ -592,10 +656,27 @@ fn budget_header(budgets: &[BudgetState]) -> Option<String> {
     Some(parts.join("; "))
 }
 
+/// Nano-USD as USD with six decimals, rounded (integer arithmetic: float formatting is large in wasm).
+fn usd_text(nano: u64) -> String {
+    let micro = nano / 1000 + u64::from(nano % 1000 >= 500);
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usd_text_has_six_rounded_decimals() {
+        assert_eq!(usd_text(0), "0.000000");
+        assert_eq!(usd_text(499), "0.000000");
+        assert_eq!(usd_text(500), "0.000001");
+        assert_eq!(usd_text(1000), "0.000001");
+        assert_eq!(usd_text(1_234_567_890), "1.234568");
+        assert_eq!(usd_text(12_000_000_000), "12.000000");
+        assert_eq!(usd_text(u64::MAX), "18446744073.709552");
+    }
 
     fn answer(budgets: serde_json::Value, rpm: Option<u64>, tpm: Option<u64>) -> Vec<u8> {
         json!({"leaseSeconds": 30, "keys": [{
@@ -619,6 +700,33 @@ mod tests {
         l.admit("k1", "o", "c", 0).unwrap();
         assert!(l.renewal("h", 0).is_some());
         assert!(l.on_answer(Some(200), body, 0));
+    }
+
+    #[test]
+    fn readers_agree_with_the_derives() {
+        use crate::read::assert_agrees;
+        let mut full: serde_json::Value =
+            serde_json::from_slice(&answer(budget(5, 6, true), Some(1), Some(2))).unwrap();
+        let grant = &mut full["keys"][0]["budgets"][0];
+        grant["remainingTokens"] = json!(7);
+        grant["grantTokens"] = json!(8);
+        grant["maxNanoUsd"] = json!(9);
+        grant["maxTokens"] = json!(10);
+        let key = full["keys"][0].clone();
+        assert_agrees(&key, KeyAnswer::read);
+        assert_agrees(&json!({}), KeyAnswer::read);
+        assert_agrees(&json!({"budgets": [{"soft": null}]}), KeyAnswer::read);
+        assert_agrees(&json!({"budgets": [{"maxTokens": null}]}), KeyAnswer::read);
+        assert_agrees(&json!({"requestsShare": -1}), KeyAnswer::read);
+        let shared = json!({"at": 1, "leaseMs": 2, "key": key});
+        let parsed = SharedAnswer::parse(shared.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            serde_json::to_value(parsed).unwrap(),
+            serde_json::to_value(serde_json::from_value::<SharedAnswer>(shared).unwrap()).unwrap()
+        );
+        let a = Answer::parse(&serde_json::to_vec(&full).unwrap()).unwrap();
+        assert_eq!((a.lease_seconds, a.keys.len()), (30, 1));
+        assert!(Answer::parse(br#"{"keys":{}}"#).is_err());
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! resolves to. Plain types with accessors, imported by both `config` (which compiles them) and
 //! `providers` (which shapes requests with them), so neither imports the other.
 
+use crate::read::{list, Obj, Res};
 use crate::url::BaseUrl;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Provider API flavours the gateway can shape requests for.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -132,6 +134,72 @@ impl Timeouts {
             v.push((PER_TRY_TIMEOUT_HEADER, t.to_string()));
         }
         v
+    }
+}
+
+// Readers for the filter (see `crate::read`); unknown fields are ignored except in `Timeouts`, as
+// in the derives.
+
+impl ProviderKind {
+    const ALL: [ProviderKind; 8] = [
+        ProviderKind::OpenAi,
+        ProviderKind::Azure,
+        ProviderKind::Gemini,
+        ProviderKind::VertexAiGemini,
+        ProviderKind::Mistral,
+        ProviderKind::Groq,
+        ProviderKind::Anthropic,
+        ProviderKind::OpenAiCompatible,
+    ];
+
+    /// Exactly the serialized name ([`ProviderKind::as_str`]).
+    pub fn read(v: &Value, at: &str) -> Res<ProviderKind> {
+        let name = crate::read::string(v, at)?;
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == name)
+            .ok_or_else(|| format!("{at}: unknown provider kind `{name}`"))
+    }
+}
+
+impl Model {
+    pub fn read(v: &Value, at: &str) -> Res<Model> {
+        let o = Obj::new(v, at, None)?;
+        o.finish(Model {
+            name: o.string(&["name"]),
+            upstream: o.string(&["upstream"]),
+        })
+    }
+}
+
+impl ResolvedProvider {
+    pub fn read(v: &Value, at: &str) -> Res<ResolvedProvider> {
+        let o = Obj::new(v, at, None)?;
+        o.finish(ResolvedProvider {
+            name: o.string(&["name"]),
+            kind: o.with(&["kind"], ProviderKind::read, ProviderKind::OpenAi),
+            base: o.with(&["base"], BaseUrl::read, BaseUrl::default()),
+            api_version: o.opt_string(&["apiVersion"]),
+            models: o.with(&["models"], |v, at| list(v, at, Model::read), Vec::new()),
+            is_hosted: o.bool_or(&["isHosted"], false),
+            api_key: o.opt_string(&["apiKey"]),
+            envoy_cluster: o.string(&["envoyCluster"]),
+            cluster_id: o.opt_string(&["clusterId"]),
+            fallback: o.strings(&["fallback"]),
+            native: o.bool_or(&["native"], false),
+            fallback_on429: o.bool_or(&["fallbackOn429"], false),
+            timeouts: o.opt_with(&["timeouts"], Timeouts::read),
+        })
+    }
+}
+
+impl Timeouts {
+    pub fn read(v: &Value, at: &str) -> Res<Timeouts> {
+        let o = Obj::new(v, at, Some(&["totalMs", "perTryMs"]))?;
+        o.finish(Timeouts {
+            total_ms: o.opt_uint(&["totalMs"], u64::MAX),
+            per_try_ms: o.opt_uint(&["perTryMs"], u64::MAX),
+        })
     }
 }
 

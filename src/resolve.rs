@@ -19,7 +19,6 @@
 use crate::config::Identity;
 use crate::error::GatewayError;
 use hashbrown::HashMap;
-use serde::Deserialize;
 use std::rc::Rc;
 
 /// Internal endpoint of the sidecar.
@@ -459,19 +458,26 @@ pub enum Resolved {
     Unknown,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The sidecar's answer (`identity`, `ttlSeconds`, `storePrompts`, `prices`; other fields ignored).
 struct ResolveAnswer {
     identity: Identity,
-    #[serde(default = "default_ttl")]
     ttl_seconds: u64,
-    #[serde(default)]
     store_prompts: bool,
-    #[serde(default)]
     prices: std::collections::BTreeMap<String, crate::config::Price>,
 }
 
 impl ResolveAnswer {
+    fn parse(body: &[u8]) -> crate::read::Res<ResolveAnswer> {
+        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
+        let o = crate::read::Obj::new(&v, "", None)?;
+        o.finish(ResolveAnswer {
+            identity: Identity::read(o.req(&["identity"])?, "identity")?,
+            ttl_seconds: o.uint_or(&["ttlSeconds"], u64::MAX, default_ttl()),
+            store_prompts: o.bool_or(&["storePrompts"], false),
+            prices: o.entries(&["prices"], crate::config::Price::read),
+        })
+    }
+
     fn into_identity(self) -> Identity {
         let mut identity = self.identity;
         identity.store_prompts = self.store_prompts;
@@ -489,8 +495,8 @@ fn default_ttl() -> u64 {
 pub fn parse_answer(status: Option<u32>, body: &[u8]) -> Result<Resolved, GatewayError> {
     match status {
         Some(200) => {
-            let a: ResolveAnswer =
-                serde_json::from_slice(body).map_err(|_| GatewayError::ControlPlaneUnavailable)?;
+            let a =
+                ResolveAnswer::parse(body).map_err(|_| GatewayError::ControlPlaneUnavailable)?;
             let ttl_ms = a.ttl_seconds.saturating_mul(1000);
             Ok(Resolved::Known {
                 identity: Box::new(a.into_identity()),
@@ -523,7 +529,7 @@ pub fn decode_shared(bytes: &[u8]) -> Option<(u64, u64, Identity)> {
     let nl = bytes.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
     let (f, s) = head.split_once(',')?;
-    let answer: ResolveAnswer = serde_json::from_slice(bytes.get(nl + 1..)?).ok()?;
+    let answer = ResolveAnswer::parse(bytes.get(nl + 1..)?).ok()?;
     Some((f.parse().ok()?, s.parse().ok()?, answer.into_identity()))
 }
 

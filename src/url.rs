@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseUrl {
     /// `https` (TLS to the upstream) or plain `http`.
     pub tls: bool,
@@ -41,6 +41,20 @@ impl BaseUrl {
             tls,
             authority: authority.to_ascii_lowercase(),
             path: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// Reads the serialized form (`tls`, `authority`, `path`), as the sidecar sends it.
+    pub fn read(v: &serde_json::Value, at: &str) -> crate::read::Res<BaseUrl> {
+        let o = crate::read::Obj::new(v, at, None)?;
+        let tls = match o.req(&["tls"])? {
+            serde_json::Value::Bool(b) => *b,
+            other => return Err(crate::read::invalid(&o.at("tls"), other, "a boolean")),
+        };
+        o.finish(BaseUrl {
+            tls,
+            authority: o.string(&["authority"]),
+            path: o.string(&["path"]),
         })
     }
 

@@ -4,7 +4,8 @@
 
 use crate::error::GatewayError;
 use crate::sse::SseParser;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -15,77 +16,99 @@ pub struct Usage {
     pub cached_tokens: u64,
 }
 
-#[derive(Deserialize)]
-struct UsageDoc {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-    #[serde(default)]
-    prompt_tokens_details: Option<Details>,
+/// A JSON `usage` object (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`,
+/// each optional); `None` when a field has the wrong type. Read by hand from a `Value` (see
+/// `crate::read` for why there are no derived deserializers in the filter).
+fn usage_of(v: &Value) -> Option<Usage> {
+    let o = v.as_object()?;
+    let count = |k: &str| match o.get(k) {
+        None => Some(0),
+        Some(n) => n.as_u64(),
+    };
+    let cached_tokens = match o.get("prompt_tokens_details") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Object(d)) => match d.get("cached_tokens") {
+            None | Some(Value::Null) => 0,
+            Some(n) => n.as_u64()?,
+        },
+        Some(_) => return None,
+    };
+    Some(Usage {
+        prompt_tokens: count("prompt_tokens")?,
+        completion_tokens: count("completion_tokens")?,
+        cached_tokens,
+    })
 }
 
-#[derive(Deserialize)]
-struct Details {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
+/// One choice of a completion or chunk: the `content` of its `message` and `delta`, whether it has a
+/// `finish_reason`.
+struct Choice<'a> {
+    message: Option<&'a Value>,
+    delta: Option<&'a Value>,
+    finished: bool,
 }
 
-impl From<UsageDoc> for Usage {
-    fn from(u: UsageDoc) -> Self {
-        Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            cached_tokens: u
-                .prompt_tokens_details
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
+/// A chat completion or stream chunk: `model`, `choices`, `usage`. `None` when a field has the wrong
+/// type (such a document is not read at all).
+struct Completion<'a> {
+    model: Option<String>,
+    choices: Vec<Choice<'a>>,
+    usage: Option<Usage>,
+}
+
+/// `null` or absent: `None`.
+fn present<'a>(o: &'a serde_json::Map<String, Value>, k: &str) -> Option<&'a Value> {
+    o.get(k).filter(|v| !v.is_null())
+}
+
+impl<'a> Completion<'a> {
+    fn read(v: &'a Value) -> Option<Completion<'a>> {
+        let o = v.as_object()?;
+        let model = match present(o, "model") {
+            None => None,
+            Some(m) => Some(m.as_str()?.to_string()),
+        };
+        let content = |c: &'a Value, k: &str| -> Option<Option<&'a Value>> {
+            match c.get(k) {
+                None | Some(Value::Null) => Some(None),
+                Some(Value::Object(m)) => Some(present(m, "content")),
+                Some(_) => None,
+            }
+        };
+        let mut choices = Vec::new();
+        if let Some(list) = present(o, "choices") {
+            for c in list.as_array()? {
+                let finished = match present(c.as_object()?, "finish_reason") {
+                    None => false,
+                    Some(Value::String(_)) => true,
+                    Some(_) => return None,
+                };
+                choices.push(Choice {
+                    message: content(c, "message")?,
+                    delta: content(c, "delta")?,
+                    finished,
+                });
+            }
         }
+        let usage = match present(o, "usage") {
+            None => None,
+            Some(u) => Some(usage_of(u)?),
+        };
+        Some(Completion {
+            model,
+            choices,
+            usage,
+        })
     }
 }
 
-#[derive(Deserialize)]
-struct Message<'a> {
-    /// Kept raw: a string, or an array of parts; only its size matters here.
-    #[serde(default, borrow)]
-    content: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(default, borrow)]
-    message: Option<Message<'a>>,
-    #[serde(default, borrow)]
-    delta: Option<Message<'a>>,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Completion<'a> {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default, borrow)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    usage: Option<UsageDoc>,
-}
-
-/// Approximate characters of a message's content: a JSON string without its quotes (escapes
-/// counted as written), or the size of structured content.
-fn content_chars(c: &Option<Message>) -> usize {
-    match c.as_ref().and_then(|m| m.content) {
-        Some(raw) => {
-            let text = raw.get();
-            if text == "null" {
-                0
-            } else if text.starts_with('"') {
-                text.chars().count().saturating_sub(2)
-            } else {
-                text.len()
-            }
-        }
+/// Approximate characters of a message's content: a string's characters, or the size of
+/// structured content as JSON.
+fn content_chars(c: Option<&Value>) -> usize {
+    match c {
         None => 0,
+        Some(Value::String(s)) => s.chars().count(),
+        Some(v) => v.to_string().len(),
     }
 }
 
@@ -104,18 +127,16 @@ pub fn from_json_response(body: &[u8]) -> ResponseFacts {
     if let Some(f) = usage_from_tail(body) {
         return f;
     }
-    match serde_json::from_slice::<Completion>(body) {
-        Ok(c) => ResponseFacts {
-            usage: c.usage.map(Usage::from),
+    let Ok(v) = crate::translate::parse_json(body) else {
+        return ResponseFacts::default();
+    };
+    match Completion::read(&v) {
+        Some(c) => ResponseFacts {
+            usage: c.usage,
             model: c.model,
-            completion_chars: c
-                .choices
-                .iter()
-                .flatten()
-                .map(|ch| content_chars(&ch.message))
-                .sum(),
+            completion_chars: c.choices.iter().map(|ch| content_chars(ch.message)).sum(),
         },
-        Err(_) => ResponseFacts::default(),
+        None => ResponseFacts::default(),
     }
 }
 
@@ -130,8 +151,7 @@ fn usage_from_tail(body: &[u8]) -> Option<ResponseFacts> {
         return None;
     }
     let at = rfind(body, USAGE)?;
-    let mut de = serde_json::Deserializer::from_slice(body.get(at + USAGE.len()..)?);
-    let usage = UsageDoc::deserialize(&mut de).ok()?;
+    let usage = usage_of(&crate::json::parse_prefix(body.get(at + USAGE.len()..)?).ok()?)?;
     const MODEL: &[u8] = b"\"model\":";
     let model = find(body, MODEL, 0).and_then(|m| {
         let mut v = m + MODEL.len();
@@ -142,10 +162,13 @@ fn usage_from_tail(body: &[u8]) -> Option<ResponseFacts> {
             return None;
         }
         let end = string_span(body, v)?.0;
-        serde_json::from_slice::<String>(body.get(v..end)?).ok()
+        match crate::translate::parse_json(body.get(v..end)?) {
+            Ok(Value::String(m)) => Some(m),
+            _ => None,
+        }
     });
     Some(ResponseFacts {
-        usage: Some(usage.into()),
+        usage: Some(usage),
         model,
         completion_chars: 0,
     })
@@ -288,35 +311,31 @@ impl StreamTap {
                 return false;
             }
         }
-        let Ok(c) = serde_json::from_slice::<Completion>(data.as_bytes()) else {
+        let Ok(v) = crate::translate::parse_json(data.as_bytes()) else {
+            return false;
+        };
+        let Some(c) = Completion::read(&v) else {
             return false;
         };
         if self.model.is_none() {
             self.model = c.model;
         }
-        let choices = c.choices.unwrap_or_default();
         if self.capture && self.text.len() < MAX_STORED_TEXT {
-            // The first choice's delta, already parsed above: only its string is decoded here.
-            let raw = choices
-                .first()
-                .and_then(|ch| ch.delta.as_ref())
-                .and_then(|d| d.content);
-            if let Some(t) =
-                raw.and_then(|r| serde_json::from_slice::<String>(r.get().as_bytes()).ok())
-            {
-                self.text.push_str(&t);
+            // The first choice's delta text.
+            if let Some(Value::String(t)) = c.choices.first().and_then(|ch| ch.delta) {
+                self.text.push_str(t);
             }
         }
-        for ch in &choices {
-            self.completion_chars += content_chars(&ch.delta);
-            if ch.finish_reason.is_some() {
+        for ch in &c.choices {
+            self.completion_chars += content_chars(ch.delta);
+            if ch.finished {
                 self.finished = true;
             }
         }
         match c.usage {
             Some(u) => {
-                self.usage = Some(u.into());
-                choices.is_empty()
+                self.usage = Some(u);
+                c.choices.is_empty()
             }
             None => false,
         }
@@ -365,16 +384,26 @@ pub(crate) fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     }
 }
 
-/// Index past the JSON string starting at `i` (an opening quote), and its characters as written.
+/// Index past the JSON string starting at `i` (an opening quote), and its characters (decoded).
 fn string_span(b: &[u8], i: usize) -> Option<(usize, usize)> {
     let mut j = i + 1;
     let mut chars = 0;
     loop {
         match *b.get(j)? {
             b'"' => return Some((j + 1, chars)),
+            // An escape is one character; a `\u` low surrogate completes the one before it.
+            b'\\' if b.get(j + 1) == Some(&b'u') => {
+                let low = b.get(j + 2..j + 4).is_some_and(|h| {
+                    h.first().is_some_and(|c| c.eq_ignore_ascii_case(&b'd'))
+                        && h.get(1)
+                            .is_some_and(|c| matches!(c.to_ascii_lowercase(), b'c'..=b'f'))
+                });
+                j += 6;
+                chars += usize::from(!low);
+            }
             b'\\' => {
                 j += 2;
-                chars += 2;
+                chars += 1;
             }
             c => {
                 j += 1;
@@ -586,11 +615,13 @@ pub fn prompt_text(body: &[u8]) -> Option<String> {
 
 /// The text of the first choice of a completion (`message`) or a chunk (`delta`).
 pub fn completion_text(json: &[u8]) -> Option<String> {
-    // The same deserializer as the usage reader (one instantiation); only the text is decoded.
-    let c: Completion = serde_json::from_slice(json).ok()?;
-    let first = c.choices?.into_iter().next()?;
-    let raw = first.message.or(first.delta)?.content?;
-    serde_json::from_slice::<String>(raw.get().as_bytes()).ok()
+    let v = crate::translate::parse_json(json).ok()?;
+    let c = Completion::read(&v)?;
+    let first = c.choices.into_iter().next()?;
+    match first.message.or(first.delta)? {
+        Value::String(t) => Some(t.clone()),
+        _ => None,
+    }
 }
 
 /// The batch body for the sidecar.
@@ -733,7 +764,8 @@ mod tests {
 
     #[test]
     fn the_chunk_scan_agrees_with_the_parse() {
-        let chunks: [&str; 7] = [
+        let chunks: [&str; 8] = [
+            r#"{"choices":[{"index":0,"delta":{"content":"\ud83d\uDE00!\n"},"finish_reason":null}]}"#,
             r#"{"choices":[{"index":0,"delta":{"content":"h\u00e9llo \"x\" ü"},"finish_reason":null}]}"#,
             r#"{"choices":[{"index":0,"delta":{"content": null},"finish_reason":"stop"}]}"#,
             r#"{"choices":[{"index":0,"delta":{},"finish_reason":null}]}"#,
@@ -743,24 +775,21 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[]}}]}"#,
         ];
         for c in chunks {
-            let parsed: Completion = serde_json::from_str(c).unwrap();
+            let v: Value = serde_json::from_str(c).unwrap();
+            let parsed = Completion::read(&v).unwrap();
             let chars: usize = parsed
                 .choices
                 .iter()
-                .flatten()
-                .map(|ch| content_chars(&ch.delta))
+                .map(|ch| content_chars(ch.delta))
                 .sum();
-            let finished = parsed
-                .choices
-                .iter()
-                .flatten()
-                .any(|ch| ch.finish_reason.is_some());
+            let finished = parsed.choices.iter().any(|ch| ch.finished);
             if let Some(scanned) = scan_chunk(c.as_bytes()) {
                 assert_eq!(scanned, (chars, finished), "{c}");
             }
         }
-        assert!(scan_chunk(chunks[4].as_bytes()).is_none());
+        assert_eq!(scan_chunk(chunks[0].as_bytes()), Some((3, false)));
         assert!(scan_chunk(chunks[5].as_bytes()).is_none());
+        assert!(scan_chunk(chunks[6].as_bytes()).is_none());
         assert!(scan_chunk(b"not json").is_none());
     }
 

@@ -152,10 +152,9 @@ pub(crate) fn json_bytes(v: &Value) -> Vec<u8> {
     out
 }
 
-/// Parses JSON into a `Value` (one instantiation of the deserializer for the whole module).
-#[inline(never)]
-pub(crate) fn parse_json(b: &[u8]) -> Result<Value, serde_json::Error> {
-    serde_json::from_slice::<Value>(b)
+/// Parses JSON into a `Value` (the filter's own reader, `crate::json`).
+pub(crate) fn parse_json(b: &[u8]) -> Result<Value, crate::json::Error> {
+    crate::json::parse(b)
 }
 
 pub(crate) fn bad_upstream(reason: impl Into<String>) -> GatewayError {
