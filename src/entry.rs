@@ -45,9 +45,18 @@ pub fn is_anthropic(path: &str) -> bool {
     under(path, ANTHROPIC_PREFIX).is_some()
 }
 
+/// `path` up to its query or fragment (a byte scan: `split(['?', '#'])` steps through chars).
+fn without_query(path: &str) -> &str {
+    let end = path
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(path.len());
+    path.get(..end).unwrap_or(path)
+}
+
 /// The rest of `path` (without query) under `prefix` and an optional `/v1`, without trailing `/`.
 fn under<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let path = without_query(path);
     let rest = path.strip_prefix(prefix)?;
     if !(rest.is_empty() || rest.starts_with('/')) {
         return None;
@@ -66,11 +75,7 @@ fn classify_anthropic(method: &str, path: &str) -> Option<Result<Endpoint, Gatew
         "/messages/count_tokens" => Endpoint::AnthropicCountTokens,
         _ => {
             return Some(Err(GatewayError::UnknownEndpoint {
-                path: path
-                    .split(['?', '#'])
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
+                path: without_query(path).to_string(),
             }))
         }
     };
@@ -97,7 +102,7 @@ pub fn classify_with(
     if let Some(r) = classify_anthropic(method, full_path) {
         return Some(r);
     }
-    let path = full_path.split(['?', '#']).next().unwrap_or_default();
+    let path = without_query(full_path);
     let rest = under(path, PREFIX)?;
     let (endpoint, allow) = match rest {
         "/chat/completions" => (Endpoint::ChatCompletions, "POST"),
