@@ -35,36 +35,50 @@ impl std::fmt::Display for Error {
 
 /// Parses a whole document (only whitespace may follow the value).
 pub fn parse(b: &[u8]) -> Result<Value, Error> {
-    let mut p = Parser::new(b, true, &[]);
+    let mut p = Parser::new(b, true, &[], &mut []);
     let v = p.value(0)?;
     p.end()?;
     Ok(v)
 }
 
-/// Checks that `b` is one JSON document, building nothing.
+/// Byte spans (start, end) of the values of wanted keys, `None` for a key not there.
+pub type Spans<const N: usize> = [Option<(usize, usize)>; N];
+
+/// Checks that `b` is one JSON document, building nothing. What `serde_json` accepts when it skips a
+/// value (`IgnoredAny`): strings are not decoded (invalid UTF-8 and lone surrogates in `\u` escapes
+/// pass), numbers are checked for their syntax only (`1e999` passes); but nesting is still limited.
 pub fn validate(b: &[u8]) -> Result<(), Error> {
     validate_top(b, []).map(|_| ())
 }
 
 /// [`validate`], and in the same pass the byte spans of the values of the top-level `keys` (when the
 /// document is an object). A key present twice is refused (`duplicate field`).
-pub fn validate_top<const N: usize>(
-    b: &[u8],
-    keys: [&'static str; N],
-) -> Result<[Option<(usize, usize)>; N], Error> {
-    let mut p = Parser::new(b, false, &keys);
-    p.value(0)?;
-    p.end()?;
-    let mut out = [None; N];
-    for (slot, span) in out.iter_mut().zip(p.spans) {
-        *slot = span;
-    }
-    Ok(out)
+pub fn validate_top<const N: usize>(b: &[u8], keys: [&'static str; N]) -> Result<Spans<N>, Error> {
+    top(b, &keys, true).map(|(spans, _)| spans)
 }
 
-/// Parses the value at the start of `b`; whatever follows it is ignored.
-pub fn parse_prefix(b: &[u8]) -> Result<Value, Error> {
-    Parser::new(b, true, &[]).value(0)
+/// [`validate_top`] of the value at the start of `b` (whatever follows it is ignored), and where it
+/// ends.
+pub fn prefix_top<const N: usize>(
+    b: &[u8],
+    keys: [&'static str; N],
+) -> Result<(Spans<N>, usize), Error> {
+    top(b, &keys, false)
+}
+
+fn top<const N: usize>(
+    b: &[u8],
+    keys: &[&'static str; N],
+    whole: bool,
+) -> Result<(Spans<N>, usize), Error> {
+    let mut spans = [None; N];
+    let mut p = Parser::new(b, false, keys, &mut spans);
+    p.value(0)?;
+    if whole {
+        p.end()?;
+    }
+    let end = p.i;
+    Ok((spans, end))
 }
 
 struct Parser<'a> {
@@ -72,9 +86,10 @@ struct Parser<'a> {
     i: usize,
     /// Build values (`false`: validate only, every value reads as `null`).
     build: bool,
-    /// Top-level keys whose value spans are wanted, and the spans found.
+    /// Top-level keys whose value spans are wanted, and the spans found (the caller's array: no
+    /// allocation).
     keys: &'a [&'static str],
-    spans: Vec<Option<(usize, usize)>>,
+    spans: &'a mut [Option<(usize, usize)>],
 }
 
 /// Bytes of `s` before its first `"`, `\` or control character; eight bytes at a time while none is
@@ -109,13 +124,18 @@ fn overflows(a: u64, d: u64, max: u64) -> bool {
 }
 
 impl<'a> Parser<'a> {
-    fn new(b: &'a [u8], build: bool, keys: &'a [&'static str]) -> Self {
+    fn new(
+        b: &'a [u8],
+        build: bool,
+        keys: &'a [&'static str],
+        spans: &'a mut [Option<(usize, usize)>],
+    ) -> Self {
         Parser {
             b,
             i: 0,
             build,
             keys,
-            spans: vec![None; keys.len()],
+            spans,
         }
     }
 
@@ -389,6 +409,10 @@ impl<'a> Parser<'a> {
             b't' => '\t',
             b'u' => {
                 let hi = self.hex4()?;
+                if !self.build {
+                    // Skipped as `serde_json` skips it: four hex digits, whatever they encode.
+                    return Ok('u');
+                }
                 let code = match hi {
                     0xDC00..=0xDFFF => return Err(self.err("lone leading surrogate in hex escape")),
                     0xD800..=0xDBFF => {
@@ -535,7 +559,7 @@ impl<'a> Parser<'a> {
                 self.i += 1;
                 if overflows(exp as u64, d, i32::MAX as u64) {
                     // Infinite exponent: zero, or out of range.
-                    if significand != 0 && positive_exp {
+                    if significand != 0 && positive_exp && self.build {
                         return Err(self.err("number out of range"));
                     }
                     while self.digit().is_some() {
@@ -551,6 +575,10 @@ impl<'a> Parser<'a> {
             } else {
                 exponent.saturating_sub(exp)
             };
+        }
+        if !self.build {
+            // Validating: the syntax only (`serde_json` skips a number without its value).
+            return Ok(Value::Null);
         }
         let mut f = significand as f64;
         loop {
@@ -629,7 +657,8 @@ static POW10: [f64; 309] = [
 mod tests {
     use super::*;
 
-    /// Both parsers accept `doc` with the same value (numbers to the bit), or both refuse it.
+    /// Both parsers accept `doc` with the same value (numbers to the bit), or both refuse it; and
+    /// [`validate`] accepts what `serde_json` accepts when it skips a value.
     fn same(doc: &str) {
         let ours = parse(doc.as_bytes());
         let theirs = serde_json::from_str::<Value>(doc);
@@ -637,11 +666,12 @@ mod tests {
             (Ok(a), Ok(b)) => {
                 assert_eq!(a, b, "{doc}");
                 assert_eq!(a.to_string(), b.to_string(), "{doc}");
-                assert!(validate(doc.as_bytes()).is_ok());
             }
-            (Err(_), Err(_)) => assert!(validate(doc.as_bytes()).is_err(), "{doc}"),
+            (Err(_), Err(_)) => {}
             _ => panic!("{doc}: ours {ours:?}, serde_json {theirs:?}"),
         }
+        let skipped = serde_json::from_str::<serde::de::IgnoredAny>(doc).is_ok();
+        assert_eq!(validate(doc.as_bytes()).is_ok(), skipped, "{doc}");
     }
 
     #[test]
@@ -704,7 +734,10 @@ mod tests {
             same(d);
         }
         same(&format!("{}{}", "[".repeat(127), "]".repeat(127)));
-        same(&format!("{}{}", "[".repeat(128), "]".repeat(128)));
+        // Nesting is limited when validating too (serde_json does not limit a skipped value's).
+        let deep = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(parse(deep.as_bytes()).is_err() && serde_json::from_str::<Value>(&deep).is_err());
+        assert!(validate(deep.as_bytes()).is_err());
         // Invalid UTF-8 in a string (only validating: not decoded, as serde_json skips it).
         assert!(validate(b"\"\xff\"").is_ok());
         assert!(
@@ -775,6 +808,36 @@ mod tests {
     }
 
     #[test]
+    fn validating_skips_values_as_serde_json_does() {
+        // Out-of-range numbers and lone surrogates: refused by a parse, accepted by a skip.
+        for doc in [
+            "1e400",
+            "-1e99999999999",
+            r#""\ud800""#,
+            r#""\udc00\u0041""#,
+            r#"{"a":[1e309]}"#,
+        ] {
+            assert!(parse(doc.as_bytes()).is_err(), "{doc}");
+            assert!(
+                serde_json::from_str::<serde::de::IgnoredAny>(doc).is_ok(),
+                "{doc}"
+            );
+            assert!(validate(doc.as_bytes()).is_ok(), "{doc}");
+        }
+        // But the syntax of both is checked.
+        for doc in ["1e", "1.", r#""\u12x4""#, r#""\q""#] {
+            assert!(validate(doc.as_bytes()).is_err(), "{doc}");
+        }
+    }
+
+    #[test]
+    fn prefix_spans_and_end() {
+        let (spans, end) = prefix_top(br#" {"a":1, "b":[2]} ,"c":3}"#, ["b", "c"]).unwrap();
+        assert_eq!((spans, end), ([Some((13, 16)), None], 17));
+        assert!(prefix_top(br#"{"a":"#, ["a"]).is_err());
+    }
+
+    #[test]
     fn top_level_spans_in_the_validating_pass() {
         let doc = br#" {"model" : "m", "x":{"model":1}, "mod\u0065l2":[1, 2] ,"stream":true}"#;
         let [m, m2, s, none] = validate_top(doc, ["model", "model2", "stream", "none"]).unwrap();
@@ -810,14 +873,5 @@ mod tests {
             9
         );
         assert_eq!(plain_len(b""), 0);
-    }
-
-    #[test]
-    fn prefix_ignores_what_follows() {
-        assert_eq!(
-            parse_prefix(br#" {"a":1} ,"b":2}"#).unwrap(),
-            serde_json::json!({"a": 1})
-        );
-        assert!(parse(br#"{"a":1} ,"#).is_err());
     }
 }

@@ -40,6 +40,51 @@ fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
+/// [`usage_of`] from the text of a `usage` value at the start of `b` (whatever follows it is
+/// ignored), without building it: its fields are found in one validating pass and only their values
+/// are parsed (numbers: nothing allocated). `None` also for a duplicate field (the caller then reads
+/// the whole document with [`usage_of`]).
+fn usage_of_text(b: &[u8]) -> Option<Usage> {
+    if b.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let ([prompt, completion, details], _) = crate::json::prefix_top(
+        b,
+        [
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_tokens_details",
+        ],
+    )
+    .ok()?;
+    let value = |b: &[u8], span: Option<(usize, usize)>| {
+        span.map(|(s, e)| crate::json::parse(b.get(s..e).unwrap_or_default()))
+    };
+    let count = |span| match value(b, span) {
+        None => Some(0),
+        Some(v) => v.ok()?.as_u64(),
+    };
+    let cached_tokens = match details.and_then(|(s, e)| b.get(s..e)) {
+        None | Some(b"null") => 0,
+        Some(d) if d.first() == Some(&b'{') => {
+            let ([cached], _) = crate::json::prefix_top(d, ["cached_tokens"]).ok()?;
+            match value(d, cached) {
+                None => 0,
+                Some(v) => match v.ok()? {
+                    Value::Null => 0,
+                    n => n.as_u64()?,
+                },
+            }
+        }
+        Some(_) => return None,
+    };
+    Some(Usage {
+        prompt_tokens: count(prompt)?,
+        completion_tokens: count(completion)?,
+        cached_tokens,
+    })
+}
+
 /// One choice of a completion or chunk: the `content` of its `message` and `delta`, whether it has a
 /// `finish_reason`.
 struct Choice<'a> {
@@ -151,7 +196,7 @@ fn usage_from_tail(body: &[u8]) -> Option<ResponseFacts> {
         return None;
     }
     let at = rfind(body, USAGE)?;
-    let usage = usage_of(&crate::json::parse_prefix(body.get(at + USAGE.len()..)?).ok()?)?;
+    let usage = usage_of_text(body.get(at + USAGE.len()..)?)?;
     const MODEL: &[u8] = b"\"model\":";
     let model = find(body, MODEL, 0).and_then(|m| {
         let mut v = m + MODEL.len();
@@ -647,6 +692,41 @@ mod tests {
         }
         s.push_str("data: [DONE]\n\n");
         s.into_bytes()
+    }
+
+    #[test]
+    fn usage_text_reads_as_the_parsed_value() {
+        for doc in [
+            r#"{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}"#,
+            r#" {"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":7,"x":[1]}} ,"y":1}"#,
+            r#"{"prompt_tokens_details":null,"completion_tokens":0}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":null}}"#,
+            r#"{}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":1.5}"#,
+            r#"{"prompt_tokens":null}"#,
+            r#"{"prompt_tokens":"3"}"#,
+            r#"{"prompt_tokens":1e400}"#,
+            r#"{"prompt_tokens_details":[]}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":"1"}}"#,
+            r#"[1]"#,
+            r#"null"#,
+            r#"{"prompt_tokens":1"#,
+        ] {
+            let by_value = serde_json::Deserializer::from_str(doc)
+                .into_iter::<Value>()
+                .next()
+                .and_then(Result::ok)
+                .and_then(|v| usage_of(&v));
+            assert_eq!(usage_of_text(doc.as_bytes()), by_value, "{doc}");
+        }
+        // A duplicate field: not read from the text (the whole document is then parsed).
+        assert_eq!(
+            usage_of_text(br#"{"prompt_tokens":1,"prompt_tokens":2}"#),
+            None
+        );
+        let body = br#"{"model":"m","choices":[],"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#;
+        assert_eq!(from_json_response(body).usage.unwrap().prompt_tokens, 2);
     }
 
     #[test]
