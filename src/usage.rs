@@ -106,10 +106,50 @@ fn present<'a>(o: &'a serde_json::Map<String, Value>, k: &str) -> Option<&'a Val
     o.get(k).filter(|v| !v.is_null())
 }
 
+/// `null`: `None`.
+fn non_null(v: &Value) -> Option<&Value> {
+    Some(v).filter(|v| !v.is_null())
+}
+
+/// The top-level `model`, `choices` and usage of a document's text, reading only those values (one
+/// validating pass finds them; `model` and `choices` are parsed, `usage` read from its span).
+/// Absent fields read as `null`. `None`: the text is to be read whole instead ([`Completion::read`]
+/// decides): not an object, invalid, a duplicate field, a value a parse refuses, a `usage` of the
+/// wrong type.
+fn fields_of_text(b: &[u8]) -> Option<(Value, Value, Option<Usage>)> {
+    if b.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let [model, choices, usage] =
+        crate::json::validate_top(b, ["model", "choices", "usage"]).ok()?;
+    let value = |span: Option<(usize, usize)>| match span {
+        None => Some(Value::Null),
+        Some((s, e)) => crate::json::parse(b.get(s..e)?).ok(),
+    };
+    let usage = match usage.and_then(|(s, e)| b.get(s..e)) {
+        None | Some(b"null") => None,
+        Some(u) => Some(usage_of_text(u)?),
+    };
+    Some((value(model)?, value(choices)?, usage))
+}
+
 impl<'a> Completion<'a> {
     fn read(v: &'a Value) -> Option<Completion<'a>> {
         let o = v.as_object()?;
-        let model = match present(o, "model") {
+        let usage = match present(o, "usage") {
+            None => None,
+            Some(u) => Some(usage_of(u)?),
+        };
+        Self::of(present(o, "model"), present(o, "choices"), usage)
+    }
+
+    /// From the values of `model` and `choices` (`null` or absent: `None`) and the usage read.
+    fn of(
+        model: Option<&Value>,
+        list: Option<&'a Value>,
+        usage: Option<Usage>,
+    ) -> Option<Completion<'a>> {
+        let model = match model {
             None => None,
             Some(m) => Some(m.as_str()?.to_string()),
         };
@@ -121,7 +161,7 @@ impl<'a> Completion<'a> {
             }
         };
         let mut choices = Vec::new();
-        if let Some(list) = present(o, "choices") {
+        if let Some(list) = list {
             for c in list.as_array()? {
                 let finished = match present(c.as_object()?, "finish_reason") {
                     None => false,
@@ -135,10 +175,6 @@ impl<'a> Completion<'a> {
                 });
             }
         }
-        let usage = match present(o, "usage") {
-            None => None,
-            Some(u) => Some(usage_of(u)?),
-        };
         Some(Completion {
             model,
             choices,
@@ -356,10 +392,22 @@ impl StreamTap {
                 return false;
             }
         }
-        let Ok(v) = crate::translate::parse_json(data.as_bytes()) else {
-            return false;
+        // Only `model`, `choices` and `usage` are built (the whole event only in odd cases).
+        let (model, choices);
+        let read = match fields_of_text(data.as_bytes()) {
+            Some((m, list, usage)) => {
+                (model, choices) = (m, list);
+                Completion::of(non_null(&model), non_null(&choices), usage)
+            }
+            None => {
+                let Ok(v) = crate::translate::parse_json(data.as_bytes()) else {
+                    return false;
+                };
+                choices = v;
+                Completion::read(&choices)
+            }
         };
-        let Some(c) = Completion::read(&v) else {
+        let Some(c) = read else {
             return false;
         };
         if self.model.is_none() {
@@ -692,6 +740,48 @@ mod tests {
         }
         s.push_str("data: [DONE]\n\n");
         s.into_bytes()
+    }
+
+    #[test]
+    fn event_fields_read_as_the_parsed_event() {
+        let facts = |c: Completion| {
+            let choices: Vec<_> = c
+                .choices
+                .iter()
+                .map(|ch| (ch.message.cloned(), ch.delta.cloned(), ch.finished))
+                .collect();
+            (c.model, choices, c.usage)
+        };
+        let mut read_fast = 0;
+        for doc in [
+            r#"{"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hé"},"finish_reason":null}]}"#,
+            r#"{"model":null,"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            r#" {"choices":[{"delta":{"content":[{"type":"text"}]},"finish_reason":"stop"}],"usage":null} "#,
+            r#"{"choices":null,"model":"m\u00e9"}"#,
+            r#"{"model":1,"choices":[]}"#,
+            r#"{"model":"m","choices":{}}"#,
+            r#"{"model":"m","choices":[{"delta":1}]}"#,
+            r#"{"model":"m","choices":[{"finish_reason":1}]}"#,
+            r#"{"model":"m","usage":{"prompt_tokens":"1"}}"#,
+            r#"{"model":"m","usage":[]}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2},"choices":[]}"#,
+            r#"[]"#,
+            r#"{"model":"m""#,
+        ] {
+            let whole = serde_json::from_str::<Value>(doc).ok();
+            let by_value = whole.as_ref().and_then(Completion::read).map(facts);
+            let Some((model, list, usage)) = fields_of_text(doc.as_bytes()) else {
+                continue;
+            };
+            read_fast += 1;
+            let by_text = Completion::of(non_null(&model), non_null(&list), usage).map(facts);
+            assert_eq!(by_text, by_value, "{doc}");
+        }
+        assert_eq!(read_fast, 8);
+        // A value only a parse refuses, in a field not read: the event is still read.
+        let (model, ..) = fields_of_text(br#"{"model":"m","created":1e999}"#).unwrap();
+        assert_eq!(model, "m");
     }
 
     #[test]
