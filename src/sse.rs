@@ -1,6 +1,27 @@
 //! Server-sent events, parsed incrementally: bytes may be split at any boundary (inside a line, inside
 //! a UTF-8 sequence, between `\r` and `\n`); events come out exactly as if the stream arrived whole.
 
+/// Position of the first `a` or `b` in `hay`, eight bytes at a time while there is none (the filter
+/// is built for size, so a byte-by-byte `position` is a call per byte).
+pub(crate) fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Nonzero when a byte of `v` is zero (exact for the lowest such byte, which is all that counts:
+    // the chunk is then scanned byte by byte).
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let (pa, pb) = (ONES * u64::from(a), ONES * u64::from(b));
+    let mut i = 0;
+    for chunk in hay.chunks_exact(8) {
+        let v = <[u8; 8]>::try_from(chunk).map_or(0, u64::from_le_bytes);
+        if zero(v ^ pa) | zero(v ^ pb) != 0 {
+            break;
+        }
+        i += 8;
+    }
+    let tail = hay.get(i..)?;
+    Some(i + tail.iter().position(|&c| c == a || c == b)?)
+}
+
 /// One event: the `event:` field (if any) and the `data:` lines joined with `\n`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
@@ -77,7 +98,7 @@ impl SseParser {
                     continue;
                 }
             }
-            let brk = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+            let brk = find2(rest, b'\n', b'\r');
             let run = match brk {
                 Some(i) => rest.get(..i).unwrap_or_default(),
                 None => rest,
@@ -140,8 +161,12 @@ impl SseParser {
             self.line.clear();
             return; // comment
         }
-        // The line buffer keeps its capacity from line to line; valid UTF-8 is not copied here.
-        let text = String::from_utf8_lossy(&self.line);
+        // The line buffer keeps its capacity from line to line; valid UTF-8 is not copied here (and
+        // checked by `from_utf8`, much cheaper than the lossy decoder, which only handles the rest).
+        let text = match std::str::from_utf8(&self.line) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(&self.line),
+        };
         let (field, value) = match text.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
             None => (text.as_ref(), ""),
@@ -185,6 +210,27 @@ mod tests {
         let mut v = p.push(STREAM);
         v.extend(p.finish());
         v
+    }
+
+    #[test]
+    fn find2_finds_the_first_of_two_bytes() {
+        for len in 0..40 {
+            for at in 0..len {
+                for other in [None, Some(at + 1), Some(at + 9)] {
+                    let mut s = vec![b'x'; len];
+                    s[at] = b'\r';
+                    if let Some(o) = other.filter(|&o| o < len) {
+                        s[o] = b'\n';
+                    }
+                    assert_eq!(find2(&s, b'\n', b'\r'), Some(at));
+                    assert_eq!(find2(&s, b'\r', b'\r'), Some(at));
+                }
+            }
+            assert_eq!(find2(&vec![0x80; len], b'\n', 0), None);
+        }
+        // A byte just above a match does not hide it, nor does one below it make a false one.
+        assert_eq!(find2(b"\x01\x00abcdefgh", 0, 0), Some(1));
+        assert_eq!(find2(b"abcdefg\x01\x02ij", 0, 1), Some(7));
     }
 
     #[test]

@@ -453,7 +453,7 @@ pub(crate) fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     };
     let mut i = from + 1;
     loop {
-        let at = i + hay.get(i..)?.iter().position(|&b| b == anchor)?;
+        let at = i + crate::sse::find2(hay.get(i..)?, anchor, anchor)?;
         let start = at - 1;
         if hay.get(start) == Some(&first) && hay.get(at..).is_some_and(|h| h.starts_with(rest)) {
             return Some(start);
@@ -560,7 +560,7 @@ fn event_end(b: &[u8], from: usize) -> Option<usize> {
     let mut line_empty = true;
     loop {
         // Jump to the next line break (one scan), instead of stepping byte by byte.
-        let p = b.get(i..)?.iter().position(|&c| c == b'\n' || c == b'\r')?;
+        let p = crate::sse::find2(b.get(i..)?, b'\n', b'\r')?;
         if p > 0 {
             line_empty = false;
         }
