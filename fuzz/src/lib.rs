@@ -8,8 +8,8 @@ mod lifecycle;
 pub use lifecycle::lifecycle;
 
 use llm_gateway::{
-    auth, body, config, destination, entry, fallback, gateway, hostapi, metrics, pbstruct, resolve,
-    sse, translate, usage,
+    auth, body, config, destination, entry, fallback, gateway, hostapi, json, metrics, pbstruct,
+    resolve, sse, translate, usage,
 };
 
 /// Splits `data` into a chunking seed (first byte) and the payload, and cuts the payload into
@@ -277,6 +277,66 @@ pub fn header_pairs(data: &[u8]) {
     }
 }
 
+/// The filter's own JSON parser (`llm_gateway::json`) against `serde_json`, differentially:
+/// `parse` accepts exactly what `serde_json::from_slice::<Value>` accepts, with an equal value (numbers
+/// as `serde_json` makes them, and the same text when re-serialized);
+/// `validate` accepts what `serde_json` accepts when it skips a value (`IgnoredAny`), except deeper
+/// nesting than the limit (refused: `serde_json` does not limit a skipped value); the spans
+/// `validate_top` and `prefix_top` find hold the value `serde_json` gives those fields.
+pub fn json(data: &[u8]) {
+    use serde_json::Value;
+    let ours = json::parse(data);
+    let theirs = serde_json::from_slice::<Value>(data);
+    match (&ours, &theirs) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a, b, "json::parse and serde_json disagree on the value");
+            assert_eq!(a.to_string(), b.to_string(), "values serialize differently");
+        }
+        // (Error texts are not compared: where escapes and code points go wrong, the positions and
+        // kinds `serde_json` reports differ in details.)
+        (Err(_), Err(_)) => {}
+        _ => panic!("json::parse gave {ours:?}, serde_json {theirs:?}"),
+    }
+    let skipped = serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok();
+    match json::validate(data) {
+        Ok(()) => assert!(skipped, "json::validate accepted what serde_json refuses"),
+        Err(e) => assert!(
+            !skipped || e.to_string().starts_with("recursion limit exceeded"),
+            "json::validate refused what serde_json accepts: {e}"
+        ),
+    }
+    const KEYS: [&str; 4] = ["model", "stream", "usage", "a"];
+    let text = |b: &[u8], span: Option<(usize, usize)>| {
+        span.map(|(s, e)| json::parse(b.get(s..e).unwrap_or_default()))
+    };
+    if let (Ok(spans), Ok(Value::Object(doc))) = (json::validate_top(data, KEYS), &theirs) {
+        for (key, span) in KEYS.iter().zip(spans) {
+            assert_eq!(
+                text(data, span).map(|v| v.ok()),
+                doc.get(*key).map(|v| Some(v.clone())),
+                "the span of `{key}`"
+            );
+        }
+    }
+    if let Ok((spans, end)) = json::prefix_top(data, KEYS) {
+        let head = data.get(..end).unwrap_or_default();
+        assert_eq!(
+            json::validate_top(head, KEYS),
+            Ok(spans),
+            "prefix_top's end"
+        );
+        if let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(head) {
+            for (key, span) in KEYS.iter().zip(spans) {
+                assert_eq!(
+                    text(head, span).map(|v| v.ok()),
+                    doc.get(*key).map(|v| Some(v.clone())),
+                    "the prefix span of `{key}`"
+                );
+            }
+        }
+    }
+}
+
 /// A fuzz target: bytes in, a panic on failure.
 pub type Target = fn(&[u8]);
 
@@ -294,4 +354,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("destination", destination),
     ("header_pairs", header_pairs),
     ("lifecycle", lifecycle),
+    ("json", json),
 ];
