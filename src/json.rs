@@ -233,6 +233,10 @@ impl<'a> Parser<'a> {
     fn array(&mut self, depth: usize) -> Result<Value, Error> {
         let mut items = Vec::new();
         self.skip_ws();
+        if self.peek().is_none() && self.build {
+            // (Skipping a value, `serde_json` says "EOF while parsing a value" here, as `value` does.)
+            return Err(self.err("EOF while parsing a list"));
+        }
         if self.peek() == Some(b']') {
             self.i += 1;
             return Ok(if self.build {
@@ -795,6 +799,8 @@ mod tests {
                 "EOF while parsing a value at line 1 column 9",
             ),
             ("[1,2", "EOF while parsing a list at line 1 column 4"),
+            ("{\"a\":[ ", "EOF while parsing a list at line 1 column 7"),
+            ("[1,", "EOF while parsing a value at line 1 column 3"),
             ("{\"a\":1 x", "expected `,` or `}` at line 1 column 8"),
             ("{\"a\":1}\n x", "trailing characters at line 2 column 2"),
             ("[1,]", "trailing comma at line 1 column 4"),
