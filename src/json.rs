@@ -326,8 +326,10 @@ impl<'a> Parser<'a> {
                 Some(b',') => {
                     self.i += 1;
                     self.skip_ws();
-                    if self.peek() == Some(b'}') {
-                        return Err(self.err_next("trailing comma"));
+                    match self.peek() {
+                        Some(b'}') => return Err(self.err_next("trailing comma")),
+                        None => return Err(self.err("EOF while parsing a value")),
+                        Some(_) => {}
                     }
                 }
                 Some(b'}') => {
@@ -359,6 +361,10 @@ impl<'a> Parser<'a> {
     /// A string, after its opening quote (empty when not building).
     fn string(&mut self) -> Result<String, Error> {
         let mut out = String::new();
+        // Invalid UTF-8 is reported at the closing quote, as `serde_json` checks a string whole: the
+        // decoded bytes before the first invalid one, and (from there) all the decoded bytes.
+        let mut bad: Option<usize> = None;
+        let mut len = 0;
         loop {
             let start = self.i;
             let rest = self.b.get(start..).unwrap_or_default();
@@ -366,24 +372,33 @@ impl<'a> Parser<'a> {
             self.i += n;
             // Validating only, strings are not decoded (as `serde_json` skips them).
             if self.build {
-                match std::str::from_utf8(rest.get(..n).unwrap_or_default()) {
-                    Ok(s) => out.push_str(s),
-                    Err(e) => {
-                        self.i = start + e.valid_up_to();
-                        return Err(self.err_next("invalid unicode code point"));
+                match (bad, std::str::from_utf8(rest.get(..n).unwrap_or_default())) {
+                    (None, Ok(s)) => out.push_str(s),
+                    (None, Err(e)) => {
+                        bad = Some(out.len() + e.valid_up_to());
+                        len = out.len() + n;
                     }
+                    (Some(_), _) => len += n,
                 }
             }
             match self.peek() {
                 Some(b'"') => {
                     self.i += 1;
+                    if let Some(valid) = bad {
+                        // `serde_json`'s column: back from the quote by the bytes from the bad one.
+                        let mut e = self.err("invalid unicode code point");
+                        e.column = e.column.saturating_sub(len - valid);
+                        return Err(e);
+                    }
                     return Ok(out);
                 }
                 Some(b'\\') => {
                     self.i += 1;
                     let c = self.escape()?;
-                    if self.build {
-                        out.push(c);
+                    match bad {
+                        _ if !self.build => {}
+                        None => out.push(c),
+                        Some(_) => len += c.len_utf8(),
                     }
                 }
                 Some(_) => {
@@ -420,10 +435,15 @@ impl<'a> Parser<'a> {
                 let code = match hi {
                     0xDC00..=0xDFFF => return Err(self.err("lone leading surrogate in hex escape")),
                     0xD800..=0xDBFF => {
-                        if self.b.get(self.i..self.i + 2) != Some(b"\\u") {
-                            return Err(self.err("unexpected end of hex escape"));
+                        for want in [b'\\', b'u'] {
+                            match self.peek() {
+                                Some(c) if c == want => self.i += 1,
+                                Some(_) => {
+                                    return Err(self.err_next("unexpected end of hex escape"))
+                                }
+                                None => return Err(self.err("EOF while parsing a string")),
+                            }
                         }
-                        self.i += 2;
                         let lo = self.hex4()?;
                         if !(0xDC00..=0xDFFF).contains(&lo) {
                             return Err(self.err("lone leading surrogate in hex escape"));
@@ -438,19 +458,21 @@ impl<'a> Parser<'a> {
         })
     }
 
+    /// Four hex digits; as `serde_json` reads them: all four, then the error (at their end).
     fn hex4(&mut self) -> Result<u32, Error> {
+        let Some(digits) = self.b.get(self.i..self.i + 4) else {
+            self.i = self.b.len();
+            return Err(self.err("EOF while parsing a string"));
+        };
+        self.i += 4;
         let mut n = 0;
-        for _ in 0..4 {
-            let Some(c) = self.peek() else {
-                return Err(self.err("EOF while parsing a string"));
-            };
+        for &c in digits {
             let d = match c {
                 b'0'..=b'9' => c - b'0',
                 b'a'..=b'f' => c - b'a' + 10,
                 b'A'..=b'F' => c - b'A' + 10,
-                _ => return Err(self.err_next("invalid escape")),
+                _ => return Err(self.err("invalid escape")),
             };
-            self.i += 1;
             n = n * 16 + u32::from(d);
         }
         Ok(n)
@@ -801,6 +823,14 @@ mod tests {
             ("[1,2", "EOF while parsing a list at line 1 column 4"),
             ("{\"a\":[ ", "EOF while parsing a list at line 1 column 7"),
             ("[1,", "EOF while parsing a value at line 1 column 3"),
+            ("{\"a\":1, ", "EOF while parsing a value at line 1 column 8"),
+            ("{ ", "EOF while parsing an object at line 1 column 2"),
+            (
+                "\"a\\ud800x\"",
+                "unexpected end of hex escape at line 1 column 9",
+            ),
+            ("\"\\u12", "EOF while parsing a string at line 1 column 5"),
+            ("\"\\u1x3z\"", "invalid escape at line 1 column 7"),
             ("{\"a\":1 x", "expected `,` or `}` at line 1 column 8"),
             ("{\"a\":1}\n x", "trailing characters at line 2 column 2"),
             ("[1,]", "trailing comma at line 1 column 4"),
