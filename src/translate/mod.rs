@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 /// A small `json!`: values convert with `Value::from` (no `Serialize` monomorphizations, which keeps
 /// the wasm small). Non-trivial value expressions must be parenthesized.
 macro_rules! j {
-    (@obj [$($done:tt)*]) => { $crate::translate::obj(vec![$($done)*]) };
+    (@obj [$($done:tt)*]) => { $crate::translate::obj(&mut [$($done)*]) };
     (@obj [$($done:tt)*] $k:literal : null $(, $($rest:tt)*)?) => {
         j!(@obj [$($done)* ($k, serde_json::Value::Null),] $($($rest)*)?)
     };
@@ -32,11 +32,12 @@ macro_rules! j {
     ($e:expr) => { serde_json::Value::from($e) };
 }
 
-/// Builds a JSON object from key/value pairs.
-pub(crate) fn obj(pairs: Vec<(&str, Value)>) -> Value {
+/// Builds a JSON object from key/value pairs (taken out of the slice: one function for every
+/// object literal, no `Vec` per literal).
+pub(crate) fn obj(pairs: &mut [(&str, Value)]) -> Value {
     let mut m = Map::new();
     for (k, v) in pairs {
-        m.insert(k.to_string(), v);
+        m.insert(k.to_string(), std::mem::take(v));
     }
     Value::Object(m)
 }
