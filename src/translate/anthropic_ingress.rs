@@ -12,6 +12,7 @@
 //! - Every error an Anthropic client sees on this ingress is Anthropic-shaped
 //!   (`{"type":"error","error":{"type","message"}}`), which the Anthropic SDKs parse; see [`error_body`].
 
+use super::Put;
 use super::{
     excerpt, invalid, parse_json, parse_upstream, u64_at, unix_now, StreamTranslator, Usage,
 };
@@ -222,7 +223,7 @@ fn assistant_turn(out: &mut Vec<Value>, m: &Value, i: usize) -> Result<(), Gatew
     let mut msg = j!({"role": "assistant", "content": (if text.is_empty() && !calls.is_empty() { Value::Null } else { Value::from(text) })});
     if !calls.is_empty() {
         if let Some(o) = msg.as_object_mut() {
-            o.insert("tool_calls".into(), Value::Array(calls));
+            o.put("tool_calls", Value::Array(calls));
         }
     }
     out.push(msg);
@@ -241,7 +242,7 @@ fn chat_tools(tools: &Value) -> Result<Vec<Value>, GatewayError> {
             ("custom", Some(name), Some(schema)) => {
                 let mut f = j!({"name": name, "parameters": (schema.clone())});
                 if let (Some(d), Some(o)) = (str_of(t, "description"), f.as_object_mut()) {
-                    o.insert("description".into(), Value::from(d));
+                    o.put("description", Value::from(d));
                 }
                 out.push(j!({"type": "function", "function": f}));
             }
@@ -281,7 +282,7 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
     };
     let mut out = Map::new();
     if let Some(m) = req.get("model").filter(|m| m.is_string()) {
-        out.insert("model".into(), m.clone());
+        out.put("model", m.clone());
     }
     let mut messages = Vec::new();
     if let Some(s) = req.get("system") {
@@ -306,10 +307,10 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
             }
         }
     }
-    out.insert("messages".into(), Value::Array(messages));
+    out.put("messages", Value::Array(messages));
     match req.get("max_tokens") {
         Some(v) if v.as_u64().is_some_and(|n| n > 0) => {
-            out.insert("max_tokens".into(), v.clone());
+            out.put("max_tokens", v.clone());
         }
         None | Some(Value::Null) => {}
         Some(_) => return Err(invalid("'max_tokens' must be a positive integer")),
@@ -317,7 +318,7 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
     for key in ["temperature", "top_p"] {
         match req.get(key) {
             Some(v) if v.is_number() => {
-                out.insert(key.into(), v.clone());
+                out.put(key, v.clone());
             }
             None | Some(Value::Null) => {}
             Some(_) => return Err(invalid(format!("'{key}' must be a number"))),
@@ -325,20 +326,20 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
     }
     if let Some(Value::Array(stops)) = req.get("stop_sequences") {
         if !stops.is_empty() {
-            out.insert("stop".into(), Value::Array(stops.clone()));
+            out.put("stop", Value::Array(stops.clone()));
         }
     }
     if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {
         let tools = chat_tools(tools)?;
         if !tools.is_empty() {
-            out.insert("tools".into(), Value::Array(tools));
+            out.put("tools", Value::Array(tools));
             if let Some(tc) = req.get("tool_choice").filter(|t| !t.is_null()) {
                 let (choice, parallel_off) = chat_tool_choice(tc)?;
                 if let Some(c) = choice {
-                    out.insert("tool_choice".into(), c);
+                    out.put("tool_choice", c);
                 }
                 if parallel_off {
-                    out.insert("parallel_tool_calls".into(), Value::Bool(false));
+                    out.put("parallel_tool_calls", Value::Bool(false));
                 }
             }
         }
@@ -348,11 +349,11 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
         .and_then(|m| m.get("user_id"))
         .filter(|u| u.is_string())
     {
-        out.insert("user".into(), user.clone());
+        out.put("user", user.clone());
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        out.insert("stream".into(), Value::Bool(true));
-        out.insert("stream_options".into(), j!({"include_usage": true}));
+        out.put("stream", Value::Bool(true));
+        out.put("stream_options", j!({"include_usage": true}));
     }
     Ok(Value::Object(out).to_string().into_bytes())
 }

@@ -37,9 +37,22 @@ macro_rules! j {
 pub(crate) fn obj(pairs: &mut [(&str, Value)]) -> Value {
     let mut m = Map::new();
     for (k, v) in pairs {
-        m.insert(k.to_string(), std::mem::take(v));
+        m.put(k, std::mem::take(v));
     }
     Value::Object(m)
+}
+
+/// `Map::insert` under a borrowed key: one function for every call site instead of the key's
+/// allocation and the replaced value's drop inlined at each.
+pub(crate) trait Put {
+    fn put(&mut self, key: &str, value: Value);
+}
+
+impl Put for Map<String, Value> {
+    #[inline(never)]
+    fn put(&mut self, key: &str, value: Value) {
+        self.insert(key.to_string(), value);
+    }
 }
 
 pub mod anthropic;
@@ -539,7 +552,7 @@ pub(crate) fn message(text: Option<String>, tool_calls: Vec<Value>) -> Value {
     let mut m = j!({"role": "assistant", "content": text, "refusal": null});
     if !tool_calls.is_empty() {
         if let Some(o) = m.as_object_mut() {
-            o.insert("tool_calls".into(), Value::Array(tool_calls));
+            o.put("tool_calls", Value::Array(tool_calls));
         }
     }
     m
