@@ -290,7 +290,7 @@ impl GatewayError {
             ("param", Value::from(self.param())),
             ("code", Value::from(self.code())),
         ]);
-        obj(&mut [("error", error)]).to_string()
+        crate::translate::json_string(&obj(&mut [("error", error)]))
     }
 }
 

@@ -667,12 +667,10 @@ fn key_value(key_id: &str, org: &str, config: &str) -> Value {
 
 /// The allowance request body: `{"holder", "keys"}`.
 fn allowance_request(holder: &str, keys: Vec<Value>) -> Vec<u8> {
-    obj(&mut [
+    crate::translate::json_bytes(&obj(&mut [
         ("holder", Value::from(holder)),
         ("keys", Value::Array(keys)),
-    ])
-    .to_string()
-    .into_bytes()
+    ]))
 }
 
 #[cfg(test)]

@@ -213,8 +213,9 @@ impl<'a> Obj<'a> {
         match v.as_u64() {
             Some(n) if n <= max => Ok(n),
             _ if v.is_number() => Err(format!(
-                "{}invalid value: {v}, expected an integer from 0 to {max}",
-                prefix(&self.name_at(names))
+                "{}invalid value: {}, expected an integer from 0 to {max}",
+                prefix(&self.name_at(names)),
+                crate::translate::json_string(v)
             )),
             _ => Err(invalid(&self.name_at(names), v, "an integer")),
         }

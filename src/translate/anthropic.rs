@@ -327,10 +327,10 @@ pub fn response_at(
                 let input = block.get("input").cloned().unwrap_or_else(|| j!({}));
                 if name == JSON_TOOL {
                     has_text = true;
-                    text.push_str(&input.to_string());
+                    text.push_str(&super::json_string(&input));
                 } else {
                     let id = block.get("id").and_then(Value::as_str).unwrap_or("");
-                    calls.push(tool_call(id, name, input.to_string()));
+                    calls.push(tool_call(id, name, super::json_string(&input)));
                 }
             }
             _ => {} // thinking, redacted_thinking, server tools: not part of the OpenAI message

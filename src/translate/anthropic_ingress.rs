@@ -49,9 +49,7 @@ fn error_value(kind: &str, message: &str) -> Value {
 
 /// The Anthropic error body for a status and message.
 pub fn error_body(status: u32, message: &str) -> Vec<u8> {
-    error_value(error_type(status), message)
-        .to_string()
-        .into_bytes()
+    super::json_bytes(&error_value(error_type(status), message))
 }
 
 /// A gateway error as an Anthropic error body (same status, message and headers as the OpenAI form).
@@ -208,7 +206,7 @@ fn assistant_turn(out: &mut Vec<Value>, m: &Value, i: usize) -> Result<(), Gatew
                 calls.push(j!({
                     "id": (str_of(&b, "id").unwrap_or("")),
                     "type": "function",
-                    "function": {"name": (str_of(&b, "name").unwrap_or("")), "arguments": (input.to_string())},
+                    "function": {"name": (str_of(&b, "name").unwrap_or("")), "arguments": (super::json_string(&input))},
                 }));
             }
             // Reasoning of another provider cannot be replayed elsewhere.
@@ -355,7 +353,7 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
         out.put("stream", Value::Bool(true));
         out.put("stream_options", j!({"include_usage": true}));
     }
-    Ok(Value::Object(out).to_string().into_bytes())
+    Ok(super::json_bytes(&Value::Object(out)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,7 +453,7 @@ pub fn from_chat(body: &[u8], model: &str) -> Result<(Vec<u8>, Usage), GatewayEr
         "stop_sequence": null,
         "usage": (usage_value(&usage)),
     });
-    Ok((out.to_string().into_bytes(), usage))
+    Ok((super::json_bytes(&out), usage))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,7 +585,7 @@ fn event(out: &mut Vec<u8>, name: &str, v: &Value) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(v.to_string().as_bytes());
+    super::write_json(out, v);
     out.extend_from_slice(b"\n\n");
 }
 

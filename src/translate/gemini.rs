@@ -517,9 +517,7 @@ fn call_from(p: &Value, base: &str, n: u64) -> Option<(String, String, String)> 
         .to_string();
     let args = fc
         .get("args")
-        .cloned()
-        .unwrap_or_else(|| j!({}))
-        .to_string();
+        .map_or_else(|| "{}".to_string(), super::json_string);
     let sig = p.get("thoughtSignature").and_then(Value::as_str);
     let id = match fc
         .get("id")

@@ -159,6 +159,11 @@ pub(crate) fn write_json(out: &mut Vec<u8>, v: &Value) {
     let _ = serde_json::to_writer(&mut *out, v);
 }
 
+/// [`write_json`] as a `String`.
+pub(crate) fn json_string(v: &Value) -> String {
+    String::from_utf8(json_bytes(v)).unwrap_or_default()
+}
+
 /// [`write_json`] into a new buffer.
 pub(crate) fn json_bytes(v: &Value) -> Vec<u8> {
     let mut out = Vec::new();
