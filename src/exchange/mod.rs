@@ -37,6 +37,14 @@ use hashbrown::HashMap;
 use std::cell::RefCell;
 use std::rc::Rc;
 
+/// Logs `llm-gateway: <message>` at `level`, for every log line of the filter: one call site of the
+/// `log` machinery instead of one per line (the proxy-wasm logger writes only the message, so the
+/// lines need no target or location of their own).
+#[inline(never)]
+pub(crate) fn log_at(level: log::Level, message: std::fmt::Arguments<'_>) {
+    log::log!(level, "llm-gateway: {message}");
+}
+
 /// What Envoy should do with the request or response after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
