@@ -73,10 +73,12 @@ pub fn items<'a>(v: &'a Value, at: &str) -> Res<Vec<(&'a Value, String)>> {
 
 /// Reads every item of an array with `read`.
 pub fn list<T>(v: &Value, at: &str, read: fn(&Value, &str) -> Res<T>) -> Res<Vec<T>> {
-    items(v, at)?
-        .into_iter()
-        .map(|(x, at)| read(x, &at))
-        .collect()
+    // A plain loop: `collect` into a `Result` instantiates an adapter per item type.
+    let mut out = Vec::new();
+    for (x, at) in items(v, at)? {
+        out.push(read(x, &at)?);
+    }
+    Ok(out)
 }
 
 impl<'a> Obj<'a> {
