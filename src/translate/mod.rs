@@ -263,7 +263,13 @@ pub(crate) fn content_parts(content: Option<&Value>) -> Result<Vec<Part<'_>>, Ga
             text: s,
             cache_control: None,
         }]),
-        Some(Value::Array(parts)) => parts.iter().map(part).collect(),
+        Some(Value::Array(parts)) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for p in parts {
+                out.push(part(p)?);
+            }
+            Ok(out)
+        }
         Some(_) => Err(invalid(
             "message content must be a string or an array of parts",
         )),
@@ -362,14 +368,17 @@ pub(crate) fn stop(req: &Map<String, Value>) -> Result<Vec<String>, GatewayError
     match req.get("stop") {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| invalid("'stop' must hold strings"))
-            })
-            .collect(),
+        Some(Value::Array(a)) => {
+            let mut out = Vec::with_capacity(a.len());
+            for s in a {
+                out.push(
+                    s.as_str()
+                        .ok_or_else(|| invalid("'stop' must hold strings"))?
+                        .to_string(),
+                );
+            }
+            Ok(out)
+        }
         Some(_) => Err(invalid("'stop' must be a string or an array of strings")),
     }
 }
