@@ -89,10 +89,16 @@ impl<'a> Obj<'a> {
         };
         if let Some(fields) = fields {
             if let Some(k) = map.keys().find(|k| !fields.contains(&k.as_str())) {
+                let mut expected = String::new();
+                for (i, f) in fields.iter().enumerate() {
+                    if i > 0 {
+                        expected.push_str("`, `");
+                    }
+                    expected.push_str(f);
+                }
                 return Err(format!(
-                    "{}unknown field `{k}`, expected one of `{}`",
-                    prefix(at),
-                    fields.join("`, `")
+                    "{}unknown field `{k}`, expected one of `{expected}`",
+                    prefix(at)
                 ));
             }
         }

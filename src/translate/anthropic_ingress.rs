@@ -138,11 +138,17 @@ fn source_url(b: &Value, i: usize) -> Result<String, GatewayError> {
 fn tool_result_text(b: &Value) -> String {
     let text = match b.get("content") {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| str_of(p, "text"))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Some(Value::Array(parts)) => {
+            // The texts joined by newlines (by hand: `join` is instantiated once, for `String`s).
+            let mut text = String::new();
+            for (i, t) in parts.iter().filter_map(|p| str_of(p, "text")).enumerate() {
+                if i > 0 {
+                    text.push('\n');
+                }
+                text.push_str(t);
+            }
+            text
+        }
         _ => String::new(),
     };
     if b.get("is_error").and_then(Value::as_bool) == Some(true) && !text.starts_with("Error") {
