@@ -6,7 +6,7 @@
 //! a failed host call is logged (as the machine would have), or handed back as an event.
 
 use crate::exchange::{
-    call_status, Effect, Event, Flow, GatewayHttp, GatewayRoot, Purpose, RootEvent,
+    call_status, log_at, Effect, Event, Flow, GatewayHttp, GatewayRoot, Purpose, RootEvent,
 };
 use crate::hostapi::{Buffer, Host, Map, Status};
 use std::cell::RefCell;
@@ -82,12 +82,18 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: &Effect) -> Op
     match effect {
         Effect::SetHeader { map, name, value } => {
             if let Err(e) = host.set_header(*map, name, value) {
-                log::warn!("llm-gateway: cannot set header {name}: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot set header {name}: {e:?}"),
+                );
             }
         }
         Effect::RemoveHeader { map, name } => {
             if let Err(e) = host.remove_header(*map, name) {
-                log::warn!("llm-gateway: cannot set header {name}: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot set header {name}: {e:?}"),
+                );
             }
         }
         Effect::SetBuffer {
@@ -100,7 +106,10 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: &Effect) -> Op
                 if *buffer == Buffer::RequestBody {
                     return Some(Back::BodyNotSet { status });
                 }
-                log::warn!("llm-gateway: cannot set the response body: {status:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot set the response body: {status:?}"),
+                );
             }
         }
         Effect::Reply {
@@ -111,34 +120,49 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: &Effect) -> Op
             let pairs: Vec<(&str, &[u8])> =
                 headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
             if let Err(e) = host.send_response(*status, &pairs, body) {
-                log::error!("llm-gateway: cannot send local reply: {e:?}");
+                log_at(
+                    log::Level::Error,
+                    format_args!("cannot send local reply: {e:?}"),
+                );
             }
         }
         Effect::ResumeRequest => {
             if let Err(e) = host.resume_request() {
-                log::error!("llm-gateway: cannot resume request: {e:?}");
+                log_at(
+                    log::Level::Error,
+                    format_args!("cannot resume request: {e:?}"),
+                );
             }
         }
         Effect::SharedSet { key, value } => {
             if let Err(e) = host.shared_set(key, Some(value)) {
-                log::warn!("llm-gateway: cannot set shared data {key}: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot set shared data {key}: {e:?}"),
+                );
             }
         }
         Effect::SetProperties(values) => {
             for (name, value) in values {
                 if let Err(e) = host.set_property(&[name], value.as_bytes()) {
-                    log::debug!("llm-gateway: cannot set filter state {name}: {e:?}");
+                    log_at(
+                        log::Level::Debug,
+                        format_args!("cannot set filter state {name}: {e:?}"),
+                    );
                 }
             }
         }
         Effect::SetTick { ms } => {
             if let Err(e) = host.set_tick_ms(*ms) {
-                log::warn!("llm-gateway: cannot start the usage timer: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot start the usage timer: {e:?}"),
+                );
             }
         }
         Effect::Done => {
             if let Err(e) = host.done() {
-                log::warn!("llm-gateway: cannot signal done: {e:?}");
+                log_at(log::Level::Warn, format_args!("cannot signal done: {e:?}"));
             }
         }
         Effect::Call(call) => {
@@ -154,7 +178,10 @@ pub fn apply<H: Host + ?Sized>(host: &H, ids: &MetricIds, effect: &Effect) -> Op
             let id = match host.define_metric(*kind, name) {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    log::warn!("llm-gateway: cannot define metric {name}: {e:?}");
+                    log_at(
+                        log::Level::Warn,
+                        format_args!("cannot define metric {name}: {e:?}"),
+                    );
                     None
                 }
             };

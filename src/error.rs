@@ -1,6 +1,7 @@
 //! The one error type of the gateway, rendered once as an OpenAI-style error body.
 
-use serde_json::json;
+use crate::translate::obj;
+use serde_json::Value;
 
 /// Everything that can go wrong while handling a request, as seen by the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,15 +284,13 @@ impl GatewayError {
 
     /// The OpenAI error JSON: `{"error":{"message","type","param","code"}}`.
     pub fn body(&self) -> String {
-        json!({
-            "error": {
-                "message": self.message(),
-                "type": self.kind(),
-                "param": self.param(),
-                "code": self.code(),
-            }
-        })
-        .to_string()
+        let error = obj(&mut [
+            ("message", Value::from(self.message())),
+            ("type", Value::from(self.kind())),
+            ("param", Value::from(self.param())),
+            ("code", Value::from(self.code())),
+        ]);
+        crate::translate::json_string(&obj(&mut [("error", error)]))
     }
 }
 

@@ -7,9 +7,10 @@
 
 use crate::error::GatewayError;
 use crate::read::{Obj, Res};
+use crate::translate::obj;
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The sidecar's allowance endpoint.
 pub const ALLOWANCE_PATH: &str = "/internal/v1/allowances";
@@ -313,10 +314,7 @@ impl Limits {
         now: u64,
     ) -> Vec<u8> {
         self.track(key_id, org, config, now);
-        let keys = [json!({"keyId": key_id, "orgId": org, "configId": config})];
-        json!({"holder": holder, "keys": keys})
-            .to_string()
-            .into_bytes()
+        allowance_request(holder, vec![key_value(key_id, org, config)])
     }
 
     /// The sidecar answered (or not) about a key seen for the first time: without an answer the key
@@ -475,14 +473,10 @@ impl Limits {
         let keys: Vec<_> = self
             .keys
             .iter()
-            .map(|(id, k)| json!({"keyId": id, "orgId": k.org, "configId": k.config}))
+            .map(|(id, k)| key_value(id, &k.org, &k.config))
             .collect();
         self.in_flight = true;
-        Some(
-            json!({"holder": holder, "keys": keys})
-                .to_string()
-                .into_bytes(),
-        )
+        Some(allowance_request(holder, keys))
     }
 
     /// The renewal could not be sent.
@@ -662,10 +656,28 @@ fn usd_text(nano: u64) -> String {
     format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
+/// One key of an allowance request: `{"keyId", "orgId", "configId"}`.
+fn key_value(key_id: &str, org: &str, config: &str) -> Value {
+    obj(&mut [
+        ("keyId", Value::from(key_id)),
+        ("orgId", Value::from(org)),
+        ("configId", Value::from(config)),
+    ])
+}
+
+/// The allowance request body: `{"holder", "keys"}`.
+fn allowance_request(holder: &str, keys: Vec<Value>) -> Vec<u8> {
+    crate::translate::json_bytes(&obj(&mut [
+        ("holder", Value::from(holder)),
+        ("keys", Value::Array(keys)),
+    ]))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn usd_text_has_six_rounded_decimals() {

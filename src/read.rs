@@ -73,10 +73,12 @@ pub fn items<'a>(v: &'a Value, at: &str) -> Res<Vec<(&'a Value, String)>> {
 
 /// Reads every item of an array with `read`.
 pub fn list<T>(v: &Value, at: &str, read: fn(&Value, &str) -> Res<T>) -> Res<Vec<T>> {
-    items(v, at)?
-        .into_iter()
-        .map(|(x, at)| read(x, &at))
-        .collect()
+    // A plain loop: `collect` into a `Result` instantiates an adapter per item type.
+    let mut out = Vec::new();
+    for (x, at) in items(v, at)? {
+        out.push(read(x, &at)?);
+    }
+    Ok(out)
 }
 
 impl<'a> Obj<'a> {
@@ -87,10 +89,16 @@ impl<'a> Obj<'a> {
         };
         if let Some(fields) = fields {
             if let Some(k) = map.keys().find(|k| !fields.contains(&k.as_str())) {
+                let mut expected = String::new();
+                for (i, f) in fields.iter().enumerate() {
+                    if i > 0 {
+                        expected.push_str("`, `");
+                    }
+                    expected.push_str(f);
+                }
                 return Err(format!(
-                    "{}unknown field `{k}`, expected one of `{}`",
-                    prefix(at),
-                    fields.join("`, `")
+                    "{}unknown field `{k}`, expected one of `{expected}`",
+                    prefix(at)
                 ));
             }
         }
@@ -213,8 +221,9 @@ impl<'a> Obj<'a> {
         match v.as_u64() {
             Some(n) if n <= max => Ok(n),
             _ if v.is_number() => Err(format!(
-                "{}invalid value: {v}, expected an integer from 0 to {max}",
-                prefix(&self.name_at(names))
+                "{}invalid value: {}, expected an integer from 0 to {max}",
+                prefix(&self.name_at(names)),
+                crate::translate::json_string(v)
             )),
             _ => Err(invalid(&self.name_at(names), v, "an integer")),
         }

@@ -3,7 +3,7 @@
 //! response tap or translation, the usage record, metrics and access-log filter state.
 
 use super::{
-    adopt_shared_limits, call_sidecar, health, record_health, resolve_call, share_limits,
+    adopt_shared_limits, call_sidecar, health, log_at, record_health, resolve_call, share_limits,
     store_answer, utf8_header, Cx, Effect, Event, Flow, Purpose, Shared, MAX_DIGESTS,
     MAX_JSON_COPY,
 };
@@ -769,7 +769,10 @@ impl GatewayHttp {
         self.shared.breaker.borrow_mut().failure(now);
         match (purpose, p.limits_for.clone()) {
             (Purpose::FirstLimits, Some(identity)) => {
-                log::warn!("llm-gateway: cannot ask for budget allowances: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot ask for budget allowances: {e:?}"),
+                );
                 self.shared
                     .limits
                     .borrow_mut()
@@ -780,7 +783,10 @@ impl GatewayHttp {
                 }
             }
             _ => {
-                log::warn!("llm-gateway: cannot call the sidecar: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot call the sidecar: {e:?}"),
+                );
                 self.reject(cx, &GatewayError::ControlPlaneUnavailable)
             }
         }

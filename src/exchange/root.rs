@@ -2,8 +2,8 @@
 //! stale keys, allowance renewals) and shutdown. Its callouts' answers come back here.
 
 use super::{
-    call_sidecar, resolve_call, share_limits, store_answer, Cx, Effect, GatewayHttp, Purpose,
-    RootEvent, Shared, REFRESHES_PER_TICK, REFRESH_QUEUE,
+    call_sidecar, log_at, resolve_call, share_limits, store_answer, Cx, Effect, GatewayHttp,
+    Purpose, RootEvent, Shared, REFRESHES_PER_TICK, REFRESH_QUEUE,
 };
 use crate::config::{self, Plan, ProcessEnv};
 use crate::hostapi::{Buffer, Read};
@@ -136,7 +136,10 @@ impl GatewayRoot {
         let now = cx.now_ms();
         match purpose {
             Purpose::Usage => {
-                log::warn!("llm-gateway: cannot send usage records: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot send usage records: {e:?}"),
+                );
                 let dropped = self.shared.reporter.borrow_mut().nack();
                 self.shared
                     .metrics
@@ -145,12 +148,18 @@ impl GatewayRoot {
                 self.shared.sync_buffered(cx.out);
             }
             Purpose::Refresh(hash) => {
-                log::warn!("llm-gateway: cannot refresh a key: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot refresh a key: {e:?}"),
+                );
                 self.shared.breaker.borrow_mut().failure(now);
                 self.shared.refresher.borrow_mut().finished(&hash);
             }
             Purpose::Renewal => {
-                log::warn!("llm-gateway: cannot renew budget allowances: {e:?}");
+                log_at(
+                    log::Level::Warn,
+                    format_args!("cannot renew budget allowances: {e:?}"),
+                );
                 self.shared.limits.borrow_mut().renewal_failed(now);
             }
             Purpose::Resolve | Purpose::FirstLimits => {}
@@ -167,13 +176,19 @@ impl GatewayRoot {
         let left = reporter.buffered();
         drop(reporter);
         if left > 0 {
-            log::warn!("llm-gateway: shutting down with {left} usage record(s) not delivered");
+            log_at(
+                log::Level::Warn,
+                format_args!("shutting down with {left} usage record(s) not delivered"),
+            );
             self.shared
                 .metrics
                 .borrow_mut()
                 .add(cx.out, metrics::USAGE_DROPPED, left as u64);
         } else {
-            log::info!("llm-gateway: usage records flushed; VM done");
+            log_at(
+                log::Level::Info,
+                format_args!("usage records flushed; VM done"),
+            );
         }
         self.done_at = None;
         self.shared.reporter.replace(Reporter::default());
@@ -186,7 +201,10 @@ impl GatewayRoot {
     fn on_done(&mut self, cx: &mut Cx) -> bool {
         let buffered = self.shared.reporter.borrow().buffered();
         let has_sidecar = self.plan.as_ref().is_some_and(|p| p.sidecar.is_some());
-        log::info!("llm-gateway: VM done requested ({buffered} usage record(s) buffered)");
+        log_at(
+            log::Level::Info,
+            format_args!("VM done requested ({buffered} usage record(s) buffered)"),
+        );
         if !has_sidecar || buffered == 0 {
             return true;
         }
@@ -208,7 +226,10 @@ impl GatewayRoot {
             Some(Purpose::Renewal) => {
                 let now = cx.now_ms();
                 if !self.shared.limits.borrow_mut().on_answer(status, body, now) {
-                    log::warn!("llm-gateway: budget allowances not renewed (status {status:?})");
+                    log_at(
+                        log::Level::Warn,
+                        format_args!("budget allowances not renewed (status {status:?})"),
+                    );
                 }
                 share_limits(cx, &self.shared);
                 return;
@@ -220,8 +241,9 @@ impl GatewayRoot {
         let (sent, dropped) = if status == Some(200) {
             (reporter.ack(), 0)
         } else {
-            log::warn!(
-                "llm-gateway: sidecar did not take usage records (status {status:?}); will retry"
+            log_at(
+                log::Level::Warn,
+                format_args!("sidecar did not take usage records (status {status:?}); will retry"),
             );
             (0, reporter.nack())
         };
@@ -242,21 +264,27 @@ impl GatewayRoot {
         let bytes = match cx.host.buffer(Buffer::PluginConfiguration, 0, usize::MAX) {
             Ok(b) => b,
             Err(e) => {
-                log::error!("llm-gateway: cannot read plugin configuration: {e:?}");
+                log_at(
+                    log::Level::Error,
+                    format_args!("cannot read plugin configuration: {e:?}"),
+                );
                 return false;
             }
         };
         let plan = config::parse(&bytes).and_then(|raw| config::compile(&raw, &ProcessEnv));
         match plan {
             Ok(plan) => {
-                log::info!(
-                    "llm-gateway: configured with {} static key(s), sidecar {}",
-                    plan.keys.len(),
-                    if plan.sidecar.is_some() {
-                        "enabled"
-                    } else {
-                        "disabled"
-                    }
+                log_at(
+                    log::Level::Info,
+                    format_args!(
+                        "configured with {} static key(s), sidecar {}",
+                        plan.keys.len(),
+                        if plan.sidecar.is_some() {
+                            "enabled"
+                        } else {
+                            "disabled"
+                        }
+                    ),
                 );
                 if let Some(sc) = &plan.sidecar {
                     cx.push(Effect::SetTick { ms: 1000 });
@@ -290,7 +318,7 @@ impl GatewayRoot {
                 true
             }
             Err(e) => {
-                log::error!("llm-gateway: refusing to start: {e}");
+                log_at(log::Level::Error, format_args!("refusing to start: {e}"));
                 false
             }
         }

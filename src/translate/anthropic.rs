@@ -19,6 +19,7 @@
 //!   message's JSON text (finish reason `stop`). With client tools (or a non-object schema) the JSON
 //!   instruction (and schema) is appended to the system prompt instead.
 
+use super::Put;
 use super::{
     bad_upstream, completion, content_parts, excerpt, kind_for_status, max_tokens, message,
     messages, number, openai_error, parse_request, parse_upstream, response_format, role_of, stop,
@@ -92,31 +93,31 @@ pub fn request_doc(
     }
 
     let mut body = Map::new();
-    body.insert("model".into(), j!(upstream_model));
-    body.insert(
-        "max_tokens".into(),
+    body.put("model", j!(upstream_model));
+    body.put(
+        "max_tokens",
         j!(max_tokens(req)?.unwrap_or(DEFAULT_MAX_TOKENS)),
     );
     let msgs: Vec<Value> = turns
         .into_iter()
         .map(|(role, content)| j!({"role": role, "content": content}))
         .collect();
-    body.insert("messages".into(), Value::Array(msgs));
+    body.put("messages", Value::Array(msgs));
     if let Some(t) = number(req, "temperature")? {
-        body.insert("temperature".into(), j!(t.clamp(0.0, 1.0)));
+        body.put("temperature", j!(t.clamp(0.0, 1.0)));
     }
     if let Some(p) = number(req, "top_p")? {
-        body.insert("top_p".into(), j!(p));
+        body.put("top_p", j!(p));
     }
     let stops = stop(req)?;
     if !stops.is_empty() {
-        body.insert("stop_sequences".into(), j!(stops));
+        body.put("stop_sequences", j!(stops));
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        body.insert("stream".into(), Value::Bool(true));
+        body.put("stream", Value::Bool(true));
     }
     if let Some(user) = req.get("user").and_then(Value::as_str) {
-        body.insert("metadata".into(), j!({"user_id": user}));
+        body.put("metadata", j!({"user_id": user}));
     }
 
     let defs = tools(req)?;
@@ -130,7 +131,7 @@ pub fn request_doc(
                 "input_schema": d.parameters.cloned().unwrap_or_else(|| j!({"type": "object", "properties": {}})),
             });
             if let (Some(desc), Some(o)) = (d.description, t.as_object_mut()) {
-                o.insert("description".into(), j!(desc));
+                o.put("description", j!(desc));
             }
             t
         })
@@ -178,17 +179,17 @@ pub fn request_doc(
     }
     if let Some(Value::Object(o)) = choice_json.as_mut() {
         if no_parallel && o.get("type").and_then(Value::as_str) != Some("none") {
-            o.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+            o.put("disable_parallel_tool_use", Value::Bool(true));
         }
     }
     if !tool_list.is_empty() {
-        body.insert("tools".into(), Value::Array(tool_list));
+        body.put("tools", Value::Array(tool_list));
     }
     if let Some(c) = choice_json {
-        body.insert("tool_choice".into(), c);
+        body.put("tool_choice", c);
     }
     if !system.is_empty() {
-        body.insert("system".into(), Value::Array(system));
+        body.put("system", Value::Array(system));
     }
 
     Ok(NativeRequest {
@@ -220,7 +221,7 @@ fn text_only_blocks(m: &Value, i: usize, role: &str) -> Result<Vec<Value>, Gatew
 fn text_block(text: &str, cache_control: Option<&Value>) -> Value {
     let mut b = j!({"type": "text", "text": text});
     if let (Some(cc), Some(o)) = (cache_control, b.as_object_mut()) {
-        o.insert("cache_control".into(), cc.clone());
+        o.put("cache_control", cc.clone());
     }
     b
 }
@@ -326,10 +327,10 @@ pub fn response_at(
                 let input = block.get("input").cloned().unwrap_or_else(|| j!({}));
                 if name == JSON_TOOL {
                     has_text = true;
-                    text.push_str(&input.to_string());
+                    text.push_str(&super::json_string(&input));
                 } else {
                     let id = block.get("id").and_then(Value::as_str).unwrap_or("");
-                    calls.push(tool_call(id, name, input.to_string()));
+                    calls.push(tool_call(id, name, super::json_string(&input)));
                 }
             }
             _ => {} // thinking, redacted_thinking, server tools: not part of the OpenAI message

@@ -12,6 +12,7 @@
 //! - Every error an Anthropic client sees on this ingress is Anthropic-shaped
 //!   (`{"type":"error","error":{"type","message"}}`), which the Anthropic SDKs parse; see [`error_body`].
 
+use super::Put;
 use super::{
     excerpt, invalid, parse_json, parse_upstream, u64_at, unix_now, StreamTranslator, Usage,
 };
@@ -48,9 +49,7 @@ fn error_value(kind: &str, message: &str) -> Value {
 
 /// The Anthropic error body for a status and message.
 pub fn error_body(status: u32, message: &str) -> Vec<u8> {
-    error_value(error_type(status), message)
-        .to_string()
-        .into_bytes()
+    super::json_bytes(&error_value(error_type(status), message))
 }
 
 /// A gateway error as an Anthropic error body (same status, message and headers as the OpenAI form).
@@ -139,11 +138,17 @@ fn source_url(b: &Value, i: usize) -> Result<String, GatewayError> {
 fn tool_result_text(b: &Value) -> String {
     let text = match b.get("content") {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| str_of(p, "text"))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Some(Value::Array(parts)) => {
+            // The texts joined by newlines (by hand: `join` is instantiated once, for `String`s).
+            let mut text = String::new();
+            for (i, t) in parts.iter().filter_map(|p| str_of(p, "text")).enumerate() {
+                if i > 0 {
+                    text.push('\n');
+                }
+                text.push_str(t);
+            }
+            text
+        }
         _ => String::new(),
     };
     if b.get("is_error").and_then(Value::as_bool) == Some(true) && !text.starts_with("Error") {
@@ -207,7 +212,7 @@ fn assistant_turn(out: &mut Vec<Value>, m: &Value, i: usize) -> Result<(), Gatew
                 calls.push(j!({
                     "id": (str_of(&b, "id").unwrap_or("")),
                     "type": "function",
-                    "function": {"name": (str_of(&b, "name").unwrap_or("")), "arguments": (input.to_string())},
+                    "function": {"name": (str_of(&b, "name").unwrap_or("")), "arguments": (super::json_string(&input))},
                 }));
             }
             // Reasoning of another provider cannot be replayed elsewhere.
@@ -222,7 +227,7 @@ fn assistant_turn(out: &mut Vec<Value>, m: &Value, i: usize) -> Result<(), Gatew
     let mut msg = j!({"role": "assistant", "content": (if text.is_empty() && !calls.is_empty() { Value::Null } else { Value::from(text) })});
     if !calls.is_empty() {
         if let Some(o) = msg.as_object_mut() {
-            o.insert("tool_calls".into(), Value::Array(calls));
+            o.put("tool_calls", Value::Array(calls));
         }
     }
     out.push(msg);
@@ -241,7 +246,7 @@ fn chat_tools(tools: &Value) -> Result<Vec<Value>, GatewayError> {
             ("custom", Some(name), Some(schema)) => {
                 let mut f = j!({"name": name, "parameters": (schema.clone())});
                 if let (Some(d), Some(o)) = (str_of(t, "description"), f.as_object_mut()) {
-                    o.insert("description".into(), Value::from(d));
+                    o.put("description", Value::from(d));
                 }
                 out.push(j!({"type": "function", "function": f}));
             }
@@ -281,7 +286,7 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
     };
     let mut out = Map::new();
     if let Some(m) = req.get("model").filter(|m| m.is_string()) {
-        out.insert("model".into(), m.clone());
+        out.put("model", m.clone());
     }
     let mut messages = Vec::new();
     if let Some(s) = req.get("system") {
@@ -306,10 +311,10 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
             }
         }
     }
-    out.insert("messages".into(), Value::Array(messages));
+    out.put("messages", Value::Array(messages));
     match req.get("max_tokens") {
         Some(v) if v.as_u64().is_some_and(|n| n > 0) => {
-            out.insert("max_tokens".into(), v.clone());
+            out.put("max_tokens", v.clone());
         }
         None | Some(Value::Null) => {}
         Some(_) => return Err(invalid("'max_tokens' must be a positive integer")),
@@ -317,7 +322,7 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
     for key in ["temperature", "top_p"] {
         match req.get(key) {
             Some(v) if v.is_number() => {
-                out.insert(key.into(), v.clone());
+                out.put(key, v.clone());
             }
             None | Some(Value::Null) => {}
             Some(_) => return Err(invalid(format!("'{key}' must be a number"))),
@@ -325,20 +330,20 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
     }
     if let Some(Value::Array(stops)) = req.get("stop_sequences") {
         if !stops.is_empty() {
-            out.insert("stop".into(), Value::Array(stops.clone()));
+            out.put("stop", Value::Array(stops.clone()));
         }
     }
     if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {
         let tools = chat_tools(tools)?;
         if !tools.is_empty() {
-            out.insert("tools".into(), Value::Array(tools));
+            out.put("tools", Value::Array(tools));
             if let Some(tc) = req.get("tool_choice").filter(|t| !t.is_null()) {
                 let (choice, parallel_off) = chat_tool_choice(tc)?;
                 if let Some(c) = choice {
-                    out.insert("tool_choice".into(), c);
+                    out.put("tool_choice", c);
                 }
                 if parallel_off {
-                    out.insert("parallel_tool_calls".into(), Value::Bool(false));
+                    out.put("parallel_tool_calls", Value::Bool(false));
                 }
             }
         }
@@ -348,13 +353,13 @@ pub fn to_chat(body: &[u8]) -> Result<Vec<u8>, GatewayError> {
         .and_then(|m| m.get("user_id"))
         .filter(|u| u.is_string())
     {
-        out.insert("user".into(), user.clone());
+        out.put("user", user.clone());
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        out.insert("stream".into(), Value::Bool(true));
-        out.insert("stream_options".into(), j!({"include_usage": true}));
+        out.put("stream", Value::Bool(true));
+        out.put("stream_options", j!({"include_usage": true}));
     }
-    Ok(Value::Object(out).to_string().into_bytes())
+    Ok(super::json_bytes(&Value::Object(out)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,7 +459,7 @@ pub fn from_chat(body: &[u8], model: &str) -> Result<(Vec<u8>, Usage), GatewayEr
         "stop_sequence": null,
         "usage": (usage_value(&usage)),
     });
-    Ok((out.to_string().into_bytes(), usage))
+    Ok((super::json_bytes(&out), usage))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -586,7 +591,7 @@ fn event(out: &mut Vec<u8>, name: &str, v: &Value) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(v.to_string().as_bytes());
+    super::write_json(out, v);
     out.extend_from_slice(b"\n\n");
 }
 

@@ -33,6 +33,7 @@
 //! `skip_thought_signature_validator` is sent instead, so Gemini 3 accepts the replay. Calls made by
 //! other providers replayed to a `gemini-3*` model get the sentinel too.
 
+use super::Put;
 use super::{
     bad_upstream, completion, content_parts, excerpt, kind_for_status, max_tokens, message,
     messages, number, openai_error, parse_request, parse_upstream, response_format, role_of, stop,
@@ -122,7 +123,7 @@ pub fn request_doc(
                     let mut p = j!({"functionCall": {"name": name, "args": args}});
                     let sig = replay_signature(id, &carried, upstream_model);
                     if let (Some(sig), Some(o)) = (sig, p.as_object_mut()) {
-                        o.insert("thoughtSignature".into(), j!(sig));
+                        o.put("thoughtSignature", j!(sig));
                     }
                     parts.push(p);
                     names.push((id.to_string(), name.to_string()));
@@ -167,58 +168,58 @@ pub fn request_doc(
         .into_iter()
         .map(|(role, parts)| j!({"role": role, "parts": parts}))
         .collect();
-    body.insert("contents".into(), Value::Array(contents));
+    body.put("contents", Value::Array(contents));
     if !system.is_empty() {
-        body.insert("systemInstruction".into(), j!({ "parts": system }));
+        body.put("systemInstruction", j!({ "parts": system }));
     }
 
     let mut gc = Map::new();
     if let Some(t) = number(req, "temperature")? {
-        gc.insert("temperature".into(), j!(t));
+        gc.put("temperature", j!(t));
     }
     if let Some(p) = number(req, "top_p")? {
-        gc.insert("topP".into(), j!(p));
+        gc.put("topP", j!(p));
     }
     if let Some(n) = max_tokens(req)? {
-        gc.insert("maxOutputTokens".into(), j!(n));
+        gc.put("maxOutputTokens", j!(n));
     }
     let stops = stop(req)?;
     if !stops.is_empty() {
-        gc.insert("stopSequences".into(), j!(stops));
+        gc.put("stopSequences", j!(stops));
     }
     match req.get("n") {
         None | Some(Value::Null) => {}
         Some(v) => match v.as_u64() {
             Some(1) => {}
             Some(n) if n > 1 => {
-                gc.insert("candidateCount".into(), j!(n));
+                gc.put("candidateCount", j!(n));
             }
             _ => return Err(super::invalid("'n' must be a positive integer")),
         },
     }
     if let Some(s) = req.get("seed").and_then(Value::as_i64) {
-        gc.insert("seed".into(), j!(s));
+        gc.put("seed", j!(s));
     }
     for (from, to) in [
         ("presence_penalty", "presencePenalty"),
         ("frequency_penalty", "frequencyPenalty"),
     ] {
         if let Some(p) = number(req, from)?.filter(|p| *p != 0.0) {
-            gc.insert(to.into(), j!(p));
+            gc.put(to, j!(p));
         }
     }
     match response_format(req)? {
         ResponseFormat::Text => {}
         ResponseFormat::JsonObject | ResponseFormat::JsonSchema { schema: None } => {
-            gc.insert("responseMimeType".into(), j!("application/json"));
+            gc.put("responseMimeType", j!("application/json"));
         }
         ResponseFormat::JsonSchema { schema: Some(s) } => {
-            gc.insert("responseMimeType".into(), j!("application/json"));
-            gc.insert("responseSchema".into(), schema(s));
+            gc.put("responseMimeType", j!("application/json"));
+            gc.put("responseSchema", schema(s));
         }
     }
     if !gc.is_empty() {
-        body.insert("generationConfig".into(), Value::Object(gc));
+        body.put("generationConfig", Value::Object(gc));
     }
 
     let defs = tools(req)?;
@@ -227,17 +228,17 @@ pub fn request_doc(
             .iter()
             .map(|d| {
                 let mut f = Map::new();
-                f.insert("name".into(), j!(d.name));
+                f.put("name", j!(d.name));
                 if let Some(desc) = d.description {
-                    f.insert("description".into(), j!(desc));
+                    f.put("description", j!(desc));
                 }
                 if let Some(p) = d.parameters.map(schema).filter(has_properties) {
-                    f.insert("parameters".into(), p);
+                    f.put("parameters", p);
                 }
                 Value::Object(f)
             })
             .collect();
-        body.insert("tools".into(), j!([{ "functionDeclarations": decls }]));
+        body.put("tools", j!([{ "functionDeclarations": decls }]));
         let config = match tool_choice(req)? {
             None => None,
             Some(ToolChoice::Auto) => Some(j!({"mode": "AUTO"})),
@@ -246,7 +247,7 @@ pub fn request_doc(
             Some(ToolChoice::Named(n)) => Some(j!({"mode": "ANY", "allowedFunctionNames": [n]})),
         };
         if let Some(c) = config {
-            body.insert("toolConfig".into(), j!({ "functionCallingConfig": c }));
+            body.put("toolConfig", j!({ "functionCallingConfig": c }));
         }
     }
 
@@ -323,7 +324,7 @@ pub fn schema(v: &Value) -> Value {
         match k.as_str() {
             "type" => match val {
                 Value::String(s) => {
-                    out.insert("type".into(), j!(s.to_ascii_uppercase()));
+                    out.put("type", j!(s.to_ascii_uppercase()));
                 }
                 Value::Array(list) => {
                     let mut nullable = false;
@@ -331,11 +332,11 @@ pub fn schema(v: &Value) -> Value {
                         if t == "null" {
                             nullable = true;
                         } else if !out.contains_key("type") {
-                            out.insert("type".into(), j!(t.to_ascii_uppercase()));
+                            out.put("type", j!(t.to_ascii_uppercase()));
                         }
                     }
                     if nullable {
-                        out.insert("nullable".into(), Value::Bool(true));
+                        out.put("nullable", Value::Bool(true));
                     }
                 }
                 _ => {}
@@ -347,30 +348,27 @@ pub fn schema(v: &Value) -> Value {
                         p.insert(k.clone(), schema(v));
                     }
                     if !p.is_empty() {
-                        out.insert("properties".into(), Value::Object(p));
+                        out.put("properties", Value::Object(p));
                     }
                 }
             }
             "items" => {
-                out.insert("items".into(), schema(val));
+                out.put("items", schema(val));
             }
             "anyOf" | "oneOf" => {
                 if let Value::Array(list) = val {
-                    out.insert(
-                        "anyOf".into(),
-                        Value::Array(list.iter().map(schema).collect()),
-                    );
+                    out.put("anyOf", Value::Array(list.iter().map(schema).collect()));
                 }
             }
             "enum" => {
                 if let Value::Array(list) = val {
                     if list.iter().all(Value::is_string) {
-                        out.insert("enum".into(), val.clone());
+                        out.put("enum", val.clone());
                     }
                 }
             }
             "const" if val.is_string() => {
-                out.insert("enum".into(), j!([(val.clone())]));
+                out.put("enum", j!([(val.clone())]));
             }
             "format" => {
                 if let Some(f) = val.as_str() {
@@ -378,7 +376,7 @@ pub fn schema(v: &Value) -> Value {
                         f,
                         "enum" | "date-time" | "int32" | "int64" | "float" | "double"
                     ) {
-                        out.insert("format".into(), val.clone());
+                        out.put("format", val.clone());
                     }
                 }
             }
@@ -519,9 +517,7 @@ fn call_from(p: &Value, base: &str, n: u64) -> Option<(String, String, String)> 
         .to_string();
     let args = fc
         .get("args")
-        .cloned()
-        .unwrap_or_else(|| j!({}))
-        .to_string();
+        .map_or_else(|| "{}".to_string(), super::json_string);
     let sig = p.get("thoughtSignature").and_then(Value::as_str);
     let id = match fc
         .get("id")

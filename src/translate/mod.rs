@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 /// A small `json!`: values convert with `Value::from` (no `Serialize` monomorphizations, which keeps
 /// the wasm small). Non-trivial value expressions must be parenthesized.
 macro_rules! j {
-    (@obj [$($done:tt)*]) => { $crate::translate::obj(vec![$($done)*]) };
+    (@obj [$($done:tt)*]) => { $crate::translate::obj(&mut [$($done)*]) };
     (@obj [$($done:tt)*] $k:literal : null $(, $($rest:tt)*)?) => {
         j!(@obj [$($done)* ($k, serde_json::Value::Null),] $($($rest)*)?)
     };
@@ -32,13 +32,27 @@ macro_rules! j {
     ($e:expr) => { serde_json::Value::from($e) };
 }
 
-/// Builds a JSON object from key/value pairs.
-pub(crate) fn obj(pairs: Vec<(&str, Value)>) -> Value {
+/// Builds a JSON object from key/value pairs (taken out of the slice: one function for every
+/// object literal, no `Vec` per literal).
+pub(crate) fn obj(pairs: &mut [(&str, Value)]) -> Value {
     let mut m = Map::new();
     for (k, v) in pairs {
-        m.insert(k.to_string(), v);
+        m.put(k, std::mem::take(v));
     }
     Value::Object(m)
+}
+
+/// `Map::insert` under a borrowed key: one function for every call site instead of the key's
+/// allocation and the replaced value's drop inlined at each.
+pub(crate) trait Put {
+    fn put(&mut self, key: &str, value: Value);
+}
+
+impl Put for Map<String, Value> {
+    #[inline(never)]
+    fn put(&mut self, key: &str, value: Value) {
+        self.insert(key.to_string(), value);
+    }
 }
 
 pub mod anthropic;
@@ -145,6 +159,11 @@ pub(crate) fn write_json(out: &mut Vec<u8>, v: &Value) {
     let _ = serde_json::to_writer(&mut *out, v);
 }
 
+/// [`write_json`] as a `String`.
+pub(crate) fn json_string(v: &Value) -> String {
+    String::from_utf8(json_bytes(v)).unwrap_or_default()
+}
+
 /// [`write_json`] into a new buffer.
 pub(crate) fn json_bytes(v: &Value) -> Vec<u8> {
     let mut out = Vec::new();
@@ -244,7 +263,13 @@ pub(crate) fn content_parts(content: Option<&Value>) -> Result<Vec<Part<'_>>, Ga
             text: s,
             cache_control: None,
         }]),
-        Some(Value::Array(parts)) => parts.iter().map(part).collect(),
+        Some(Value::Array(parts)) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for p in parts {
+                out.push(part(p)?);
+            }
+            Ok(out)
+        }
         Some(_) => Err(invalid(
             "message content must be a string or an array of parts",
         )),
@@ -343,14 +368,17 @@ pub(crate) fn stop(req: &Map<String, Value>) -> Result<Vec<String>, GatewayError
     match req.get("stop") {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| invalid("'stop' must hold strings"))
-            })
-            .collect(),
+        Some(Value::Array(a)) => {
+            let mut out = Vec::with_capacity(a.len());
+            for s in a {
+                out.push(
+                    s.as_str()
+                        .ok_or_else(|| invalid("'stop' must hold strings"))?
+                        .to_string(),
+                );
+            }
+            Ok(out)
+        }
         Some(_) => Err(invalid("'stop' must be a string or an array of strings")),
     }
 }
@@ -538,7 +566,7 @@ pub(crate) fn message(text: Option<String>, tool_calls: Vec<Value>) -> Value {
     let mut m = j!({"role": "assistant", "content": text, "refusal": null});
     if !tool_calls.is_empty() {
         if let Some(o) = m.as_object_mut() {
-            o.insert("tool_calls".into(), Value::Array(tool_calls));
+            o.put("tool_calls", Value::Array(tool_calls));
         }
     }
     m

@@ -157,7 +157,7 @@ fn request_translates_to_chat_exactly() {
             ]},
             {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_1", "content": "15C"},
-                {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "boom"}], "is_error": true},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "boom"}, {"type": "image"}, {"type": "text", "text": "twice"}], "is_error": true},
                 {"type": "text", "text": "Thanks"}
             ]},
             {"role": "assistant", "content": "Sure."},
@@ -191,7 +191,7 @@ fn request_translates_to_chat_exactly() {
                     {"id": "toolu_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
                 ]},
                 {"role": "tool", "tool_call_id": "toolu_1", "content": "15C"},
-                {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom"},
+                {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom\ntwice"},
                 {"role": "user", "content": [{"type": "text", "text": "Thanks"}]},
                 {"role": "assistant", "content": "Sure."},
                 {"role": "user", "content": [{"type": "text", "text": "Again"}]}
