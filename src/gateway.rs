@@ -7,8 +7,9 @@ use crate::config::{Identity, Model, ProviderKind, ResolvedProvider};
 use crate::error::GatewayError;
 use crate::providers::{self, Translation};
 use crate::select::select;
+use crate::translate::{json_string, obj};
 use crate::usage;
-use serde_json::json;
+use serde_json::Value;
 
 /// Request header carrying the Envoy cluster chosen by the filter (read by the route's `cluster_header`).
 /// Always removed from client requests first, so callers cannot pick clusters themselves.
@@ -452,21 +453,29 @@ pub fn list_models(id: &Identity) -> String {
             }
         }
     }
-    json!({ "object": "list", "data": data }).to_string()
+    json_string(&obj(&mut [
+        ("object", Value::from("list")),
+        ("data", Value::Array(data)),
+    ]))
 }
 
 /// One model as OpenAI's `GET /v1/models/{model}`.
 pub fn get_model(id: &Identity, name: &str) -> Result<String, GatewayError> {
     crate::select::owner(id, name)
-        .map(|p| model_object(name, &p.name).to_string())
+        .map(|p| json_string(&model_object(name, &p.name)))
         .ok_or_else(|| GatewayError::ModelNotAllowed {
             model: name.to_string(),
             provider: None,
         })
 }
 
-fn model_object(name: &str, owner: &str) -> serde_json::Value {
-    json!({ "id": name, "object": "model", "created": 0, "owned_by": owner })
+fn model_object(name: &str, owner: &str) -> Value {
+    obj(&mut [
+        ("id", Value::from(name)),
+        ("object", Value::from("model")),
+        ("created", Value::from(0)),
+        ("owned_by", Value::from(owner)),
+    ])
 }
 
 #[cfg(test)]

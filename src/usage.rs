@@ -189,7 +189,7 @@ fn content_chars(c: Option<&Value>) -> usize {
     match c {
         None => 0,
         Some(Value::String(s)) => s.chars().count(),
-        Some(v) => v.to_string().len(),
+        Some(v) => crate::translate::json_bytes(v).len(),
     }
 }
 
