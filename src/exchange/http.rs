@@ -18,6 +18,7 @@ use crate::hostapi::{self, Buffer, Headers, Map, Pairs, Read, Status};
 use crate::metrics;
 use crate::resolve::{self, Lookup};
 use crate::usage::{self, StreamTap, UsageRecord};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
@@ -1252,9 +1253,11 @@ impl GatewayHttp {
         };
         // Provider headers are bytes: anything non-UTF-8 is decoded lossily, never a panic.
         let headers = Headers(cx.host.headers(Map::ResponseHeaders).unwrap_or_default());
-        let get = |name: &str| headers.text(name).map(|v| v.into_owned());
-        let mut set = |name: &'static str, value: Option<&str>| match value {
-            Some(v) => cx.set_header(Map::ResponseHeaders, name, v.as_bytes().to_vec()),
+        // Borrowed unless a value is not UTF-8 (only what is kept is copied).
+        let get = |name: &str| headers.text(name);
+        // Static values are borrowed, the limit headers moved: only the route's names are copied.
+        let mut set = |name: &'static str, value: Option<Cow<'static, [u8]>>| match value {
+            Some(v) => cx.set_header(Map::ResponseHeaders, name, v),
             None => cx.remove_header(Map::ResponseHeaders, name),
         };
         ex.status = get(":status")
@@ -1266,7 +1269,7 @@ impl GatewayHttp {
         // Main role after a fallback chain: the attempt filter says who answered and how.
         let mut strip = r.strip_usage_chunk;
         if chained {
-            ex.served_by = get(gateway::PROVIDER_RESPONSE_HEADER);
+            ex.served_by = get(gateway::PROVIDER_RESPONSE_HEADER).map(|v| v.into_owned());
             ex.fallback = get(fallback::FALLBACK_RESPONSE_HEADER).is_some();
             strip = get(fallback::USAGE_INJECTED_HEADER).is_some();
             set(fallback::USAGE_INJECTED_HEADER, None);
@@ -1283,10 +1286,10 @@ impl GatewayHttp {
                 set("content-length", None);
                 if ok && r.stream && (sse || r.translation.is_some()) {
                     ex.translator = Some(gateway::messages_stream(r.translation, &r.model));
-                    set("content-type", Some("text/event-stream"));
+                    set("content-type", lit("text/event-stream"));
                 } else {
                     ex.translate_whole = true;
-                    set("content-type", Some("application/json"));
+                    set("content-type", lit("application/json"));
                 }
             }
             (Some(t), _) => {
@@ -1297,16 +1300,16 @@ impl GatewayHttp {
                         &r.model,
                         r.client_wants_usage,
                     ));
-                    set("content-type", Some("text/event-stream"));
+                    set("content-type", lit("text/event-stream"));
                 } else {
                     ex.translate_whole = true;
-                    set("content-type", Some("application/json"));
+                    set("content-type", lit("application/json"));
                 }
             }
             // Attempt role: the main filter reads usage and strips the chunk it did not ask for.
             (None, Some(_)) => {
                 if r.strip_usage_chunk {
-                    set(fallback::USAGE_INJECTED_HEADER, Some("1"));
+                    set(fallback::USAGE_INJECTED_HEADER, lit("1"));
                 }
             }
             (None, None) if sse => {
@@ -1327,24 +1330,31 @@ impl GatewayHttp {
         if let Some(slot) = &ex.attempt {
             set(
                 fallback::ATTEMPT_RESPONSE_HEADER,
-                Some(&slot.index.to_string()),
+                Some(slot.index.to_string().into_bytes().into()),
             );
             if slot.fallback {
-                set(fallback::FALLBACK_RESPONSE_HEADER, Some("true"));
+                set(fallback::FALLBACK_RESPONSE_HEADER, lit("true"));
             }
             // A 429 of a provider configured to fall back on it: let Envoy try the next one.
             if ex.status == 429 && slot.attempt.provider.fallback_on429 && !slot.last {
-                set(":status", Some("503"));
+                set(":status", lit("503"));
             }
         }
         if ex.attempt.is_none() {
-            for (name, value) in &self.limit_headers {
-                set(name, Some(value));
+            // Read once: a response's headers arrive once.
+            for (name, value) in std::mem::take(&mut self.limit_headers) {
+                set(name, Some(value.into_bytes().into()));
             }
         }
         if !chained {
-            set(gateway::PROVIDER_RESPONSE_HEADER, Some(&r.provider));
-            set(gateway::MODEL_RESPONSE_HEADER, Some(&r.model));
+            set(
+                gateway::PROVIDER_RESPONSE_HEADER,
+                Some(r.provider.as_bytes().to_vec().into()),
+            );
+            set(
+                gateway::MODEL_RESPONSE_HEADER,
+                Some(r.model.as_bytes().to_vec().into()),
+            );
         }
         if ex.translate_whole {
             // The whole native body is translated first; status and headers may still change.
@@ -1353,4 +1363,9 @@ impl GatewayHttp {
             Flow::Continue
         }
     }
+}
+
+/// A static header value, borrowed (no copy per request).
+fn lit(value: &'static str) -> Option<Cow<'static, [u8]>> {
+    Some(Cow::Borrowed(value.as_bytes()))
 }
