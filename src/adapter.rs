@@ -6,7 +6,7 @@
 //! a failed host call is logged (as the machine would have), or handed back as an event.
 
 use crate::exchange::{
-    call_status, log_at, Effect, Event, Flow, GatewayHttp, GatewayRoot, Purpose, RootEvent,
+    call_answer, log_at, Effect, Event, Flow, GatewayHttp, GatewayRoot, Purpose, RootEvent,
 };
 use crate::hostapi::{Buffer, Host, Map, Status};
 use std::cell::RefCell;
@@ -282,11 +282,7 @@ impl<'h, H: Host> Root<'h, H> {
     }
 
     pub fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _t: usize) {
-        let status = call_status(self.host);
-        let body = self
-            .host
-            .buffer(Buffer::CallResponseBody, 0, body)
-            .unwrap_or_default();
+        let (status, body) = call_answer(self.host, body);
         self.run(RootEvent::CallResponse {
             token,
             status,
@@ -355,11 +351,7 @@ impl<H: Host> Http<'_, H> {
     }
 
     pub fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _t: usize) {
-        let status = call_status(self.host);
-        let body = self
-            .host
-            .buffer(Buffer::CallResponseBody, 0, body)
-            .unwrap_or_default();
+        let (status, body) = call_answer(self.host, body);
         self.run(Event::CallResponse {
             token,
             status,

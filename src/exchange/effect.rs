@@ -185,6 +185,28 @@ impl Cx<'_> {
         self.out.push(Effect::RemoveHeader { map, name });
     }
 
+    /// Replaces the whole request body (`size` bytes as received) with `data`, and its `content-length`.
+    pub fn replace_request_body(&mut self, size: usize, data: Vec<u8>) {
+        let length = data.len().to_string();
+        self.out.push(Effect::SetBuffer {
+            buffer: Buffer::RequestBody,
+            start: 0,
+            size,
+            data,
+        });
+        self.request_header("content-length", Some(length));
+    }
+
+    /// Replaces the response chunk at hand (`size` bytes) with `data`.
+    pub fn replace_response_chunk(&mut self, size: usize, data: Vec<u8>) {
+        self.out.push(Effect::SetBuffer {
+            buffer: Buffer::ResponseBody,
+            start: 0,
+            size,
+            data,
+        });
+    }
+
     /// A request header: set to `value`, or removed.
     pub fn request_header(&mut self, name: &'static str, value: Option<String>) {
         match value {

@@ -635,14 +635,7 @@ impl GatewayHttp {
             // Envoy tries the attempts in order through the chain cluster; each attempt listener shapes
             // the replayed request for its provider (a Messages request replays as its chat form).
             if let Some(chat) = chat_body {
-                let length = chat.len().to_string();
-                cx.push(Effect::SetBuffer {
-                    buffer: Buffer::RequestBody,
-                    start: 0,
-                    size: body_size,
-                    data: chat,
-                });
-                cx.request_header("content-length", Some(length));
+                cx.replace_request_body(body_size, chat);
             }
             let org = self
                 .exchange
@@ -698,14 +691,7 @@ impl GatewayHttp {
             cx.remove_header(Map::RequestHeaders, "accept-encoding");
         }
         if let Some(new_body) = routed.body.take() {
-            let length = new_body.len().to_string();
-            cx.push(Effect::SetBuffer {
-                buffer: Buffer::RequestBody,
-                start: 0,
-                size: body_size,
-                data: new_body,
-            });
-            cx.request_header("content-length", Some(length));
+            cx.replace_request_body(body_size, new_body);
         }
         self.state = State::Routed(Box::new(routed));
         Ok(())
@@ -964,12 +950,7 @@ impl GatewayHttp {
                     status.to_string().into_bytes(),
                 );
             }
-            cx.push(Effect::SetBuffer {
-                buffer: Buffer::ResponseBody,
-                start: 0,
-                size: body_size,
-                data: out,
-            });
+            cx.replace_response_chunk(body_size, out);
             return Flow::Continue;
         }
         let chunk = match cx.host.buffer(Buffer::ResponseBody, 0, body_size) {
@@ -988,12 +969,7 @@ impl GatewayHttp {
             if end_of_stream {
                 out.extend(tr.finish());
             }
-            cx.push(Effect::SetBuffer {
-                buffer: Buffer::ResponseBody,
-                start: 0,
-                size: body_size,
-                data: out,
-            });
+            cx.replace_response_chunk(body_size, out);
             return Flow::Continue;
         }
         match ex.tap.as_mut() {
@@ -1007,12 +983,7 @@ impl GatewayHttp {
                     }
                 }
                 if let Some(out) = replaced {
-                    cx.push(Effect::SetBuffer {
-                        buffer: Buffer::ResponseBody,
-                        start: 0,
-                        size: body_size,
-                        data: out,
-                    });
+                    cx.replace_response_chunk(body_size, out);
                 }
             }
             None if ex.skip_copy => {}

@@ -29,7 +29,7 @@ pub use root::GatewayRoot;
 use crate::config::{Identity, SidecarPlan};
 use crate::error::GatewayError;
 use crate::fallback;
-use crate::hostapi::{self, Headers, Map, MetricKind, Read};
+use crate::hostapi::{self, Buffer, Headers, Map, MetricKind, Read};
 use crate::metrics;
 use crate::report::Reporter;
 use crate::resolve::{self, Breaker, IdentityCache, Refresher, Resolved, TokenBucket};
@@ -396,12 +396,18 @@ fn call_sidecar(
     }))
 }
 
-/// `:status` of a callout's answer (`None`: no answer — timeout, reset, no healthy sidecar).
-pub fn call_status(host: &dyn Read) -> Option<u32> {
-    host.header(Map::CallResponseHeaders, ":status")
+/// A callout's answer: its `:status` (`None`: no answer — timeout, reset, no healthy sidecar) and its
+/// body (`body_size` bytes; empty when it cannot be read).
+pub fn call_answer(host: &dyn Read, body_size: usize) -> (Option<u32>, Vec<u8>) {
+    let status = host
+        .header(Map::CallResponseHeaders, ":status")
         .ok()
         .flatten()
-        .and_then(|s| hostapi::text(&s).trim().parse::<u32>().ok())
+        .and_then(|s| hostapi::text(&s).trim().parse::<u32>().ok());
+    let body = host
+        .buffer(Buffer::CallResponseBody, 0, body_size)
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A header that must be text (a provider name, tags): present but not UTF-8 is a clear 400.
