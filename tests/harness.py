@@ -25,6 +25,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stop_process(proc, timeout=10):
+    """Stops a server the tests started, by its PID: SIGTERM, then SIGKILL if it has not exited in time."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 class Recorded:
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -197,13 +208,7 @@ class Envoy:
             return r.read().decode()
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         if getattr(self, "log", None):
             self.log.close()
 
@@ -330,13 +335,7 @@ class SidecarProcess:
         raise RuntimeError("sidecar not ready")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         if getattr(self, "log", None):
             self.log.close()
 

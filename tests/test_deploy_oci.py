@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from harness import ROOT, Envoy, FakeUpstream, free_port, request
+from harness import ROOT, Envoy, FakeUpstream, free_port, request, stop_process
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import oci_image  # noqa: E402
@@ -56,13 +56,7 @@ http: {{addr: 127.0.0.1:{self.port}}}
         raise RuntimeError("docker-registry did not start")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -15,7 +15,7 @@ import pytest
 
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import ROOT, Envoy, FakeUpstream, chat_response, free_port, request, sse_chunks
+from harness import ROOT, Envoy, FakeUpstream, chat_response, free_port, request, sse_chunks, stop_process
 
 SIDECAR_BIN = os.path.join(ROOT, "target", "debug", "llm-gateway-sidecar")
 ADMIN = "lgw_test_admin_key_0123456789"
@@ -69,13 +69,7 @@ class Sidecar:
             self.proc.wait()
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def api(self, method, path, body=None, key=ADMIN, token=None):
         hdrs = {"content-type": "application/json"}
