@@ -169,16 +169,19 @@ def test_hung_control_plane_serves_stale_and_breaks():
             time.sleep(0.1)  # let background refreshes be attempted (and time out) meanwhile
         # Never the callout timeout (1.5 s): stale identities are served at once.
         assert max(slow) < 0.75, slow
-        # Unknown keys: the first ones wait for the timeout until the breaker opens, then fail fast. The
-        # cool-down (10 s) outlasts this loop (at most four 1.5 s waits, two per worker), so no half-open
-        # probe falls inside it.
+        # Unknown keys: a VM's first ones wait for the timeout until its breaker opens, then fail fast. The
+        # cool-down (10 s) outlasts this loop (at most four 1.5 s waits), so no half-open probe falls in it.
         results = []
         for i in range(12):
             s, b, took = timed_chat(envoy, f"sk-unknown-{i}")
             results.append((s, json.loads(b)["error"]["code"], round(took, 2)))
         assert all(r[0] == 503 and r[1] == "control_plane_unavailable" for r in results), results
-        fast = [r for r in results[-6:] if r[2] < 0.5]
-        assert len(fast) == 6, results
+        # Which worker takes a connection is the kernel's choice, so a worker's waits need not come first:
+        # count them. Each VM's breaker waits at most `breakerFailures` (2) times before it opens, two
+        # workers: at most four waits in twelve, everything else answered at once.
+        waited = [r for r in results if r[2] >= 0.5]
+        assert len(waited) <= 4, results
+        assert all(r[2] < 2.5 for r in results), results  # never more than one callout timeout (1.5 s)
         os.kill(sc.proc.pid, signal.SIGCONT)
         stopped = False
         deadline = time.time() + 20  # the breaker cool-down (10 s), then a probe that succeeds
