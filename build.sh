@@ -104,25 +104,6 @@ ensure_wasm_opt() {
 }
 
 WASM_FEATURES="--enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals"
-# Callbacks the proxy-wasm SDK exports for every module but an HTTP filter never receives (network
-# filters, gRPC streams, shared queues, foreign functions). Without their exports the host sees no
-# such callbacks (it calls only the ones a module exports) and their SDK code goes (~8 KB).
-UNUSED_EXPORTS='proxy_on_new_connection|proxy_on_downstream_data|proxy_on_downstream_connection_close|proxy_on_upstream_data|proxy_on_upstream_connection_close|proxy_on_grpc_receive_initial_metadata|proxy_on_grpc_receive|proxy_on_grpc_receive_trailing_metadata|proxy_on_grpc_close|proxy_on_queue_ready|proxy_on_foreign_function'
-
-# Copies the module $1 to $2 without the exports in UNUSED_EXPORTS and the code only they reach
-# (binaryen's wasm-metadce, rooted at every other export).
-strip_unused_exports() {
-  if ! command -v wasm-metadce >/dev/null || ! command -v wasm-dis >/dev/null; then
-    cp "$1" "$2"
-    return
-  fi
-  local roots
-  roots=$(wasm-dis "$1" | sed -n 's/^ (export "\([^"]*\)".*/\1/p' | grep -Ev "^($UNUSED_EXPORTS)\$" |
-    sed 's/.*/{"name": "&", "root": true, "export": "&"}/' | paste -sd, -)
-  echo "[$roots]" >"$1.graph.json"
-  wasm-metadce $WASM_FEATURES -f "$1.graph.json" "$1" -o "$2" >/dev/null
-  rm -f "$1.graph.json"
-}
 
 build_wasm() {
   ensure_rust
@@ -133,9 +114,7 @@ build_wasm() {
     # --low-memory-unused: addresses below 1024 are never used, so constant offsets fold into loads
     # and stores (~3.5 KB): rustc lays the 1 MB stack out first, growing down towards 0, and data
     # from 1 MB; the lowest KB is touched only by a stack 1023 KB deep.
-    strip_unused_exports "$RAW_WASM" "$WASM.dce"
-    wasm-opt -Oz --converge --low-memory-unused $WASM_FEATURES "$WASM.dce" -o "$WASM.tmp" && mv "$WASM.tmp" "$WASM"
-    rm -f "$WASM.dce"
+    wasm-opt -Oz --converge --low-memory-unused $WASM_FEATURES "$RAW_WASM" -o "$WASM.tmp" && mv "$WASM.tmp" "$WASM"
   else
     log "wasm-opt not available: using the unoptimized module"
     cp "$RAW_WASM" "$WASM"

@@ -4,11 +4,13 @@
 //! `String::from_utf8` on header maps; one header byte >= 0x80 (or a map not available in a phase)
 //! would kill the worker's VM. Here every call returns a `Result` with the raw status, every map is
 //! read as bytes, and every serialized map is decoded with bounds checks ([`crate::hostapi::decode_pairs`]).
-//! Only `dispatch_http_call` still goes through the SDK: it must register the callout with the SDK's
-//! dispatcher, and it handles every status the host documents for it.
+//! The callbacks the host makes into the module are exported by [`crate::host`].
+
+#[allow(unused_imports)]
+use crate::prelude::*;
 
 use crate::hostapi::{self, Buffer, Map, MetricKind, Pairs};
-use std::ptr::{null, null_mut};
+use core::ptr::{null, null_mut};
 
 /// A status the host answered other than `Ok`.
 pub type Status = u32;
@@ -100,6 +102,19 @@ extern "C" {
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_done() -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_milliseconds: u32,
+        return_token: *mut u32,
+    ) -> u32;
 }
 
 fn status(s: u32) -> Result<(), Status> {
@@ -110,14 +125,14 @@ fn status(s: u32) -> Result<(), Status> {
     }
 }
 
-/// Takes ownership of memory the host allocated through the SDK's `proxy_on_memory_allocate`
-/// (a boxed slice of exactly `size` bytes).
+/// Takes ownership of memory the host allocated through `proxy_on_memory_allocate` ([`crate::host`])
+/// (an allocation of exactly `size` bytes).
 fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     if data.is_null() {
         return Vec::new();
     }
     // SAFETY: the host wrote `size` bytes into a buffer it obtained from proxy_on_memory_allocate(size),
-    // which leaks a `Box<[u8]>` of that length; we are its only owner.
+    // which leaks a `Vec<u8>` of exactly that capacity; we are its only owner.
     unsafe { Vec::from_raw_parts(data, size, size) }
 }
 
@@ -276,14 +291,27 @@ impl hostapi::Host for Wasm {
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, Status> {
-        proxy_wasm::hostcalls::dispatch_http_call(
-            cluster,
-            headers.to_vec(),
-            Some(body),
-            vec![],
-            std::time::Duration::from_millis(timeout_ms),
-        )
-        .map_err(|e| e as u32)
+        let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        let map = hostapi::encode_pairs(&pairs);
+        let trailers = hostapi::encode_pairs(&[]);
+        let mut token = 0u32;
+        // SAFETY: every pointer refers to a live buffer of the given length; `token` outlives the call.
+        status(unsafe {
+            proxy_http_call(
+                cluster.as_ptr(),
+                cluster.len(),
+                map.as_ptr(),
+                map.len(),
+                body.as_ptr(),
+                body.len(),
+                trailers.as_ptr(),
+                trailers.len(),
+                u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+                &mut token,
+            )
+        })?;
+        crate::host::register_callout(token);
+        Ok(token)
     }
 
     fn resume_request(&self) -> Result<(), Status> {
@@ -348,5 +376,14 @@ impl hostapi::Host for Wasm {
         };
         // SAFETY: `msg` outlives the call. A failed log is ignored (nothing better to do with it).
         let _ = unsafe { proxy_log(level, msg.as_ptr(), msg.len()) };
+    }
+}
+
+impl Wasm {
+    /// Makes `context_id` the context later host calls act on (a callout's answer arrives on the
+    /// root context; the request that made the callout must be the one resumed or answered).
+    pub fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
+        // SAFETY: no pointers.
+        status(unsafe { proxy_set_effective_context(context_id) })
     }
 }

@@ -3,6 +3,9 @@
 //! filter state `wasm.k`, so a log format reads `%FILTER_STATE(wasm.llm_gateway.provider:PLAIN)%`
 //! (see docs/operations.md, "Access log"). Never keys, prompts or completions.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 /// Filter-state keys (without Envoy's `wasm.` prefix).
 pub const PROVIDER: &str = "llm_gateway.provider";
 pub const MODEL: &str = "llm_gateway.model";

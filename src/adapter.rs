@@ -5,12 +5,15 @@
 //! tests, the benchmark and the fuzz lifecycle with [`crate::hostapi::fake::Fake`]. No decisions here:
 //! a failed host call is logged (as the machine would have), or handed back as an event.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::exchange::{
     call_answer, log_at, Effect, Event, Flow, GatewayHttp, GatewayRoot, Purpose, RootEvent,
 };
 use crate::hostapi::{Buffer, Host, Map, Status};
-use std::cell::RefCell;
-use std::rc::Rc;
+use alloc::rc::Rc;
+use core::cell::RefCell;
 
 /// Host metric ids by the machine's metric number (`None`: the host refused the definition).
 #[derive(Default)]
@@ -231,7 +234,7 @@ fn drain<H: Host + ?Sized>(
         if spare.is_empty() {
             return;
         }
-        std::mem::swap(out, spare);
+        core::mem::swap(out, spare);
     }
 }
 

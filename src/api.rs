@@ -3,6 +3,9 @@
 //! which API, and how each endpoint reports usage (its own `usage` shape, and the Responses stream's
 //! `response.completed` event). Pure: the exchange asks, this module answers.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::error::GatewayError;
 use crate::plan::{ProviderKind, ResolvedProvider};
 use crate::usage::{ResponseFacts, Usage};
@@ -214,7 +217,7 @@ pub fn prompt_text(api: Option<Api>, body: &[u8]) -> Option<String> {
     let spans = crate::json::validate_top(body, ["prompt", "instructions", "input"]).ok()?;
     let raw = |k: usize| {
         let (start, end) = spans.get(k).copied().flatten()?;
-        std::str::from_utf8(body.get(start..end)?)
+        core::str::from_utf8(body.get(start..end)?)
             .ok()
             .filter(|t| *t != "null")
     };

@@ -1,8 +1,11 @@
 //! Auth: find the caller's gateway key and resolve it to an [`Identity`].
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::config::{hash_key, Identity, Plan};
 use crate::error::GatewayError;
-use std::rc::Rc;
+use alloc::rc::Rc;
 
 /// The key from `X-API-Key`, else from `Authorization: Bearer <key>`.
 pub fn extract_key(x_api_key: Option<&str>, authorization: Option<&str>) -> Option<String> {

@@ -7,6 +7,9 @@
 //! `bench/bench_exchange_v1.rs` (the same workload over the API before it: `exchange::install` and the
 //! machine called directly) into older ones. The tests are `#[ignore]`d: `cargo test` does not run them.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::adapter::{Http, Root};
 use crate::hostapi::fake::Fake;
 
@@ -152,7 +155,7 @@ fn measured_chat(one: &dyn Fn()) {
     // Distinct bodies, so the linker does not fold the three into one symbol.
     for _ in 0..N {
         one();
-        std::hint::black_box(1u8);
+        core::hint::black_box(1u8);
     }
 }
 
@@ -161,7 +164,7 @@ fn measured_sse(one: &dyn Fn()) {
     // Distinct bodies, so the linker does not fold the three into one symbol.
     for _ in 0..N {
         one();
-        std::hint::black_box(2u8);
+        core::hint::black_box(2u8);
     }
 }
 
@@ -170,7 +173,7 @@ fn measured_native(one: &dyn Fn()) {
     // Distinct bodies, so the linker does not fold the three into one symbol.
     for _ in 0..N {
         one();
-        std::hint::black_box(3u8);
+        core::hint::black_box(3u8);
     }
 }
 

@@ -1,6 +1,9 @@
 //! The request body: read the few top-level fields routing needs, and rewrite `model` in place,
 //! byte for byte leaving every other field exactly as the client sent it.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::error::GatewayError;
 
 /// What the gateway reads from a chat-completions body.
@@ -148,7 +151,7 @@ pub fn peek_model(body: &[u8]) -> Option<&str> {
     if body.get(start) != Some(&b'"') || inner.contains(&b'\\') {
         return None;
     }
-    std::str::from_utf8(inner).ok()
+    core::str::from_utf8(inner).ok()
 }
 
 /// Returns the body with the top-level `model` set to `model`, or `None` if it already is.

@@ -4,12 +4,15 @@
 //! The same provider/config model is used by the sidecar (issue 3): it stores registrations and configs
 //! and hands the filter an already flattened [`Identity`] per gateway key.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::read::{list, Obj, Res};
 use crate::url::BaseUrl;
+use alloc::rc::Rc;
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::rc::Rc;
 
 /// Default request body limit (bytes): generous enough for multi-image chat requests.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -64,7 +67,7 @@ pub struct RawConfig {
     pub sidecar: Option<SidecarSpec>,
     /// Model prices (USD per 1M tokens) for the cost metric, by model name (upstream or public).
     #[serde(default)]
-    pub prices: std::collections::BTreeMap<String, Price>,
+    pub prices: alloc::collections::BTreeMap<String, Price>,
     /// Set only in the filter instances of the fallback attempt listeners: this instance shapes
     /// attempt number `attemptSlot` (0-based) of a fallback chain.
     #[serde(default)]
@@ -94,7 +97,9 @@ impl Price {
             + completion as f64 * self.output;
         let nano = usd_per_m * 1000.0;
         if nano.is_finite() && nano > 0.0 {
-            nano.round() as u64
+            // Rounded half away from zero (`f64::round` is not in `core`).
+            let whole = nano as u64;
+            whole + u64::from(nano - whole as f64 >= 0.5)
         } else {
             0
         }
@@ -317,7 +322,7 @@ pub struct ProviderSpec {
     pub api: Option<String>,
     /// Also fall back when this provider answers 429 (rate limited); 5xx and connection failures
     /// always fall back.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub fallback_on429: bool,
     /// Upstream timeouts for this provider (`totalMs`, `perTryMs`); unset: the Envoy route's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -419,11 +424,14 @@ pub struct Identity {
     pub out_of_scope_models: Vec<String>,
     /// Whether prompts and completions are stored with usage records (the sidecar's `storePrompts`,
     /// off by default; static keys never store them).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub store_prompts: bool,
     /// Prices by `provider/model` (the sidecar's catalog and overrides), for the cost metric.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub prices: std::collections::BTreeMap<String, Price>,
+    #[serde(
+        default,
+        skip_serializing_if = "alloc::collections::BTreeMap::is_empty"
+    )]
+    pub prices: alloc::collections::BTreeMap<String, Price>,
     /// Set by the filter when a provider of this identity points where the destination policy
     /// forbids: `(provider, reason)`; requests with the key are refused (403 destination_forbidden).
     #[serde(skip)]
@@ -590,7 +598,7 @@ pub struct ProcessEnv;
 
 impl SecretSource for ProcessEnv {
     fn env(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+        crate::sys::env_var(name)
     }
 }
 

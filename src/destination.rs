@@ -23,7 +23,10 @@
 //! a wildcard suffix (`*.svc.cluster.local`), an address (`127.0.0.1`, `[::1]`) or a CIDR (`10.0.0.0/8`,
 //! `[fd00::/8]`), each optionally followed by `:port` (without a port, any port matches).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+#[allow(unused_imports)]
+use crate::prelude::*;
+
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// The environment variable holding the sidecar's allow-list.
 pub const ALLOW_ENV: &str = "LLM_GATEWAY_ALLOWED_DESTINATIONS";

@@ -1,5 +1,8 @@
 //! Entry: which gateway endpoint a request is for. Paths outside the gateway prefix are not ours.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::api::Api;
 use crate::error::GatewayError;
 
@@ -156,7 +159,7 @@ fn percent_decode(s: &str) -> String {
         if c == b'%' {
             let hex = b
                 .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
+                .and_then(|h| core::str::from_utf8(h).ok());
             if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;

@@ -1,5 +1,8 @@
 //! The one error type of the gateway, rendered once as an OpenAI-style error body.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::translate::obj;
 use serde_json::Value;
 
@@ -294,8 +297,8 @@ impl GatewayError {
     }
 }
 
-impl std::fmt::Display for GatewayError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "{} ({})", self.message(), self.status())
     }
 }

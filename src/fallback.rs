@@ -9,6 +9,9 @@
 //! body) and sends it on through the dynamic forward proxy. A provider that keeps failing is ejected
 //! for a while and tried last.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::config::{Identity, Model, ResolvedProvider};
 use crate::error::GatewayError;
 use serde::{Deserialize, Serialize};
@@ -191,7 +194,7 @@ pub struct Health {
 
 impl Health {
     pub fn decode(b: &[u8]) -> Health {
-        let text = std::str::from_utf8(b).unwrap_or_default();
+        let text = core::str::from_utf8(b).unwrap_or_default();
         let mut parts = text.split(',');
         Health {
             failures: parts.next().and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -234,7 +237,7 @@ mod tests {
     use super::*;
     use crate::config::{compile, hash_key, parse, ProcessEnv};
 
-    fn identity(json: &str) -> std::rc::Rc<Identity> {
+    fn identity(json: &str) -> alloc::rc::Rc<Identity> {
         let json = json.replace("\"H\"", &format!("\"{}\"", hash_key("k")));
         let plan = compile(&parse(json.as_bytes()).unwrap(), &ProcessEnv).unwrap();
         plan.identity_for_hash(&hash_key("k")).unwrap()

@@ -1,6 +1,9 @@
 //! The request flow as plain Rust: entry → auth → selection → provider shaping. The proxy-wasm adapter
 //! (`host.rs`) only moves headers and bytes in and out of these functions.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::api::{self, Api};
 use crate::body;
 use crate::config::{Identity, Model, ProviderKind, ResolvedProvider};
@@ -483,7 +486,7 @@ mod tests {
     use super::*;
     use crate::config::{compile, hash_key, parse, ProcessEnv};
 
-    fn identity() -> std::rc::Rc<Identity> {
+    fn identity() -> alloc::rc::Rc<Identity> {
         let json = r#"{
           "providers":[
             {"name":"oa","supportedProvider":"OPENAI","apiKey":"sk-oa","models":["gpt-4o","gpt-4o-mini"]},

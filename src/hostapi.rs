@@ -8,7 +8,10 @@
 //! Every call returns the host's status instead of panicking; header values are bytes (decode them
 //! with [`text`] when a string is needed, lossily: a byte >= 0x80 can never crash the filter).
 
-use std::borrow::Cow;
+#[allow(unused_imports)]
+use crate::prelude::*;
+
+use alloc::borrow::Cow;
 
 /// A header map the filter reads or changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -182,8 +185,8 @@ impl Headers {
     }
 
     /// The value as text; an error when present but not valid UTF-8.
-    pub fn utf8(&self, name: &str) -> Result<Option<&str>, std::str::Utf8Error> {
-        self.get(name).map(std::str::from_utf8).transpose()
+    pub fn utf8(&self, name: &str) -> Result<Option<&str>, core::str::Utf8Error> {
+        self.get(name).map(core::str::from_utf8).transpose()
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -196,8 +199,8 @@ impl Headers {
 #[cfg(any(test, feature = "fake-host"))]
 pub mod fake {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::BTreeMap;
+    use alloc::collections::BTreeMap;
+    use core::cell::RefCell;
 
     /// A local reply: status, headers, body.
     pub type Reply = (u32, Vec<(String, Vec<u8>)>, Vec<u8>);
@@ -232,7 +235,7 @@ pub mod fake {
     pub struct Fake(pub RefCell<State>);
 
     impl Fake {
-        pub fn st(&self) -> std::cell::RefMut<'_, State> {
+        pub fn st(&self) -> core::cell::RefMut<'_, State> {
             self.0.borrow_mut()
         }
 

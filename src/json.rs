@@ -8,6 +8,9 @@
 //! numbers do not change. Errors read like `serde_json`'s: `EOF while parsing a value at line 1
 //! column 9`. Unit tests compare both on valid and invalid documents.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use serde_json::{Map, Number, Value};
 
 /// Nesting limit (`serde_json`'s).
@@ -23,8 +26,8 @@ pub struct Error {
     column: usize,
 }
 
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(self.what)?;
         if !self.key.is_empty() {
             write!(f, " `{}`", self.key)?;
@@ -372,7 +375,7 @@ impl<'a> Parser<'a> {
             self.i += n;
             // Validating only, strings are not decoded (as `serde_json` skips them).
             if self.build {
-                match (bad, std::str::from_utf8(rest.get(..n).unwrap_or_default())) {
+                match (bad, core::str::from_utf8(rest.get(..n).unwrap_or_default())) {
                     (None, Ok(s)) => out.push_str(s),
                     (None, Err(e)) => {
                         bad = Some(out.len() + e.valid_up_to());
@@ -679,6 +682,86 @@ static POW10: [f64; 309] = [
     1e300, 1e301, 1e302, 1e303, 1e304, 1e305, 1e306, 1e307, 1e308,
 ];
 
+/// Appends `v`'s JSON text to `out`, byte for byte what `serde_json::to_vec` writes (compact, keys
+/// in the map's order, only `"`, `\\` and control characters escaped; numbers through
+/// `serde_json::Number`'s own formatting). `serde_json`'s writer needs `std::io` (the filter is
+/// `no_std`); the unit tests and the `json` fuzz target compare both.
+pub fn write(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => write_number(out, n),
+        Value::String(s) => write_str(out, s),
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write(out, x);
+            }
+            out.push(b']');
+        }
+        Value::Object(m) => {
+            out.push(b'{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, k);
+                out.push(b':');
+                write(out, x);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+fn write_number(out: &mut Vec<u8>, n: &Number) {
+    use core::fmt::Write;
+    struct W<'a>(&'a mut Vec<u8>);
+    impl Write for W<'_> {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            self.0.extend_from_slice(s.as_bytes());
+            Ok(())
+        }
+    }
+    let _ = write!(W(out), "{n}");
+}
+
+/// A JSON string literal, escaped as `serde_json` escapes it.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let b = s.as_bytes();
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(b.get(start..i).unwrap_or_default());
+        if esc.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            let hex = |n: u8| HEX.get(usize::from(n)).copied().unwrap_or(b'0');
+            out.extend_from_slice(&[hex(c >> 4), hex(c & 0xf)]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(b.get(start..).unwrap_or_default());
+    out.push(b'"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +775,9 @@ mod tests {
             (Ok(a), Ok(b)) => {
                 assert_eq!(a, b, "{doc}");
                 assert_eq!(a.to_string(), b.to_string(), "{doc}");
+                let mut written = Vec::new();
+                write(&mut written, a);
+                assert_eq!(written, serde_json::to_vec(b).unwrap(), "{doc}");
             }
             (Err(_), Err(_)) => {}
             _ => panic!("{doc}: ours {ours:?}, serde_json {theirs:?}"),
@@ -755,6 +841,8 @@ mod tests {
             r#""\udc00""#,
             "[1] x",
             "{}{}",
+            "\"\\u0000\\u001f\\u007f \\u0008\\u000c \\ud800\\udc00 \\u2028\"",
+            r#"{"z":1,"a":{"\n":[null,{"":""}]}}"#,
         ];
         for d in docs {
             same(d);
@@ -879,7 +967,7 @@ mod tests {
         let [m, m2, s, none] = validate_top(doc, ["model", "model2", "stream", "none"]).unwrap();
         let text = |span: Option<(usize, usize)>| {
             let (a, b) = span.unwrap();
-            std::str::from_utf8(&doc[a..b]).unwrap()
+            core::str::from_utf8(&doc[a..b]).unwrap()
         };
         assert_eq!(
             (text(m), text(m2), text(s), none),

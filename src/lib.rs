@@ -6,6 +6,15 @@
 //! [`exchange`] is the per-request state machine (events in, effects out); [`adapter`] applies its
 //! effects to a host; only `host` talks to Envoy; everything else is plain Rust tested on the host.
 
+// The filter is `no_std` (its own panic handler and allocator, WASI called directly: src/sys.rs);
+// on the host (tests, the sidecar, the fuzz targets) the same code builds with `std`.
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+#[macro_use]
+extern crate alloc;
+
+pub mod prelude;
+
 pub mod access_log;
 pub mod adapter;
 pub mod api;
@@ -30,6 +39,7 @@ pub mod report;
 pub mod resolve;
 pub mod select;
 pub mod sse;
+pub mod sys;
 pub mod translate;
 pub mod url;
 pub mod usage;
@@ -41,5 +51,3 @@ mod bench_exchange;
 mod abi;
 #[cfg(target_arch = "wasm32")]
 mod host;
-#[cfg(target_arch = "wasm32")]
-mod sdk_unused;

@@ -5,6 +5,9 @@
 //! ends (a stream is never cut by a budget; the next request is refused). See docs/operations.md,
 //! "Budgets and rate limits", for the bounds.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::error::GatewayError;
 use crate::read::{Obj, Res};
 use crate::translate::obj;
@@ -194,12 +197,16 @@ impl Bucket {
     }
 
     pub fn remaining(&self) -> u64 {
-        self.level.max(0.0).floor() as u64
+        // `as` truncates: the floor of a non-negative number.
+        self.level.max(0.0) as u64
     }
 
     /// Until `need` is available.
     pub fn wait_ms(&self, need: f64) -> u64 {
-        ((need - self.level).max(0.0) / self.per_ms()).ceil() as u64
+        let ms = (need - self.level).max(0.0) / self.per_ms();
+        // The ceiling (`f64::ceil` is not in `core`); `as` saturates.
+        let whole = ms as u64;
+        whole.saturating_add(u64::from((whole as f64) < ms))
     }
 
     /// Until the bucket is full again.
@@ -521,7 +528,7 @@ impl Limits {
 
     /// Answers to write to shared data since the last call.
     pub fn take_shared(&mut self) -> Vec<(String, Vec<u8>)> {
-        std::mem::take(&mut self.to_share)
+        core::mem::take(&mut self.to_share)
     }
 
     /// A key seen for the first time on this VM, answered by another worker recently (its shared

@@ -18,6 +18,9 @@
 //! Token counts are in tokens; durations are in milliseconds because Envoy histograms hold integers
 //! (seconds would lose all resolution); the names say so.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 /// Prefix of every base name.
 pub const PREFIX: &str = "llmgw";
 

@@ -2,6 +2,9 @@
 //! is written as native YAML with `@type: type.googleapis.com/google.protobuf.Struct`) into JSON, so
 //! the gateway configuration can be written inline as YAML in Envoy (or Istio) config.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use serde_json::{Map, Number, Value};
 
 /// Nesting limit: configuration is shallow; this only guards against hostile input.
@@ -133,7 +136,7 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, String> {
 
 /// Struct numbers are doubles; integral ones become JSON integers so they fit integer fields.
 fn number(f: f64) -> Value {
-    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+    if f.abs() < 9.0e15 && (f as i64) as f64 == f {
         Value::Number(Number::from(f as i64))
     } else {
         Number::from_f64(f)

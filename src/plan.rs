@@ -2,6 +2,9 @@
 //! resolves to. Plain types with accessors, imported by both `config` (which compiles them) and
 //! `providers` (which shapes requests with them), so neither imports the other.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::read::{list, Obj, Res};
 use crate::url::BaseUrl;
 use serde::{Deserialize, Serialize};
@@ -203,8 +206,8 @@ impl Timeouts {
     }
 }
 
-impl std::fmt::Debug for ResolvedProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ResolvedProvider {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ResolvedProvider")
             .field("name", &self.name)
             .field("kind", &self.kind)

@@ -12,6 +12,9 @@
 //! difference: serde also takes a struct written as an array of its fields in order; these readers
 //! take objects only. Messages name the place in the document (`providers[1].models[0]: ...`).
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use serde_json::{Map, Value};
 
 pub type Res<T> = Result<T, String>;
@@ -23,7 +26,7 @@ pub type Res<T> = Result<T, String>;
 pub struct Obj<'a> {
     map: &'a Map<String, Value>,
     at: String,
-    err: std::cell::Cell<Option<String>>,
+    err: core::cell::Cell<Option<String>>,
 }
 
 /// `at: ` (nothing at the top of the document).
@@ -105,7 +108,7 @@ impl<'a> Obj<'a> {
         Ok(Obj {
             map,
             at: at.to_string(),
-            err: std::cell::Cell::new(None),
+            err: core::cell::Cell::new(None),
         })
     }
 
@@ -317,13 +320,13 @@ impl<'a> Obj<'a> {
         &self,
         names: &[&str],
         read: fn(&Value, &str) -> Res<T>,
-    ) -> std::collections::BTreeMap<String, T> {
+    ) -> alloc::collections::BTreeMap<String, T> {
         let at = self.name_at(names);
         let r = match self.get(names) {
             Ok(None) => Ok(Default::default()),
             Ok(Some(Value::Object(m))) => {
                 // Inserted one by one: collecting into a `BTreeMap` sorts (kilobytes of wasm).
-                let mut out = std::collections::BTreeMap::new();
+                let mut out = alloc::collections::BTreeMap::new();
                 for (k, x) in m {
                     match read(x, &format!("{at}.{k}")) {
                         Ok(v) => {

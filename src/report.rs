@@ -14,8 +14,11 @@
 //! calls `proxy_done` once the queue is empty (or after [`SHUTDOWN_GRACE_MS`] if the sidecar cannot
 //! take them).
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::usage::UsageRecord;
-use std::collections::VecDeque;
+use alloc::collections::VecDeque;
 
 /// Bytes of serialized records kept per VM while the sidecar is unreachable.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;

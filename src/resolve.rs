@@ -16,10 +16,13 @@
 //! - A stale identity is served at once and refreshed in the background by the root context
 //!   ([`Refresher`]: at most one refresh in flight per key).
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::config::Identity;
 use crate::error::GatewayError;
+use alloc::rc::Rc;
 use hashbrown::HashMap;
-use std::rc::Rc;
 
 /// Internal endpoint of the sidecar.
 pub const RESOLVE_PATH: &str = "/internal/v1/resolve";
@@ -463,7 +466,7 @@ struct ResolveAnswer {
     identity: Identity,
     ttl_seconds: u64,
     store_prompts: bool,
-    prices: std::collections::BTreeMap<String, crate::config::Price>,
+    prices: alloc::collections::BTreeMap<String, crate::config::Price>,
 }
 
 impl ResolveAnswer {
@@ -519,7 +522,7 @@ pub fn encode_shared(fresh_until: u64, stale_until: u64, answer: &[u8]) -> Vec<u
 /// The validity bounds of a shared-data record without decoding the identity.
 pub fn shared_bounds(bytes: &[u8]) -> Option<(u64, u64)> {
     let nl = bytes.iter().position(|&b| b == b'\n')?;
-    let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
+    let head = core::str::from_utf8(bytes.get(..nl)?).ok()?;
     let (f, s) = head.split_once(',')?;
     Some((f.parse().ok()?, s.parse().ok()?))
 }
@@ -527,7 +530,7 @@ pub fn shared_bounds(bytes: &[u8]) -> Option<(u64, u64)> {
 /// Decodes a shared-data record: `(fresh_until, stale_until, identity)`.
 pub fn decode_shared(bytes: &[u8]) -> Option<(u64, u64, Identity)> {
     let nl = bytes.iter().position(|&b| b == b'\n')?;
-    let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
+    let head = core::str::from_utf8(bytes.get(..nl)?).ok()?;
     let (f, s) = head.split_once(',')?;
     let answer = ResolveAnswer::parse(bytes.get(nl + 1..)?).ok()?;
     Some((f.parse().ok()?, s.parse().ok()?, answer.into_identity()))

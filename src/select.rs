@@ -12,6 +12,9 @@
 //! So a hosted provider serving the model always wins over a SaaS one, whether the model was named,
 //! defaulted, or implied by a settings provider; settings choose among providers of the same kind.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::config::{Identity, Model, ResolvedProvider};
 use crate::error::GatewayError;
 

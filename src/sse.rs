@@ -1,6 +1,9 @@
 //! Server-sent events, parsed incrementally: bytes may be split at any boundary (inside a line, inside
 //! a UTF-8 sequence, between `\r` and `\n`); events come out exactly as if the stream arrived whole.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 /// Position of the first `a` or `b` in `hay`, eight bytes at a time while there is none (the filter
 /// is built for size, so a byte-by-byte `position` is a call per byte).
 pub(crate) fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
@@ -148,7 +151,7 @@ impl SseParser {
     fn end_line(&mut self, out: &mut Vec<SseEvent>) {
         if self.skipping {
             // Only a blank line ends the skipped event.
-            if !std::mem::take(&mut self.skipped_line) {
+            if !core::mem::take(&mut self.skipped_line) {
                 self.skipping = false;
             }
             return;
@@ -163,8 +166,8 @@ impl SseParser {
         }
         // The line buffer keeps its capacity from line to line; valid UTF-8 is not copied here (and
         // checked by `from_utf8`, much cheaper than the lossy decoder, which only handles the rest).
-        let text = match std::str::from_utf8(&self.line) {
-            Ok(s) => std::borrow::Cow::Borrowed(s),
+        let text = match core::str::from_utf8(&self.line) {
+            Ok(s) => alloc::borrow::Cow::Borrowed(s),
             Err(_) => String::from_utf8_lossy(&self.line),
         };
         let (field, value) = match text.split_once(':') {
@@ -274,7 +277,7 @@ mod tests {
     fn an_event_past_the_bound_is_skipped_not_buffered() {
         let mut p = SseParser::with_limit(64);
         let mut input = b"data: small\n\ndata: ".to_vec();
-        input.extend(std::iter::repeat_n(b'x', 10_000));
+        input.extend(core::iter::repeat_n(b'x', 10_000));
         input.extend_from_slice(b"\ndata: more\n\ndata: after\n\n");
         let mut v = Vec::new();
         for c in input.chunks(7) {

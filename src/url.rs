@@ -1,5 +1,8 @@
 //! A provider base URL, split once at configure time into what Envoy needs per request.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,11 +2,14 @@
 //! usage, strip the extra usage chunk the client did not ask for, estimate when nothing is reported,
 //! and the usage record the filter reports.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::error::GatewayError;
 use crate::sse::SseParser;
+use alloc::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -304,14 +307,14 @@ impl StreamTap {
             // of the stream pass through untouched; the parser skips the oversized event itself.
             self.strip = false;
             self.overflowed = true;
-            let mut out = std::mem::take(&mut self.pending);
+            let mut out = core::mem::take(&mut self.pending);
             out.extend_from_slice(chunk);
             for ev in self.parser.push(&out) {
                 self.observe(&ev.data);
             }
             return Some(out);
         }
-        let mut pending = std::mem::take(&mut self.pending);
+        let mut pending = core::mem::take(&mut self.pending);
         pending.extend_from_slice(chunk);
         let mut out = Vec::with_capacity(pending.len());
         let mut start = 0;
@@ -344,7 +347,7 @@ impl StreamTap {
 
     /// End of stream: whatever is still pending goes out as it is.
     pub fn finish(&mut self) -> Option<Vec<u8>> {
-        let rest = std::mem::take(&mut self.pending);
+        let rest = core::mem::take(&mut self.pending);
         for ev in self
             .parser
             .push(&rest)
@@ -702,7 +705,7 @@ pub fn clip(s: &str, max: usize) -> String {
 pub fn prompt_text(body: &[u8]) -> Option<String> {
     // The raw span of the top-level `messages` (the body was validated when it was routed).
     let (start, end) = crate::body::top_level_span(body, "messages")?;
-    let text = std::str::from_utf8(body.get(start..end)?).ok()?;
+    let text = core::str::from_utf8(body.get(start..end)?).ok()?;
     Some(clip(text, MAX_STORED_TEXT))
 }
 
@@ -823,7 +826,7 @@ mod tests {
     fn a_huge_event_passes_through_and_marks_the_tap_truncated() {
         for strip in [false, true] {
             let mut input = b"data: {\"choices\":[{\"delta\":{\"content\":\"".to_vec();
-            input.extend(std::iter::repeat_n(b'a', 3 * crate::sse::MAX_EVENT_BYTES));
+            input.extend(core::iter::repeat_n(b'a', 3 * crate::sse::MAX_EVENT_BYTES));
             input.extend_from_slice(b"\"}}]}\n\n");
             input.extend_from_slice(&stream(true));
             let mut tap = StreamTap::new(strip);
@@ -849,7 +852,7 @@ mod tests {
     fn run(tap: &mut StreamTap, input: &[u8], cuts: &[usize]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut last = 0;
-        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+        for &c in cuts.iter().chain(core::iter::once(&input.len())) {
             let piece = &input[last..c];
             match tap.push(piece) {
                 Some(b) => out.extend(b),

@@ -242,8 +242,8 @@ def request(method, url, body=None, headers=None, timeout=30):
 # Hostile-input helpers (tests/test_hostile.py, scripts/fault_test.py).
 # ---------------------------------------------------------------------------------------------
 
-# What a wasm VM failure looks like in Envoy's log: the filter's panic hook logs "llm-gateway panicked:
-# panicked at ..." (the SDK's hook: "panicked at"), V8 reports the trap ("Uncaught RuntimeError",
+# What a wasm VM failure looks like in Envoy's log: the filter's panic handler logs "llm-gateway panicked:
+# panicked at ...", V8 reports the trap ("Uncaught RuntimeError",
 # "unreachable", "Function: proxy_on_... failed"), and a dead VM answers every request on its worker with
 # an empty 503.
 VM_FAILURE_MARKERS = ("panicked at", "llm-gateway panicked", "Uncaught RuntimeError",

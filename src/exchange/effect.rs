@@ -5,8 +5,11 @@
 //! the real host and for the fake one). A callout's dispatch result comes back as
 //! [`Event::Dispatched`] / [`RootEvent::Dispatched`], so the machine records or handles it itself.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::hostapi::{Buffer, Map, MetricKind, Pairs, Read, Status};
-use std::borrow::Cow;
+use alloc::borrow::Cow;
 
 /// One change to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,6 +2,9 @@
 //! rate limit and breaker), selection and shaping (through [`crate::gateway`]), the fallback plan, the
 //! response tap or translation, the usage record, metrics and access-log filter state.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{
     adopt_shared_limits, call_sidecar, health, log_at, record_health, resolve_call, share_limits,
     store_answer, utf8_header, Cx, Effect, Event, Flow, Purpose, Shared, MAX_DIGESTS,
@@ -18,9 +21,9 @@ use crate::hostapi::{self, Buffer, Headers, Map, Pairs, Read, Status};
 use crate::metrics;
 use crate::resolve::{self, Lookup};
 use crate::usage::{self, StreamTap, UsageRecord};
-use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::rc::Rc;
+use alloc::borrow::Cow;
+use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
 
 /// The status the client received (`response.code`, an 8-byte little-endian integer), at log time.
 fn client_status(host: &dyn Read) -> Option<u32> {
@@ -455,7 +458,7 @@ impl GatewayHttp {
             State::AwaitingAttempt(_) if !end_of_stream => Ok(Flow::Pause),
             State::AwaitingAttempt(_) => {
                 let State::AwaitingAttempt(slot) =
-                    std::mem::replace(&mut self.state, State::PassThrough)
+                    core::mem::replace(&mut self.state, State::PassThrough)
                 else {
                     return Ok(Flow::Continue);
                 };
@@ -669,16 +672,16 @@ impl GatewayHttp {
     ) -> Result<(), GatewayError> {
         // Moved, not copied: the routed request keeps only what the response and the record need.
         let r = &mut routed;
-        cx.request_header(":authority", Some(std::mem::take(&mut r.authority)));
-        cx.request_header(":path", Some(std::mem::take(&mut r.path)));
+        cx.request_header(":authority", Some(core::mem::take(&mut r.authority)));
+        cx.request_header(":path", Some(core::mem::take(&mut r.path)));
         cx.request_header(
             gateway::CLUSTER_HEADER,
-            Some(std::mem::take(&mut r.cluster)),
+            Some(core::mem::take(&mut r.cluster)),
         );
         if let Some((name, value)) = r.auth.take() {
             cx.request_header(name, Some(value));
         }
-        for (name, value) in std::mem::take(&mut r.extra_headers) {
+        for (name, value) in core::mem::take(&mut r.extra_headers) {
             cx.request_header(name, Some(value));
         }
         if routed.translation.is_some() {
@@ -749,7 +752,7 @@ impl GatewayHttp {
             Ok(_) => return Flow::Continue,
             Err(e) => e,
         };
-        let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
+        let State::Resolving(p) = core::mem::replace(&mut self.state, State::PassThrough) else {
             return Flow::Continue;
         };
         let now = cx.now_ms();
@@ -816,7 +819,7 @@ impl GatewayHttp {
         status: Option<u32>,
         body: &[u8],
     ) -> Result<Flow, GatewayError> {
-        let State::Resolving(p) = std::mem::replace(&mut self.state, State::PassThrough) else {
+        let State::Resolving(p) = core::mem::replace(&mut self.state, State::PassThrough) else {
             return Ok(Flow::Continue);
         };
         if let Some(identity) = p.limits_for.clone() {
@@ -1196,7 +1199,7 @@ impl GatewayHttp {
             fallback: ex.fallback,
             // The stream ended early, or part of the response passed a buffer bound unread.
             truncated: (r.stream && ok && !done) || overflowed,
-            tags: std::mem::take(&mut self.tags),
+            tags: core::mem::take(&mut self.tags),
             prompt: None,
             completion: None,
         };
@@ -1313,7 +1316,7 @@ impl GatewayHttp {
         }
         if ex.attempt.is_none() {
             // Read once: a response's headers arrive once.
-            for (name, value) in std::mem::take(&mut self.limit_headers) {
+            for (name, value) in core::mem::take(&mut self.limit_headers) {
                 set(name, Some(value.into_bytes().into()));
             }
         }

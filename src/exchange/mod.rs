@@ -15,6 +15,9 @@
 //! flush, refreshes and allowance renewals, shutdown), [`http`] (auth, resolve callout, selection,
 //! shaping, fallback plan, response tap/translation, usage record and metrics).
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 mod effect;
 mod http;
 mod root;
@@ -33,15 +36,15 @@ use crate::hostapi::{self, Buffer, Headers, Map, MetricKind, Read};
 use crate::metrics;
 use crate::report::Reporter;
 use crate::resolve::{self, Breaker, IdentityCache, Refresher, Resolved, TokenBucket};
+use alloc::rc::Rc;
+use core::cell::RefCell;
 use hashbrown::HashMap;
-use std::cell::RefCell;
-use std::rc::Rc;
 
 /// Logs `llm-gateway: <message>` at `level`, for every log line of the filter: one call site of the
 /// `log` machinery instead of one per line (the proxy-wasm logger writes only the message, so the
 /// lines need no target or location of their own).
 #[inline(never)]
-pub(crate) fn log_at(level: log::Level, message: std::fmt::Arguments<'_>) {
+pub(crate) fn log_at(level: log::Level, message: core::fmt::Arguments<'_>) {
     log::log!(level, "llm-gateway: {message}");
 }
 
@@ -67,12 +70,12 @@ impl<T> Slot<T> {
     }
 
     #[inline(never)]
-    fn borrow(&self) -> std::cell::Ref<'_, T> {
+    fn borrow(&self) -> core::cell::Ref<'_, T> {
         self.0.borrow()
     }
 
     #[inline(never)]
-    fn borrow_mut(&self) -> std::cell::RefMut<'_, T> {
+    fn borrow_mut(&self) -> core::cell::RefMut<'_, T> {
         self.0.borrow_mut()
     }
 

@@ -1,6 +1,9 @@
 //! The worker VM's root context: configuration, the 1 s tick (usage flush, background refreshes of
 //! stale keys, allowance renewals) and shutdown. Its callouts' answers come back here.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{
     call_sidecar, log_at, resolve_call, share_limits, store_answer, Cx, Effect, GatewayHttp,
     Purpose, RootEvent, Shared, REFRESHES_PER_TICK, REFRESH_QUEUE,
@@ -10,9 +13,8 @@ use crate::hostapi::{Buffer, Read};
 use crate::metrics;
 use crate::report::{self, Reporter};
 use crate::resolve::{Breaker, IdentityCache, Refresher, TokenBucket};
+use alloc::rc::Rc;
 use hashbrown::HashMap;
-use std::hash::{BuildHasher, Hasher};
-use std::rc::Rc;
 
 pub struct GatewayRoot {
     plan: Option<Rc<Plan>>,
@@ -309,9 +311,7 @@ impl GatewayRoot {
                 }
                 self.plan = Some(Rc::new(plan));
                 self.shared.cache.replace(IdentityCache::default());
-                let seed = std::collections::hash_map::RandomState::new()
-                    .build_hasher()
-                    .finish();
+                let seed = crate::sys::random_u64();
                 self.shared
                     .id_prefix
                     .replace(format!("{:x}-{seed:016x}", cx.now_ms()));

@@ -1,6 +1,9 @@
 //! The exchange machine's tests: whole requests through the adapter and the fake host (every
 //! lifecycle, every error path, arbitrary bytes), and pure tests on the effects the machine returns.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::*;
 use crate::adapter::{Http, Root};
 use crate::config::hash_key as sha;
@@ -945,9 +948,9 @@ fn header_effects(out: &[Effect]) -> (Vec<(String, String)>, Vec<String>) {
 fn effects_stay_small() {
     // Every effect is as large as the largest variant: keep the common ones cheap to move.
     assert!(
-        std::mem::size_of::<Effect>() <= 56,
+        core::mem::size_of::<Effect>() <= 56,
         "{}",
-        std::mem::size_of::<Effect>()
+        core::mem::size_of::<Effect>()
     );
 }
 

@@ -1,6 +1,9 @@
 //! Anthropic through its OpenAI SDK compatibility endpoint: `{base}/chat/completions`, bearer key.
 //! (The native Messages API translation is a separate, later provider mode.)
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{required_key, Target, Translation};
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

@@ -1,6 +1,9 @@
 //! Azure OpenAI: `POST {url}/openai/deployments/{deployment}/chat/completions?api-version=...`,
 //! `api-key` header. The deployment is the model's upstream name.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{encode_segment, required_key, Target};
 use crate::api::Api;
 use crate::error::GatewayError;

@@ -1,5 +1,8 @@
 //! Google Gemini API through its OpenAI-compatible endpoint: `{base}/chat/completions`, bearer key.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{required_key, Target, Translation};
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

@@ -1,5 +1,8 @@
 //! Groq: `POST {base}/chat/completions` under `/openai/v1`, bearer key.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::Target;
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

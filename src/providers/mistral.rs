@@ -1,5 +1,8 @@
 //! Mistral: `POST {base}/chat/completions`, bearer key.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::Target;
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

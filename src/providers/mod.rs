@@ -2,6 +2,9 @@
 //! caller's config sees it and the chosen model, each returns the upstream [`Target`]: path, auth
 //! header and the model name the body must carry. Adding a provider is adding a file and a match arm.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::api::Api;
 use crate::error::GatewayError;
 use crate::plan::{Model, ProviderKind, ResolvedProvider};

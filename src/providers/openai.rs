@@ -1,5 +1,8 @@
 //! OpenAI: `POST {base}/chat/completions`, `Authorization: Bearer`.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::Target;
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

@@ -1,6 +1,9 @@
 //! Any OpenAI-compatible server at a user-given `api_base` (vLLM, Ollama, llama.cpp, ...):
 //! `{base}/chat/completions`; a bearer key only if one is configured.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{bearer, Target};
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

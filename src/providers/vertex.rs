@@ -2,6 +2,9 @@
 //! `{url}/endpoints/openapi/chat/completions` where `url` is the regional
 //! `.../v1/projects/{project}/locations/{location}`; bearer access token; models are `google/<name>`.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{bearer, required_key, Target, Translation};
 use crate::error::GatewayError;
 use crate::plan::{Model, ResolvedProvider};

@@ -19,6 +19,9 @@
 //!   message's JSON text (finish reason `stop`). With client tools (or a non-object schema) the JSON
 //!   instruction (and schema) is appended to the system prompt instead.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::Put;
 use super::{
     bad_upstream, completion, content_parts, excerpt, kind_for_status, max_tokens, message,

@@ -12,6 +12,9 @@
 //! - Every error an Anthropic client sees on this ingress is Anthropic-shaped
 //!   (`{"type":"error","error":{"type","message"}}`), which the Anthropic SDKs parse; see [`error_body`].
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::Put;
 use super::{
     excerpt, invalid, parse_json, parse_upstream, u64_at, unix_now, StreamTranslator, Usage,

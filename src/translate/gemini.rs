@@ -33,6 +33,9 @@
 //! `skip_thought_signature_validator` is sent instead, so Gemini 3 accepts the replay. Calls made by
 //! other providers replayed to a `gemini-3*` model get the sentinel too.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::Put;
 use super::{
     bad_upstream, completion, content_parts, excerpt, kind_for_status, max_tokens, message,
@@ -906,8 +909,9 @@ impl StreamTranslator for GeminiStream {
 /// Thought signatures of the calls this worker has answered, by tool call id. Bounded (entries and
 /// bytes, oldest dropped first): a replay that misses gets [`SKIP_SIGNATURE`].
 pub mod signatures {
-    use std::cell::RefCell;
-    use std::collections::VecDeque;
+    use crate::prelude::*;
+    use alloc::collections::VecDeque;
+    use core::cell::RefCell;
 
     /// Most signatures kept per worker.
     pub const MAX_ENTRIES: usize = 4096;
@@ -916,14 +920,13 @@ pub mod signatures {
     /// Longest signature kept (longer ones are not remembered).
     pub const MAX_SIGNATURE: usize = 64 * 1024;
 
-    #[derive(Default)]
     struct Store {
         entries: VecDeque<(String, String)>,
         bytes: usize,
     }
 
-    thread_local! {
-        static STORE: RefCell<Store> = RefCell::new(Store::default());
+    crate::sys::vm_local! {
+        static STORE: RefCell<Store> = RefCell::new(Store { entries: VecDeque::new(), bytes: 0 });
     }
 
     /// FNV-1a, 32 bits: only makes ids of different signatures differ.

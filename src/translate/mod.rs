@@ -7,6 +7,9 @@
 //! - a [`StreamTranslator`] turning the provider's SSE stream into OpenAI `chat.completion.chunk` SSE;
 //! - `error(status, native_body)` → the OpenAI error JSON (the caller keeps the upstream status).
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use crate::error::GatewayError;
 use serde_json::{Map, Value};
 
@@ -37,7 +40,7 @@ macro_rules! j {
 pub(crate) fn obj(pairs: &mut [(&str, Value)]) -> Value {
     let mut m = Map::new();
     for (k, v) in pairs {
-        m.put(k, std::mem::take(v));
+        m.put(k, core::mem::take(v));
     }
     Value::Object(m)
 }
@@ -110,10 +113,7 @@ pub trait StreamTranslator {
 
 /// Seconds since the Unix epoch (WASI clock in the filter); 0 if the clock is unavailable.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::sys::unix_now()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -155,8 +155,7 @@ pub(crate) fn bad_role(i: usize, role: &str) -> GatewayError {
 /// the formatting machinery: about twice the instructions for the same bytes.)
 #[inline(never)]
 pub(crate) fn write_json(out: &mut Vec<u8>, v: &Value) {
-    // Writing into a Vec cannot fail; a `Value` always serializes.
-    let _ = serde_json::to_writer(&mut *out, v);
+    crate::json::write(out, v);
 }
 
 /// [`write_json`] as a `String`.

@@ -1,3 +1,6 @@
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::*;
 use crate::translate::anthropic_ingress::{
     error_body, error_from_chat, from_chat, gateway_error, message_usage, to_chat, ChatToMessages,
@@ -24,7 +27,7 @@ fn named_events(out: &[u8]) -> Vec<(String, Value)> {
 fn run_named(t: &mut dyn StreamTranslator, input: &[u8], cuts: &[usize]) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     let mut prev = 0;
-    for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+    for &c in cuts.iter().chain(core::iter::once(&input.len())) {
         let o = t.push(&input[prev..c]);
         assert!(o.is_empty() || o.ends_with(b"\n\n"));
         out.extend(named_events(&o));

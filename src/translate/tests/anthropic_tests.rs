@@ -1,3 +1,6 @@
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::*;
 use crate::translate::anthropic::{error, request, response_at, AnthropicStream, JSON_TOOL};
 

@@ -1,3 +1,6 @@
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::*;
 use crate::translate::gemini::{
     error, path_suffix, request, response_at, schema, vertex_prefix, GeminiStream,

@@ -1,6 +1,9 @@
 //! Translation tests: fixtures written from the providers' public API references (Anthropic
 //! Messages, Gemini generateContent), exact request shapes, and stream re-chunking properties.
 
+#[allow(unused_imports)]
+use crate::prelude::*;
+
 use super::{anthropic, gemini, StreamTranslator, Usage};
 use crate::sse::SseParser;
 use serde_json::{json, Value};
@@ -36,7 +39,7 @@ pub(super) fn events(out: &[u8]) -> Vec<Value> {
 pub(super) fn run(t: &mut dyn StreamTranslator, input: &[u8], cuts: &[usize]) -> Vec<Value> {
     let mut out = Vec::new();
     let mut prev = 0;
-    for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+    for &c in cuts.iter().chain(core::iter::once(&input.len())) {
         let o = t.push(&input[prev..c]);
         assert!(
             o.is_empty() || o.ends_with(b"\n\n"),
