@@ -51,6 +51,8 @@ VARIANTS = [
     ("floor", "Envoy + floor wasm filter: holds headers until the body ends, makes the gateway's header changes (pinned cluster)"),
     ("gateway", "Envoy + llm-gateway (shipped config: dynamic forward proxy)"),
     ("gateway-pinned", "Envoy + llm-gateway, provider pinned to a static cluster"),
+    ("gateway-nolog", "gateway-pinned without the shipped config's JSON access log (the filter still sets its filter state)"),
+    ("gateway-lean", "gateway-nolog with `filterState: false`: no access-log filter state either (the filter alone)"),
 ]
 
 CHILDREN = []
@@ -186,10 +188,18 @@ def gateway_settings(fast_port, stream_port, pinned):
                       "config": "bench"}]}
 
 
-def gateway_config(port, admin_port, fast_port, stream_port, pinned):
+def gateway_config(port, admin_port, fast_port, stream_port, pinned, access_log=True, filter_state=True):
     clusters = [static_cluster("bench_fast", fast_port), static_cluster("bench_stream", stream_port)]
-    return envoy_config.render(port, admin_port, gateway_settings(fast_port, stream_port, pinned),
-                               wasm=GATEWAY_WASM, extra_clusters=clusters)
+    settings = gateway_settings(fast_port, stream_port, pinned)
+    if not filter_state:
+        settings["filterState"] = False
+    cfg = envoy_config.render(port, admin_port, settings, wasm=GATEWAY_WASM, extra_clusters=clusters)
+    if not access_log:
+        for listener in cfg["static_resources"]["listeners"]:
+            for chain in listener.get("filter_chains", []):
+                for f in chain.get("filters", []):
+                    f.get("typed_config", {}).pop("access_log", None)
+    return cfg
 
 
 # ---------------------------------------------------------------- processes
@@ -524,7 +534,7 @@ def targets(res):
                         "met": d["added_p50"] <= 30})
     # Issue 10's targets: Envoy CPU per request over the empty filter, added p50 over plain at one
     # connection, the first streamed event over plain.
-    for v in [x for x in ("gateway", "gateway-pinned") if x in res["variants"]]:
+    for v in [x for x in ("gateway", "gateway-pinned", "gateway-nolog", "gateway-lean") if x in res["variants"]]:
         if "empty" not in res["variants"]:
             break
         for case, label, limit in (("header_load", "header path", 30), ("body_load", "body rewrite + usage", 45)):
@@ -645,6 +655,9 @@ def main():
                                                           static_cluster("bench_stream", stream_port)])
             elif v in ("gateway", "gateway-pinned"):
                 cfg = gateway_config(port, admin, fast_port, stream_port, pinned=v == "gateway-pinned")
+            elif v in ("gateway-nolog", "gateway-lean"):
+                cfg = gateway_config(port, admin, fast_port, stream_port, pinned=True, access_log=False,
+                                     filter_state=v == "gateway-nolog")
             else:
                 raise SystemExit(f"unknown variant {v}")
             envoys[v] = Envoy(v, cfg, workdir, sut_cpus).start()

@@ -76,6 +76,14 @@ pub struct RawConfig {
     /// selected provider with its auth; off by default (404).
     #[serde(default)]
     pub openai_passthrough: bool,
+    /// Set the `llm_gateway.*` filter-state entries for Envoy's access log after each request
+    /// (default on); off saves their nine `set_property` calls where no access log reads them.
+    #[serde(default = "default_true")]
+    pub filter_state: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A model's price in USD per 1M tokens; `cached` (input tokens served from cache) defaults to `input`.
@@ -472,6 +480,8 @@ pub struct Plan {
     pub prices: HashMap<String, Price>,
     /// Other `/openai/v1/*` paths are forwarded to the provider (`openaiPassthrough`).
     pub openai_passthrough: bool,
+    /// The access-log filter state is set after each request (`filterState`).
+    pub filter_state: bool,
 }
 
 impl Plan {
@@ -640,6 +650,7 @@ impl RawConfig {
                 "prices",
                 "attemptSlot",
                 "openaiPassthrough",
+                "filterState",
             ]),
         )?;
         o.finish(RawConfig {
@@ -656,6 +667,7 @@ impl RawConfig {
             prices: o.entries(&["prices"], Price::read),
             attempt_slot: o.opt_uint(&["attemptSlot"], USIZE_MAX).map(as_usize),
             openai_passthrough: o.bool_or(&["openaiPassthrough"], false),
+            filter_state: o.bool_or(&["filterState"], true),
         })
     }
 }
@@ -1054,6 +1066,7 @@ pub fn compile(raw: &RawConfig, secrets: &dyn SecretSource) -> Result<Plan, Stri
         attempt_slot: raw.attempt_slot,
         prices: raw.prices.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         openai_passthrough: raw.openai_passthrough,
+        filter_state: raw.filter_state,
     })
 }
 

@@ -1108,20 +1108,22 @@ impl GatewayHttp {
             .plan
             .price(&id, &provider, &r.upstream_model, &r.model)
             .map(|p| p.cost_nano_usd(u.prompt_tokens, u.completion_tokens, u.cached_tokens));
-        set_filter_state(
-            cx,
-            &crate::access_log::Summary {
-                provider: &provider,
-                model: &model_used,
-                model_requested: &r.model,
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-                cost_nano_usd: cost,
-                fallback: ex.fallback,
-                key_id: &id.key_id,
-                config_id: &id.config_id,
-            },
-        );
+        if self.plan.filter_state {
+            set_filter_state(
+                cx,
+                &crate::access_log::Summary {
+                    provider: &provider,
+                    model: &model_used,
+                    model_requested: &r.model,
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                    cost_nano_usd: cost,
+                    fallback: ex.fallback,
+                    key_id: &id.key_id,
+                    config_id: &id.config_id,
+                },
+            );
+        }
         {
             let mut all = self.shared.metrics.borrow_mut();
             let (m, numbers) = all.model(cx.out, &provider, &r.model);

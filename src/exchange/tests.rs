@@ -1171,6 +1171,24 @@ fn pure_usage_at_log_is_metric_effects_defined_once() {
 }
 
 #[test]
+fn pure_filter_state_off_sets_no_properties_but_keeps_the_metrics() {
+    let mut view = View::default();
+    let mut config = static_config();
+    config["filterState"] = serde_json::json!(false);
+    let root = machine(&mut view, config);
+    let out = chat_log_effects(&root, &mut view);
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::SetProperties(_))),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::Increment { by: 7, .. })),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn pure_root_usage_batch_is_a_call_and_a_refused_dispatch_requeues_it() {
     let mut view = View::default();
     let mut root = machine(
