@@ -19,7 +19,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ["plain", "empty", "floor", "gateway-pinned"]
+VARIANTS = ["plain", "empty", "floor", "gateway-pinned", "gateway-lean"]
 
 
 def envoy_threads():

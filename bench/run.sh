@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Gateway benchmark, one command: builds the gateway filter and the empty and floor baseline filters,
-# then runs plain Envoy / Envoy + empty wasm / floor wasm / Envoy + llm-gateway side by side against the same local upstream
-# (loopback only, bounded in time: about 4 minutes) and rewrites the figures in docs/benchmarks.md.
+# then runs plain Envoy / Envoy + empty wasm / floor wasm / Envoy + llm-gateway (four configurations) side by side
+# against the same local upstream (loopback only, bounded in time: about 8 minutes for the default 3 rounds)
+# and rewrites the figures in docs/benchmarks.md.
 #   bench/run.sh                 full run
-#   bench/run.sh --rounds 2      repeat the wrk cases, report medians (about 6 minutes)
+#   bench/run.sh --rounds 2      fewer rounds of the wrk cases (medians over the rounds; about 6 minutes)
 #   bench/run.sh --no-doc        leave docs/benchmarks.md alone (results still go to bench/results/)
 #   SKIP_BUILD=1 bench/run.sh    use the .wasm files already built
 # Everything else: python3 bench/bench.py --help.

@@ -24,7 +24,7 @@ NOT_RUN = {
     ("docs/api.md", "cargo run -p llm-gateway-sidecar -- --data-dir ./.run/sideca"): "starts a server",
     ("docs/api.md", 'curl -s -X POST $S/v1/llm/report/link -H "X-API-Key: $KEY" -'):
         "fragment (needs $S, $KEY); the quick start block runs the same call",
-    ("docs/benchmarks.md", "bench/run.sh                  # builds both .wasm files, run"): "minutes-long benchmark",
+    ("docs/benchmarks.md", "bench/run.sh                  # builds the .wasm files, runs"): "minutes-long benchmark",
     ("docs/benchmarks.md", "bench/callgrind.sh            # builds main before this work"):
         "minutes-long benchmark (builds the base commit)",
     ("docs/configuration.md", "# A 50 USD monthly budget for one key, a soft 500 USD alert "):
