@@ -294,7 +294,10 @@ pub fn json(data: &[u8]) {
             let mut written = Vec::new();
             json::write(&mut written, a);
             let expected = serde_json::to_vec(b).unwrap_or_default();
-            assert_eq!(written, expected, "json::write and serde_json::to_vec disagree");
+            assert_eq!(
+                written, expected,
+                "json::write and serde_json::to_vec disagree"
+            );
         }
         (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "error messages differ"),
         _ => panic!("json::parse gave {ours:?}, serde_json {theirs:?}"),

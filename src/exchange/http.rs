@@ -925,7 +925,8 @@ impl GatewayHttp {
         let (State::Routed(r), Some(ex)) = (&self.state, self.exchange.as_mut()) else {
             return Flow::Continue;
         };
-        if ex.first_byte_ms.is_none() && body_size > 0 {
+        // Time to first token is a streams' metric: no clock read for other responses.
+        if r.stream && ex.first_byte_ms.is_none() && body_size > 0 {
             ex.first_byte_ms = Some(cx.now_ms());
         }
         if ex.translate_whole {
