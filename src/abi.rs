@@ -3,13 +3,13 @@
 //! The Rust SDK's `hostcalls` wrappers `panic!` on any status they do not expect and unwrap
 //! `String::from_utf8` on header maps; one header byte >= 0x80 (or a map not available in a phase)
 //! would kill the worker's VM. Here every call returns a `Result` with the raw status, every map is
-//! read as bytes, and every serialized map is decoded with bounds checks ([`crate::hostapi::decode_pairs`]).
+//! read as bytes, and every serialized map is read in place with bounds checks ([`crate::hostapi::Headers`]).
 //! The callbacks the host makes into the module are exported by [`crate::host`].
 
 #[allow(unused_imports)]
 use crate::prelude::*;
 
-use crate::hostapi::{self, Buffer, Map, MetricKind, Pairs};
+use crate::hostapi::{self, Buffer, Headers, Map, MetricKind};
 use core::ptr::{null, null_mut};
 
 /// A status the host answered other than `Ok`.
@@ -158,13 +158,13 @@ fn buffer_id(b: Buffer) -> u32 {
 pub struct Wasm;
 
 impl hostapi::Read for Wasm {
-    fn headers(&self, map: Map) -> Result<Pairs, Status> {
+    fn headers(&self, map: Map) -> Result<Headers, Status> {
         let (mut data, mut size) = (null_mut(), 0usize);
         // SAFETY: out-pointers to locals; the returned buffer is taken over by `owned`.
         let s = unsafe { proxy_get_header_map_pairs(map_id(map), &mut data, &mut size) };
         let bytes = owned(data, size);
         status(s)?;
-        Ok(hostapi::decode_pairs(&bytes))
+        Ok(Headers::from_serialized(bytes))
     }
 
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {

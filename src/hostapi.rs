@@ -53,7 +53,7 @@ pub type Status = u32;
 /// VM. The exchange's decision code sees only this trait (see [`crate::exchange`]); every change it
 /// wants is an [`crate::exchange::Effect`] that [`crate::adapter`] applies through [`Host`].
 pub trait Read {
-    fn headers(&self, map: Map) -> Result<Pairs, Status>;
+    fn headers(&self, map: Map) -> Result<Headers, Status>;
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status>;
     fn buffer(&self, b: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status>;
     fn shared_get(&self, key: &str) -> Result<Option<Vec<u8>>, Status>;
@@ -106,48 +106,76 @@ fn u32_at(b: &[u8], at: usize) -> Option<usize> {
 }
 
 /// Decodes a proxy-wasm serialized header map (`count`, then `count` pairs of sizes, then the
-/// NUL-terminated names and values). Malformed input yields the pairs decoded so far, never a panic.
+/// NUL-terminated names and values) into owned pairs. Malformed input yields the pairs decoded so
+/// far, never a panic. (The filter reads maps in place, through [`Headers`]; this is its list form.)
 pub fn decode_pairs(b: &[u8]) -> Pairs {
-    let Some(n) = u32_at(b, 0) else {
-        return Vec::new();
-    };
-    // Each pair takes at least 10 bytes: a count larger than that is a lie.
-    let n = n.min(b.len() / 10);
-    let mut out = Vec::with_capacity(n);
-    let mut p = 4 + n * 8;
-    for i in 0..n {
-        let s = 4 + i * 8;
-        let (Some(kl), Some(vl)) = (u32_at(b, s), u32_at(b, s + 4)) else {
-            break;
-        };
-        let Some(k) = p.checked_add(kl).and_then(|e| b.get(p..e)) else {
-            break;
-        };
-        p = p.saturating_add(kl).saturating_add(1);
-        let Some(v) = p.checked_add(vl).and_then(|e| b.get(p..e)) else {
-            break;
-        };
-        p = p.saturating_add(vl).saturating_add(1);
-        out.push((k.to_vec(), v.to_vec()));
+    PairIter::new(b)
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect()
+}
+
+/// The pairs of a serialized header map, in order, up to the first malformed one.
+struct PairIter<'a> {
+    b: &'a [u8],
+    n: usize,
+    i: usize,
+    p: usize,
+}
+
+impl<'a> PairIter<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        // Each pair takes at least 10 bytes: a count larger than that is a lie.
+        let n = u32_at(b, 0).map_or(0, |n| n.min(b.len() / 10));
+        PairIter {
+            b,
+            n,
+            i: 0,
+            p: 4 + n * 8,
+        }
     }
-    out
+}
+
+impl<'a> Iterator for PairIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.i >= self.n {
+            return None;
+        }
+        let s = 4 + self.i * 8;
+        let pair = (|| {
+            let (kl, vl) = (u32_at(self.b, s)?, u32_at(self.b, s + 4)?);
+            let k = self.b.get(self.p..self.p.checked_add(kl)?)?;
+            let vp = self.p + kl + 1;
+            let v = self.b.get(vp..vp.checked_add(vl)?)?;
+            self.p = vp + vl + 1;
+            Some((k, v))
+        })();
+        // A malformed pair ends the map.
+        self.i = if pair.is_some() { self.i + 1 } else { self.n };
+        pair
+    }
 }
 
 /// Serializes a header map for the host.
 pub fn encode_pairs(map: &[(&str, &[u8])]) -> Vec<u8> {
+    encode_map(map.iter().map(|(k, v)| (k.as_bytes(), *v)))
+}
+
+fn encode_map<'a>(map: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
     let size = 4 + map
-        .iter()
+        .clone()
         .map(|(k, v)| k.len() + v.len() + 10)
         .sum::<usize>();
     let mut b = Vec::with_capacity(size);
     let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    b.extend_from_slice(&len(map.len()));
-    for (k, v) in map {
+    b.extend_from_slice(&len(map.clone().count()));
+    for (k, v) in map.clone() {
         b.extend_from_slice(&len(k.len()));
         b.extend_from_slice(&len(v.len()));
     }
     for (k, v) in map {
-        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(k);
         b.push(0);
         b.extend_from_slice(v);
         b.push(0);
@@ -167,16 +195,33 @@ pub fn encode_path(path: &[&str]) -> Vec<u8> {
     b
 }
 
-/// A request's (or response's) headers, read in one host call, looked up by lower-case name.
-#[derive(Debug, Default, Clone)]
-pub struct Headers(pub Pairs);
+/// A request's (or response's) headers, read in one host call and kept as the host serialized them:
+/// one buffer per map, looked up in place by lower-case name (no allocation per header).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Headers(Vec<u8>);
 
 impl Headers {
+    /// A map in the host's serialized form (malformed input keeps the pairs before the first bad one).
+    pub fn from_serialized(b: Vec<u8>) -> Self {
+        Headers(b)
+    }
+
+    /// A map of these pairs (tests, the fake host).
+    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Self {
+        Headers(encode_map(
+            pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+        ))
+    }
+
+    /// The pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        PairIter::new(&self.0)
+    }
+
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.0
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
+        self.iter()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
     }
 
     /// The value as text, lossily decoded.
@@ -275,9 +320,9 @@ pub mod fake {
     }
 
     impl Read for Fake {
-        fn headers(&self, map: Map) -> Result<Pairs, Status> {
+        fn headers(&self, map: Map) -> Result<Headers, Status> {
             self.fail()?;
-            Ok(map_mut(&mut self.st(), map).clone())
+            Ok(Headers::from_pairs(map_mut(&mut self.st(), map)))
         }
         fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
             self.fail()?;
@@ -463,10 +508,23 @@ mod tests {
 
     #[test]
     fn headers_decode_lossily() {
-        let h = Headers(vec![(b"x-a".to_vec(), b"a\xffb".to_vec())]);
+        let h = Headers::from_pairs(&[(b"x-a".as_slice(), b"a\xffb".as_slice())]);
         assert_eq!(h.text("x-a").unwrap(), "a\u{fffd}b");
         assert!(h.utf8("x-a").is_err());
         assert_eq!(h.utf8("x-b"), Ok(None));
+        // Read in place from the host's form; a cut map keeps the whole pairs before the cut.
+        let enc = encode_pairs(&[(":path", b"/p"), ("x-b", b"2"), ("x-b", b"3")]);
+        let h = Headers::from_serialized(enc.clone());
+        assert_eq!(h.get(":path"), Some(b"/p".as_slice()));
+        assert_eq!(
+            h.get("x-b"),
+            Some(b"2".as_slice()),
+            "the first of repeated names"
+        );
+        assert_eq!(h.iter().count(), 3);
+        let cut = Headers::from_serialized(enc[..enc.len() - 3].to_vec());
+        assert_eq!(cut.iter().count(), 2);
+        assert_eq!(cut.get(":path"), Some(b"/p".as_slice()));
     }
 
     #[test]

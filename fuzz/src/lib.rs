@@ -261,7 +261,10 @@ pub fn header_pairs(data: &[u8]) {
             .collect();
         assert_eq!(hostapi::decode_pairs(&hostapi::encode_pairs(&map)), pairs);
     }
-    let h = hostapi::Headers(pairs);
+    let h = hostapi::Headers::from_pairs(&pairs);
+    assert!(h
+        .iter()
+        .eq(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))));
     for name in [
         ":path",
         ":method",

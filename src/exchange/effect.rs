@@ -8,7 +8,7 @@
 #[allow(unused_imports)]
 use crate::prelude::*;
 
-use crate::hostapi::{Buffer, Map, MetricKind, Pairs, Read, Status};
+use crate::hostapi::{Buffer, Headers, Map, MetricKind, Read, Status};
 use alloc::borrow::Cow;
 
 /// One change to the host.
@@ -103,7 +103,7 @@ pub enum Purpose {
 pub enum Event {
     /// The request headers, read in one host call.
     RequestHeaders {
-        headers: Pairs,
+        headers: Headers,
         end_of_stream: bool,
     },
     /// `size` bytes of request body are buffered (read through the view only if needed).

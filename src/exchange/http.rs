@@ -17,7 +17,7 @@ use crate::entry::{self, Endpoint};
 use crate::error::GatewayError;
 use crate::fallback;
 use crate::gateway::{self, Ingress, Routed};
-use crate::hostapi::{self, Buffer, Headers, Map, Pairs, Read, Status};
+use crate::hostapi::{self, Buffer, Headers, Map, Read, Status};
 use crate::metrics;
 use crate::resolve::{self, Lookup};
 use crate::usage::{self, StreamTap, UsageRecord};
@@ -198,12 +198,11 @@ impl GatewayHttp {
     fn handle_headers(
         &mut self,
         cx: &mut Cx,
-        headers: Pairs,
+        headers: Headers,
         end_of_stream: bool,
     ) -> Result<Flow, GatewayError> {
         // All request headers came in the event (one host read); removals only for headers present.
         // Read as bytes: a header byte >= 0x80 is decoded lossily (or refused), never a panic.
-        let headers = Headers(headers);
         let get = |name: &str| headers.text(name);
         if let Some(slot) = self.plan.attempt_slot {
             let plan = get(fallback::ATTEMPTS_HEADER).map(|v| fallback::decode(&v));
@@ -1229,7 +1228,7 @@ impl GatewayHttp {
             return Flow::Continue;
         };
         // Provider headers are bytes: anything non-UTF-8 is decoded lossily, never a panic.
-        let headers = Headers(cx.host.headers(Map::ResponseHeaders).unwrap_or_default());
+        let headers = cx.host.headers(Map::ResponseHeaders).unwrap_or_default();
         // Borrowed unless a value is not UTF-8 (only what is kept is copied).
         let get = |name: &str| headers.text(name);
         // Static values are borrowed, the limit headers moved: only the route's names are copied.

@@ -54,7 +54,7 @@ fn req_headers(extra: &[(&str, &[u8])]) -> hostapi::Pairs {
 }
 
 fn get(h: &hostapi::Pairs, name: &str) -> Option<String> {
-    Headers(h.clone()).text(name).map(|v| v.into_owned())
+    Headers::from_pairs(h).text(name).map(|v| v.into_owned())
 }
 
 /// The error JSON of the single local reply, checked for the OpenAI shape.
@@ -847,18 +847,14 @@ struct View {
 }
 
 impl Read for View {
-    fn headers(&self, map: Map) -> Result<hostapi::Pairs, hostapi::Status> {
+    fn headers(&self, map: Map) -> Result<Headers, hostapi::Status> {
         match map {
-            Map::ResponseHeaders => Ok(self.response_headers.clone()),
-            _ => Ok(Vec::new()),
+            Map::ResponseHeaders => Ok(Headers::from_pairs(&self.response_headers)),
+            _ => Ok(Headers::default()),
         }
     }
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, hostapi::Status> {
-        Ok(self
-            .headers(map)?
-            .into_iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v))
+        Ok(self.headers(map)?.get(name).map(<[u8]>::to_vec))
     }
     fn buffer(
         &self,
@@ -909,7 +905,7 @@ fn request_headers(http: &mut GatewayHttp, view: &View, h: hostapi::Pairs) -> (F
     let flow = http.handle(
         view,
         Event::RequestHeaders {
-            headers: h,
+            headers: Headers::from_pairs(&h),
             end_of_stream: false,
         },
         &mut out,
