@@ -109,52 +109,36 @@ fn u32_at(b: &[u8], at: usize) -> Option<usize> {
 /// NUL-terminated names and values) into owned pairs. Malformed input yields the pairs decoded so
 /// far, never a panic. (The filter reads maps in place, through [`Headers`]; this is its list form.)
 pub fn decode_pairs(b: &[u8]) -> Pairs {
-    PairIter::new(b)
+    Headers::from_serialized(b.to_vec())
+        .iter()
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
         .collect()
 }
 
-/// The pairs of a serialized header map, in order, up to the first malformed one.
-struct PairIter<'a> {
-    b: &'a [u8],
-    n: usize,
-    i: usize,
-    p: usize,
-}
-
-impl<'a> PairIter<'a> {
-    fn new(b: &'a [u8]) -> Self {
-        // Each pair takes at least 10 bytes: a count larger than that is a lie.
-        let n = u32_at(b, 0).map_or(0, |n| n.min(b.len() / 10));
-        PairIter {
-            b,
-            n,
-            i: 0,
-            p: 4 + n * 8,
+/// Where each name and value of a serialized header map lies (`[name start, name end, value start,
+/// value end]`), in order, up to the first malformed pair.
+fn spans(b: &[u8]) -> Vec<[u32; 4]> {
+    // Each pair takes at least 10 bytes: a count larger than that is a lie.
+    let n = u32_at(b, 0).map_or(0, |n| n.min(b.len() / 10));
+    let mut out = Vec::with_capacity(n);
+    let mut p = 4 + n * 8;
+    for i in 0..n {
+        let s = 4 + i * 8;
+        let (Some(kl), Some(vl)) = (u32_at(b, s), u32_at(b, s + 4)) else {
+            break;
+        };
+        let k_end = p.saturating_add(kl);
+        let v_start = k_end.saturating_add(1);
+        let v_end = v_start.saturating_add(vl);
+        // Both end within the buffer (the NULs after them are not checked, as before).
+        if v_end > b.len() || k_end > b.len() {
+            break;
         }
+        let at = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        out.push([at(p), at(k_end), at(v_start), at(v_end)]);
+        p = v_end.saturating_add(1);
     }
-}
-
-impl<'a> Iterator for PairIter<'a> {
-    type Item = (&'a [u8], &'a [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.i >= self.n {
-            return None;
-        }
-        let s = 4 + self.i * 8;
-        let pair = (|| {
-            let (kl, vl) = (u32_at(self.b, s)?, u32_at(self.b, s + 4)?);
-            let k = self.b.get(self.p..self.p.checked_add(kl)?)?;
-            let vp = self.p + kl + 1;
-            let v = self.b.get(vp..vp.checked_add(vl)?)?;
-            self.p = vp + vl + 1;
-            Some((k, v))
-        })();
-        // A malformed pair ends the map.
-        self.i = if pair.is_some() { self.i + 1 } else { self.n };
-        pair
-    }
+    out
 }
 
 /// Serializes a header map for the host.
@@ -196,32 +180,47 @@ pub fn encode_path(path: &[&str]) -> Vec<u8> {
 }
 
 /// A request's (or response's) headers, read in one host call and kept as the host serialized them:
-/// one buffer per map, looked up in place by lower-case name (no allocation per header).
+/// one buffer per map and one table of where each name and value lies, looked up by lower-case name
+/// (no allocation per header).
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Headers(Vec<u8>);
+pub struct Headers {
+    buf: Vec<u8>,
+    spans: Vec<[u32; 4]>,
+}
 
 impl Headers {
     /// A map in the host's serialized form (malformed input keeps the pairs before the first bad one).
-    pub fn from_serialized(b: Vec<u8>) -> Self {
-        Headers(b)
+    pub fn from_serialized(buf: Vec<u8>) -> Self {
+        let spans = spans(&buf);
+        Headers { buf, spans }
     }
 
     /// A map of these pairs (tests, the fake host).
     pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Self {
-        Headers(encode_map(
+        Self::from_serialized(encode_map(
             pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
         ))
     }
 
     /// The pairs in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        PairIter::new(&self.0)
+        let slice = |a: u32, b: u32| self.buf.get(a as usize..b as usize);
+        self.spans
+            .iter()
+            .filter_map(move |&[k0, k1, v0, v1]| Some((slice(k0, k1)?, slice(v0, v1)?)))
     }
 
+    /// The first value of `name`. Names of another length are passed over without touching their
+    /// bytes (most are: a lookup costs a few instructions per header).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(k, _)| *k == name.as_bytes())
-            .map(|(_, v)| v)
+        let n = name.as_bytes();
+        self.spans
+            .iter()
+            .find(|[k0, k1, _, _]| {
+                k1.wrapping_sub(*k0) as usize == n.len()
+                    && self.buf.get(*k0 as usize..*k1 as usize) == Some(n)
+            })
+            .and_then(|&[_, _, v0, v1]| self.buf.get(v0 as usize..v1 as usize))
     }
 
     /// The value as text, lossily decoded.
