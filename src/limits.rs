@@ -123,23 +123,23 @@ impl KeyAnswer {
 
 impl SharedAnswer {
     fn parse(body: &[u8]) -> Res<SharedAnswer> {
-        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
-        let o = Obj::new(&v, "", None)?;
-        o.finish(SharedAnswer {
-            at: o.uint_or(&["at"], u64::MAX, 0),
-            lease_ms: o.uint_or(&["leaseMs"], u64::MAX, 0),
-            key: o.with_or_default(&["key"], KeyAnswer::read),
+        crate::read::document(body, |o| {
+            Ok(SharedAnswer {
+                at: o.uint_or(&["at"], u64::MAX, 0),
+                lease_ms: o.uint_or(&["leaseMs"], u64::MAX, 0),
+                key: o.with_or_default(&["key"], KeyAnswer::read),
+            })
         })
     }
 }
 
 impl Answer {
     fn parse(body: &[u8]) -> Res<Answer> {
-        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
-        let o = Obj::new(&v, "", None)?;
-        o.finish(Answer {
-            lease_seconds: o.uint_or(&["leaseSeconds"], u64::MAX, 0),
-            keys: o.list(&["keys"], KeyAnswer::read),
+        crate::read::document(body, |o| {
+            Ok(Answer {
+                lease_seconds: o.uint_or(&["leaseSeconds"], u64::MAX, 0),
+                keys: o.list(&["keys"], KeyAnswer::read),
+            })
         })
     }
 }

@@ -50,6 +50,15 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// `at: invalid type: <kind>, expected <want>`.
+/// Parses a JSON document whose top level is an object and reads it with `read` (through one
+/// [`Obj`]: unknown fields are ignored, the first error is returned). The sidecar's answers.
+pub fn document<T>(body: &[u8], read: impl FnOnce(&Obj) -> Res<T>) -> Res<T> {
+    let v = crate::json::parse(body).map_err(|e| e.to_string())?;
+    let o = Obj::new(&v, "", None)?;
+    let t = read(&o)?;
+    o.finish(t)
+}
+
 pub fn invalid(at: &str, v: &Value, want: &str) -> String {
     format!("{}invalid type: {}, expected {want}", prefix(at), kind(v))
 }

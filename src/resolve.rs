@@ -471,13 +471,13 @@ struct ResolveAnswer {
 
 impl ResolveAnswer {
     fn parse(body: &[u8]) -> crate::read::Res<ResolveAnswer> {
-        let v = crate::json::parse(body).map_err(|e| e.to_string())?;
-        let o = crate::read::Obj::new(&v, "", None)?;
-        o.finish(ResolveAnswer {
-            identity: Identity::read(o.req(&["identity"])?, "identity")?,
-            ttl_seconds: o.uint_or(&["ttlSeconds"], u64::MAX, default_ttl()),
-            store_prompts: o.bool_or(&["storePrompts"], false),
-            prices: o.entries(&["prices"], crate::config::Price::read),
+        crate::read::document(body, |o| {
+            Ok(ResolveAnswer {
+                identity: Identity::read(o.req(&["identity"])?, "identity")?,
+                ttl_seconds: o.uint_or(&["ttlSeconds"], u64::MAX, default_ttl()),
+                store_prompts: o.bool_or(&["storePrompts"], false),
+                prices: o.entries(&["prices"], crate::config::Price::read),
+            })
         })
     }
 
