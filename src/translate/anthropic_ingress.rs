@@ -594,7 +594,7 @@ fn event(out: &mut Vec<u8>, name: &str, v: &Value) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    super::write_json(out, v);
+    crate::json::write(out, v);
     out.extend_from_slice(b"\n\n");
 }
 
