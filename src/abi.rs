@@ -291,8 +291,7 @@ impl hostapi::Host for Wasm {
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, Status> {
-        let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        let map = hostapi::encode_pairs(&pairs);
+        let map = hostapi::encode_map(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
         let trailers = hostapi::encode_pairs(&[]);
         let mut token = 0u32;
         // SAFETY: every pointer refers to a live buffer of the given length; `token` outlives the call.

@@ -146,7 +146,8 @@ pub fn encode_pairs(map: &[(&str, &[u8])]) -> Vec<u8> {
     encode_map(map.iter().map(|(k, v)| (k.as_bytes(), *v)))
 }
 
-fn encode_map<'a>(map: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+/// [`encode_pairs`] over any pairs of bytes (no list of them built first).
+pub fn encode_map<'a>(map: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
     let size = 4 + map
         .clone()
         .map(|(k, v)| k.len() + v.len() + 10)
