@@ -1735,14 +1735,7 @@ mod tests {
         use sha2::Digest;
         let mut seed = 1u64;
         for len in (0..300).chain([1000, 4096]) {
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (seed >> 56) as u8
-                })
-                .collect();
+            let data = crate::test_bytes(&mut seed, len);
             assert_eq!(sha256(&data)[..], sha2::Sha256::digest(&data)[..], "{len}");
         }
     }

@@ -295,14 +295,7 @@ mod tests {
         let engine = base64::engine::general_purpose::STANDARD_NO_PAD;
         let mut seed = 7u64;
         for len in 0..200usize {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (seed >> 56) as u8
-                })
-                .collect();
+            let bytes = crate::test_bytes(&mut seed, len);
             let text = base64_encode(&bytes);
             assert_eq!(text, engine.encode(&bytes));
             assert_eq!(base64_decode(text.as_bytes()), Some(bytes));

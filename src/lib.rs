@@ -47,6 +47,20 @@ pub mod usage;
 #[cfg(test)]
 mod bench_exchange;
 
+/// `len` deterministic pseudo-random bytes (a 64-bit LCG), for the tests that hold the filter's own
+/// codecs (SHA-256, base64) to the crates they replace.
+#[cfg(test)]
+pub(crate) fn test_bytes(seed: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (*seed >> 56) as u8
+        })
+        .collect()
+}
+
 #[cfg(target_arch = "wasm32")]
 mod abi;
 #[cfg(target_arch = "wasm32")]
