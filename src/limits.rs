@@ -331,7 +331,9 @@ impl Limits {
         if let Some(k) = self.keys.get_mut(key_id) {
             if !ok || k.answered_ms.is_none() {
                 k.answered_ms = Some(now);
-                k.lease_until_ms = now;
+                // Over before now: the request that asked is admitted (or not) in this same
+                // millisecond, and a lease is good up to and including its last millisecond.
+                k.lease_until_ms = now.saturating_sub(1);
             }
         }
     }
@@ -890,6 +892,10 @@ mod tests {
             l.on_first_answer("k2", None, b"", 0);
             assert!(!l.needs_fetch("k2"));
             assert_eq!(l.admit("k2", "o", "c", 1).is_ok(), open);
+            // ... also to the request that asked, admitted in the same millisecond.
+            l.first_sight("k3", "o", "c", "h", 5_000);
+            l.on_first_answer("k3", None, b"", 5_000);
+            assert_eq!(l.admit("k3", "o", "c", 5_000).is_ok(), open);
         }
     }
 
